@@ -1,0 +1,53 @@
+//! Errors a user can cause with their data, each one sentence that names the thing and the fix.
+
+use std::path::PathBuf;
+
+/// Something about a data folder or an image that stops Lanner from using it.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(
+        "data folder '{0}' does not exist; pass the folder that holds one sub-folder per class"
+    )]
+    MissingFolder(PathBuf),
+    #[error("'{0}' is a file, not a folder; pass the folder that holds one sub-folder per class")]
+    NotAFolder(PathBuf),
+    #[error("cannot read '{path}': {reason}; check that it exists and that you may read it")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "'{0}' has no class folders; put the images of each class in a sub-folder named after the class (e.g. '{0}/cat/1.jpg', '{0}/dog/2.jpg')"
+    )]
+    NoClasses(PathBuf),
+    #[error(
+        "class folder '{0}' holds no images (.jpg, .jpeg, .png, .bmp, .gif); add images to it or remove the folder"
+    )]
+    EmptyClass(PathBuf),
+    #[error(
+        "'{path}' has only one class ('{class}'); a classifier needs at least two class folders"
+    )]
+    SingleClass { path: PathBuf, class: String },
+    #[error(
+        "cannot decode '{path}': {reason}; replace or remove the file (or drop --strict to skip it)"
+    )]
+    BadImage { path: PathBuf, reason: String },
+    #[error(
+        "'{path}' claims {width}x{height} pixels, over the limit of {limit} pixels; remove it or raise --max-image-pixels if it is genuine"
+    )]
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        limit: u64,
+    },
+    #[error("{0}")]
+    InvalidOption(String),
+}
+
+impl DataError {
+    /// True for errors tied to one image file (skippable unless `--strict`).
+    pub fn is_per_image(&self) -> bool {
+        matches!(
+            self,
+            DataError::BadImage { .. } | DataError::TooLarge { .. }
+        )
+    }
+}

@@ -1,0 +1,115 @@
+//! Bilinear resizing exactly as `tf.image.resize(method="bilinear", antialias=False)` (the
+//! Keras default): half-pixel centres, no aspect-ratio preservation, computed in `f32`.
+
+use image::RgbImage;
+
+/// Where one output coordinate reads from: two source indices and the weight of the second.
+#[derive(Clone, Copy)]
+struct Tap {
+    lower: usize,
+    upper: usize,
+    lerp: f32,
+}
+
+/// TF's `compute_interpolation_weights` with half-pixel centres.
+fn taps(in_size: usize, out_size: usize) -> Vec<Tap> {
+    let scale = in_size as f32 / out_size as f32;
+    (0..out_size)
+        .map(|i| {
+            let source = (i as f32 + 0.5) * scale - 0.5;
+            let floor = source.floor();
+            Tap {
+                lower: (floor.max(0.0)) as usize,
+                upper: (source.ceil() as i64).clamp(0, in_size as i64 - 1) as usize,
+                lerp: source - floor,
+            }
+        })
+        .collect()
+}
+
+/// Resizes an RGB8 image to `height × width`, writing interleaved RGB `f32` (HWC) into `out`.
+pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut [f32]) {
+    assert_eq!(
+        out.len(),
+        height * width * 3,
+        "output buffer has the wrong size"
+    );
+    let (in_w, in_h) = (image.width() as usize, image.height() as usize);
+    let src = image.as_raw();
+    let x_taps = taps(in_w, width);
+    let y_taps = taps(in_h, height);
+
+    // TF computes top = tl + (tr - tl) * x_lerp per source row, then mixes two such rows, so
+    // interpolating each needed source row once horizontally gives bit-identical results.
+    let mut row_cache: [(usize, Vec<f32>); 2] = [
+        (usize::MAX, vec![0.0; width * 3]),
+        (usize::MAX, vec![0.0; width * 3]),
+    ];
+    let horizontal = |row: usize, dst: &mut [f32]| {
+        let line = &src[row * in_w * 3..(row + 1) * in_w * 3];
+        for (x, tap) in x_taps.iter().enumerate() {
+            let (l, u) = (tap.lower * 3, tap.upper * 3);
+            for c in 0..3 {
+                let left = f32::from(line[l + c]);
+                let right = f32::from(line[u + c]);
+                dst[x * 3 + c] = left + (right - left) * tap.lerp;
+            }
+        }
+    };
+    for (y, tap) in y_taps.iter().enumerate() {
+        for (needed, other) in [(tap.lower, tap.upper), (tap.upper, tap.lower)] {
+            if row_cache.iter().any(|(row, _)| *row == needed) {
+                continue;
+            }
+            let slot = if row_cache[0].0 == other { 1 } else { 0 };
+            horizontal(needed, &mut row_cache[slot].1);
+            row_cache[slot].0 = needed;
+        }
+        let find = |row: usize| {
+            if row_cache[0].0 == row {
+                &row_cache[0].1
+            } else {
+                &row_cache[1].1
+            }
+        };
+        let (top, bottom) = (find(tap.lower), find(tap.upper));
+        let dst = &mut out[y * width * 3..(y + 1) * width * 3];
+        for ((d, &t), &b) in dst.iter_mut().zip(top).zip(bottom) {
+            *d = t + (b - t) * tap.lerp;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_size_keeps_pixels() {
+        let image = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
+        let mut out = vec![0.0; 4 * 5 * 3];
+        resize_bilinear(&image, 4, 5, &mut out);
+        assert_eq!(out[(2 * 5 + 3) * 3], 30.0);
+        assert_eq!(out[(2 * 5 + 3) * 3 + 1], 40.0);
+        assert_eq!(out[(2 * 5 + 3) * 3 + 2], 7.0);
+    }
+
+    #[test]
+    fn downscale_by_two_averages_neighbours() {
+        // With half-pixel centres, output pixel i samples source 2i + 0.5: the mean of a pair.
+        let image = RgbImage::from_fn(4, 1, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+        let mut out = vec![0.0; 2 * 3];
+        resize_bilinear(&image, 1, 2, &mut out);
+        assert_eq!(out[0], 5.0);
+        assert_eq!(out[3], 25.0);
+    }
+
+    #[test]
+    fn upscale_clamps_at_edges() {
+        let image = RgbImage::from_fn(2, 1, |x, _| image::Rgb([x as u8 * 100, 0, 0]));
+        let mut out = vec![0.0; 4 * 3];
+        resize_bilinear(&image, 1, 4, &mut out);
+        let reds: Vec<f32> = out.chunks(3).map(|p| p[0]).collect();
+        assert_eq!(reds, vec![0.0, 25.0, 75.0, 100.0]);
+    }
+}
