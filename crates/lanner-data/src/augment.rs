@@ -2,6 +2,7 @@
 //! then `RandomRotation(factor)` with reflect fill and bilinear sampling, reproducing
 //! TensorFlow's `ImageProjectiveTransformV3` (what Keras' TF backend runs) pixel for pixel.
 
+use crate::resize::PIXEL_STRIDE;
 use crate::rng::SplitMix64;
 
 /// Which augmentations run during training.
@@ -44,8 +45,9 @@ pub struct SampleTransform {
     pub angle: f32,
 }
 
-/// Applies `transform` to an interleaved RGB image (`src`, HWC) and writes planar
-/// channels (CHW) into `out`. With no transform this is a plain layout change.
+/// Applies `transform` to a resized image (`src`, interleaved RGBX as
+/// [`resize_bilinear`](crate::resize::resize_bilinear) writes it) and writes planar RGB
+/// (CHW) into `out`. With no transform this is a plain layout change.
 pub fn transform_to_chw(
     src: &[f32],
     height: usize,
@@ -53,14 +55,14 @@ pub fn transform_to_chw(
     transform: SampleTransform,
     out: &mut [f32],
 ) {
-    assert_eq!(src.len(), height * width * 3);
+    assert_eq!(src.len(), height * width * PIXEL_STRIDE);
     assert_eq!(out.len(), height * width * 3);
     let plane = height * width;
     let column = |x: usize| if transform.flip { width - 1 - x } else { x };
     if transform.angle == 0.0 {
         for y in 0..height {
             for x in 0..width {
-                let s = (y * width + column(x)) * 3;
+                let s = (y * width + column(x)) * PIXEL_STRIDE;
                 let d = y * width + x;
                 out[d] = src[s];
                 out[plane + d] = src[s + 1];
@@ -70,27 +72,173 @@ pub fn transform_to_chw(
         return;
     }
     let m = RotationMatrix::new(transform.angle, height, width);
-    let read = |y: i64, x: i64, c: usize| -> f32 {
-        if y >= 0 && (y as usize) < height && x >= 0 && (x as usize) < width {
-            src[(y as usize * width + column(x as usize)) * 3 + c]
-        } else {
-            0.0
-        }
-    };
+    let (planes_rg, plane_b) = out.split_at_mut(2 * plane);
+    let (plane_r, plane_g) = planes_rg.split_at_mut(plane);
     for y in 0..height {
-        for x in 0..width {
-            let (xf, yf) = (x as f32, y as f32);
-            let in_x = reflect(m.a0 * xf + m.a1 * yf + m.a2, width);
-            let in_y = reflect(m.b0 * xf + m.b1 * yf + m.b2, height);
-            let (x0, y0) = (in_x.floor(), in_y.floor());
-            let (x1, y1) = (x0 + 1.0, y0 + 1.0);
-            let (xi0, yi0) = (x0 as i64, y0 as i64);
-            let (xi1, yi1) = (xi0 + 1, yi0 + 1);
-            let d = y * width + x;
-            for c in 0..3 {
-                let top = (x1 - in_x) * read(yi0, xi0, c) + (in_x - x0) * read(yi0, xi1, c);
-                let bottom = (x1 - in_x) * read(yi1, xi0, c) + (in_x - x0) * read(yi1, xi1, c);
-                out[c * plane + d] = top * (y1 - in_y) + bottom * (in_y - y0);
+        let row = y * width..(y + 1) * width;
+        let (r, g, b) = (
+            &mut plane_r[row.clone()],
+            &mut plane_g[row.clone()],
+            &mut plane_b[row],
+        );
+        #[cfg(target_arch = "x86_64")]
+        sse2::rotate_row(src, &m, y, height, width, transform.flip, r, g, b);
+        #[cfg(not(target_arch = "x86_64"))]
+        rotate_row(src, &m, y, height, width, transform.flip, r, g, b);
+    }
+}
+
+/// One output row of the rotation, a pixel at a time: TF's output→input map, reflect fill and
+/// `bilinear_interpolation`, term for term (bit-identical to TensorFlow). The portable version
+/// of [`sse2::rotate_row`], and its reference in the tests.
+#[allow(clippy::too_many_arguments)]
+fn rotate_row(
+    src: &[f32],
+    m: &RotationMatrix,
+    y: usize,
+    height: usize,
+    width: usize,
+    flip: bool,
+    red: &mut [f32],
+    green: &mut [f32],
+    blue: &mut [f32],
+) {
+    let yf = y as f32;
+    let (row_x, row_y) = (m.a1 * yf, m.b1 * yf);
+    let (last_x, last_y) = (width - 1, height - 1);
+    for x in 0..width {
+        let xf = x as f32;
+        let ix = reflect(m.a0 * xf + row_x + m.a2, width);
+        let iy = reflect(m.b0 * xf + row_y + m.b2, height);
+        // After reflect both lie in [0, len - 1], where truncation is the floor.
+        let (x0, y0) = ((ix as usize).min(last_x), (iy as usize).min(last_y));
+        let (x0f, y0f) = (x0 as f32, y0 as f32);
+        let (wx0, wx1, wy0, wy1) = ((x0f + 1.0) - ix, ix - x0f, (y0f + 1.0) - iy, iy - y0f);
+        // A neighbour past the last row or column has weight exactly 0: TF reads it as 0, we
+        // read the edge pixel, which gives the same (finite) sum.
+        let (x1, y1) = ((x0 + 1).min(last_x), (y0 + 1).min(last_y));
+        let (c0, c1) = if flip {
+            (last_x - x0, last_x - x1)
+        } else {
+            (x0, x1)
+        };
+        let at = |row: usize, col: usize| &src[(row * width + col) * PIXEL_STRIDE..][..3];
+        let (tl, tr, bl, br) = (at(y0, c0), at(y0, c1), at(y1, c0), at(y1, c1));
+        let mix = |c: usize| {
+            let top = wx0 * tl[c] + wx1 * tr[c];
+            let bottom = wx0 * bl[c] + wx1 * br[c];
+            top * wy0 + bottom * wy1
+        };
+        (red[x], green[x], blue[x]) = (mix(0), mix(1), mix(2));
+    }
+}
+
+/// The rotation four output pixels at a time with SSE2 (part of every x86-64 CPU). Every lane
+/// performs the same IEEE operations in the same order as [`rotate_row`], so the results are
+/// identical; only the instruction count changes (about a quarter).
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    use super::{RotationMatrix, reflect};
+    use crate::resize::PIXEL_STRIDE;
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rotate_row(
+        src: &[f32],
+        m: &RotationMatrix,
+        y: usize,
+        height: usize,
+        width: usize,
+        flip: bool,
+        red: &mut [f32],
+        green: &mut [f32],
+        blue: &mut [f32],
+    ) {
+        // Offsets are computed exactly in f32, which holds integers up to 2^24.
+        if height * width * PIXEL_STRIDE >= 1 << 24 {
+            return super::rotate_row(src, m, y, height, width, flip, red, green, blue);
+        }
+        assert_eq!(src.len(), height * width * PIXEL_STRIDE);
+        let yf = y as f32;
+        // SAFETY: SSE2 is always available on x86-64. Loads from `src` use offsets built from
+        // coordinates clamped to [0, width - 1] × [0, height - 1] (NaN clamps to 0), so each
+        // 4-float load lies inside the `height × width × 4` slice asserted above.
+        unsafe {
+            let (max_x, max_y) = (
+                _mm_set1_ps(width as f32 - 1.0),
+                _mm_set1_ps(height as f32 - 1.0),
+            );
+            let (zero, one) = (_mm_setzero_ps(), _mm_set1_ps(1.0));
+            let (row_x, row_y) = (_mm_set1_ps(m.a1 * yf), _mm_set1_ps(m.b1 * yf));
+            let (stride, row_len) = (_mm_set1_ps(PIXEL_STRIDE as f32), _mm_set1_ps(width as f32));
+            let mut x = 0;
+            while x < width {
+                let xf = _mm_setr_ps(x as f32, (x + 1) as f32, (x + 2) as f32, (x + 3) as f32);
+                let mut ix = _mm_add_ps(
+                    _mm_add_ps(_mm_mul_ps(_mm_set1_ps(m.a0), xf), row_x),
+                    _mm_set1_ps(m.a2),
+                );
+                let mut iy = _mm_add_ps(
+                    _mm_add_ps(_mm_mul_ps(_mm_set1_ps(m.b0), xf), row_y),
+                    _mm_set1_ps(m.b2),
+                );
+                let outside = |v: __m128, max: __m128| {
+                    _mm_movemask_ps(_mm_or_ps(_mm_cmplt_ps(v, zero), _mm_cmpgt_ps(v, max)))
+                };
+                if outside(ix, max_x) | outside(iy, max_y) != 0 {
+                    let (mut lx, mut ly) = ([0.0f32; 4], [0.0f32; 4]);
+                    _mm_storeu_ps(lx.as_mut_ptr(), ix);
+                    _mm_storeu_ps(ly.as_mut_ptr(), iy);
+                    lx = lx.map(|v| reflect(v, width));
+                    ly = ly.map(|v| reflect(v, height));
+                    ix = _mm_loadu_ps(lx.as_ptr());
+                    iy = _mm_loadu_ps(ly.as_ptr());
+                }
+                // Clamping changes nothing for reflected values; it maps NaN to 0.
+                ix = _mm_min_ps(_mm_max_ps(ix, zero), max_x);
+                iy = _mm_min_ps(_mm_max_ps(iy, zero), max_y);
+                let x0 = _mm_cvtepi32_ps(_mm_cvttps_epi32(ix));
+                let y0 = _mm_cvtepi32_ps(_mm_cvttps_epi32(iy));
+                let mut weights = [[0.0f32; 4]; 4];
+                _mm_storeu_ps(weights[0].as_mut_ptr(), _mm_sub_ps(_mm_add_ps(x0, one), ix));
+                _mm_storeu_ps(weights[1].as_mut_ptr(), _mm_sub_ps(ix, x0));
+                _mm_storeu_ps(weights[2].as_mut_ptr(), _mm_sub_ps(_mm_add_ps(y0, one), iy));
+                _mm_storeu_ps(weights[3].as_mut_ptr(), _mm_sub_ps(iy, y0));
+                let x1 = _mm_min_ps(_mm_add_ps(x0, one), max_x);
+                let y1 = _mm_min_ps(_mm_add_ps(y0, one), max_y);
+                let (c0, c1) = if flip {
+                    (_mm_sub_ps(max_x, x0), _mm_sub_ps(max_x, x1))
+                } else {
+                    (x0, x1)
+                };
+                let offset = |row: __m128, col: __m128| {
+                    let mut lanes = [0i32; 4];
+                    let at = _mm_mul_ps(_mm_add_ps(_mm_mul_ps(row, row_len), col), stride);
+                    _mm_storeu_si128(lanes.as_mut_ptr().cast(), _mm_cvttps_epi32(at));
+                    lanes
+                };
+                let taps = [
+                    offset(y0, c0),
+                    offset(y0, c1),
+                    offset(y1, c0),
+                    offset(y1, c1),
+                ];
+                for lane in 0..4.min(width - x) {
+                    let load =
+                        |tap: usize| _mm_loadu_ps(src.as_ptr().add(taps[tap][lane] as usize));
+                    let (wx0, wx1) = (_mm_set1_ps(weights[0][lane]), _mm_set1_ps(weights[1][lane]));
+                    let top = _mm_add_ps(_mm_mul_ps(wx0, load(0)), _mm_mul_ps(wx1, load(1)));
+                    let bottom = _mm_add_ps(_mm_mul_ps(wx0, load(2)), _mm_mul_ps(wx1, load(3)));
+                    let mixed = _mm_add_ps(
+                        _mm_mul_ps(top, _mm_set1_ps(weights[2][lane])),
+                        _mm_mul_ps(bottom, _mm_set1_ps(weights[3][lane])),
+                    );
+                    let mut rgb = [0.0f32; 4];
+                    _mm_storeu_ps(rgb.as_mut_ptr(), mixed);
+                    (red[x + lane], green[x + lane], blue[x + lane]) = (rgb[0], rgb[1], rgb[2]);
+                }
+                x += 4;
             }
         }
     }
@@ -159,7 +307,15 @@ mod tests {
     use super::*;
 
     fn pattern(h: usize, w: usize) -> Vec<f32> {
-        (0..h * w * 3).map(|i| (i * 7 % 251) as f32).collect()
+        (0..h * w * PIXEL_STRIDE)
+            .map(|i| {
+                if i % 4 == 3 {
+                    0.0
+                } else {
+                    (i * 7 % 251) as f32
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -168,7 +324,7 @@ mod tests {
         let mut out = vec![0.0; 36];
         transform_to_chw(&src, 3, 4, SampleTransform::default(), &mut out);
         // pixel (y=1, x=2), channel 1
-        assert_eq!(out[12 + 4 + 2], src[(4 + 2) * 3 + 1]);
+        assert_eq!(out[12 + 4 + 2], src[(4 + 2) * PIXEL_STRIDE + 1]);
     }
 
     #[test]
@@ -186,7 +342,7 @@ mod tests {
             &mut out,
         );
         for x in 0..5 {
-            assert_eq!(out[5 + x], src[(5 + 4 - x) * 3]);
+            assert_eq!(out[5 + x], src[(5 + 4 - x) * PIXEL_STRIDE]);
         }
     }
 
@@ -201,9 +357,42 @@ mod tests {
         transform_to_chw(&src, n, n, SampleTransform { flip: false, angle }, &mut out);
         for y in 0..n {
             for x in 0..n {
-                let expected = src[(x * n + (n - 1 - y)) * 3];
+                let expected = src[(x * n + (n - 1 - y)) * PIXEL_STRIDE];
                 assert!((out[y * n + x] - expected).abs() < 1e-3, "({x},{y})");
             }
+        }
+    }
+
+    #[test]
+    fn vector_and_portable_rotations_agree_bit_for_bit() {
+        for (h, w, angle, flip) in [
+            (7, 9, 0.4, false),
+            (13, 6, -2.5, true),
+            (5, 5, 3.0, false),
+            (1, 3, 0.7, true),
+        ] {
+            let src = pattern(h, w);
+            let mut fast = vec![0.0; h * w * 3];
+            transform_to_chw(&src, h, w, SampleTransform { flip, angle }, &mut fast);
+            let m = RotationMatrix::new(angle, h, w);
+            let mut slow = vec![0.0; h * w * 3];
+            let (rg, b) = slow.split_at_mut(2 * h * w);
+            let (r, g) = rg.split_at_mut(h * w);
+            for y in 0..h {
+                let row = y * w..(y + 1) * w;
+                rotate_row(
+                    &src,
+                    &m,
+                    y,
+                    h,
+                    w,
+                    flip,
+                    &mut r[row.clone()],
+                    &mut g[row.clone()],
+                    &mut b[row],
+                );
+            }
+            assert_eq!(fast, slow, "{h}x{w} angle {angle} flip {flip}");
         }
     }
 

@@ -20,6 +20,17 @@ pub struct Decoded {
     pub format: ImageFormat,
 }
 
+/// The short lower-case name of a format we decode (`jpeg`, `png`, `bmp`, `gif`).
+pub fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Jpeg => "jpeg",
+        ImageFormat::Png => "png",
+        ImageFormat::Bmp => "bmp",
+        ImageFormat::Gif => "gif",
+        _ => "other",
+    }
+}
+
 /// What a header says, without decoding pixels.
 pub struct Header {
     pub width: u32,

@@ -19,7 +19,7 @@ use crate::augment::{Augmentation, SampleTransform, transform_to_chw};
 use crate::decode::{DEFAULT_MAX_PIXELS, decode_file};
 use crate::error::DataError;
 use crate::folder::Sample;
-use crate::resize::resize_bilinear;
+use crate::resize::{PIXEL_STRIDE, resize_bilinear};
 use crate::rng::SplitMix64;
 
 /// How batches are made.
@@ -257,7 +257,7 @@ struct Worker {
 impl Worker {
     fn run(self) {
         let (h, w) = self.shared.config.image_size;
-        let mut scratch = vec![0.0f32; h * w * 3];
+        let mut scratch = vec![0.0f32; h * w * PIXEL_STRIDE];
         let num_batches = self.order.len().div_ceil(self.shared.config.batch_size);
         while self.tickets.recv().is_ok() && !self.stop.load(Ordering::Relaxed) {
             let index = self.next_batch.fetch_add(1, Ordering::Relaxed);

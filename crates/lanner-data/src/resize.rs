@@ -3,6 +3,10 @@
 
 use image::RgbImage;
 
+/// Floats per pixel in a resized image: red, green, blue and an always-zero fourth lane, so
+/// that every pixel is one 4-lane vector for the augmentation kernels.
+pub const PIXEL_STRIDE: usize = 4;
+
 /// Where one output coordinate reads from: two source indices and the weight of the second.
 #[derive(Clone, Copy)]
 struct Tap {
@@ -27,11 +31,12 @@ fn taps(in_size: usize, out_size: usize) -> Vec<Tap> {
         .collect()
 }
 
-/// Resizes an RGB8 image to `height × width`, writing interleaved RGB `f32` (HWC) into `out`.
+/// Resizes an RGB8 image to `height × width`, writing interleaved RGBX `f32` (HWC with
+/// [`PIXEL_STRIDE`] floats per pixel, the fourth one 0) into `out`.
 pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut [f32]) {
     assert_eq!(
         out.len(),
-        height * width * 3,
+        height * width * PIXEL_STRIDE,
         "output buffer has the wrong size"
     );
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
@@ -42,17 +47,19 @@ pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut 
     // TF computes top = tl + (tr - tl) * x_lerp per source row, then mixes two such rows, so
     // interpolating each needed source row once horizontally gives bit-identical results.
     let mut row_cache: [(usize, Vec<f32>); 2] = [
-        (usize::MAX, vec![0.0; width * 3]),
-        (usize::MAX, vec![0.0; width * 3]),
+        (usize::MAX, vec![0.0; width * PIXEL_STRIDE]),
+        (usize::MAX, vec![0.0; width * PIXEL_STRIDE]),
     ];
     let horizontal = |row: usize, dst: &mut [f32]| {
         let line = &src[row * in_w * 3..(row + 1) * in_w * 3];
-        for (x, tap) in x_taps.iter().enumerate() {
-            let (l, u) = (tap.lower * 3, tap.upper * 3);
-            for c in 0..3 {
-                let left = f32::from(line[l + c]);
-                let right = f32::from(line[u + c]);
-                dst[x * 3 + c] = left + (right - left) * tap.lerp;
+        for (px, tap) in dst.chunks_exact_mut(PIXEL_STRIDE).zip(&x_taps) {
+            let pixel = |x: usize| {
+                let p = &line[x * 3..x * 3 + 3];
+                [f32::from(p[0]), f32::from(p[1]), f32::from(p[2]), 0.0]
+            };
+            let (left, right) = (pixel(tap.lower), pixel(tap.upper));
+            for c in 0..PIXEL_STRIDE {
+                px[c] = left[c] + (right[c] - left[c]) * tap.lerp;
             }
         }
     };
@@ -73,7 +80,7 @@ pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut 
             }
         };
         let (top, bottom) = (find(tap.lower), find(tap.upper));
-        let dst = &mut out[y * width * 3..(y + 1) * width * 3];
+        let dst = &mut out[y * width * PIXEL_STRIDE..(y + 1) * width * PIXEL_STRIDE];
         for ((d, &t), &b) in dst.iter_mut().zip(top).zip(bottom) {
             *d = t + (b - t) * tap.lerp;
         }
@@ -87,29 +94,28 @@ mod tests {
     #[test]
     fn identity_size_keeps_pixels() {
         let image = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
-        let mut out = vec![0.0; 4 * 5 * 3];
+        let mut out = vec![0.0; 4 * 5 * PIXEL_STRIDE];
         resize_bilinear(&image, 4, 5, &mut out);
-        assert_eq!(out[(2 * 5 + 3) * 3], 30.0);
-        assert_eq!(out[(2 * 5 + 3) * 3 + 1], 40.0);
-        assert_eq!(out[(2 * 5 + 3) * 3 + 2], 7.0);
+        let at = (2 * 5 + 3) * PIXEL_STRIDE;
+        assert_eq!(&out[at..at + 4], &[30.0, 40.0, 7.0, 0.0]);
     }
 
     #[test]
     fn downscale_by_two_averages_neighbours() {
         // With half-pixel centres, output pixel i samples source 2i + 0.5: the mean of a pair.
         let image = RgbImage::from_fn(4, 1, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
-        let mut out = vec![0.0; 2 * 3];
+        let mut out = vec![0.0; 2 * PIXEL_STRIDE];
         resize_bilinear(&image, 1, 2, &mut out);
         assert_eq!(out[0], 5.0);
-        assert_eq!(out[3], 25.0);
+        assert_eq!(out[PIXEL_STRIDE], 25.0);
     }
 
     #[test]
     fn upscale_clamps_at_edges() {
         let image = RgbImage::from_fn(2, 1, |x, _| image::Rgb([x as u8 * 100, 0, 0]));
-        let mut out = vec![0.0; 4 * 3];
+        let mut out = vec![0.0; 4 * PIXEL_STRIDE];
         resize_bilinear(&image, 1, 4, &mut out);
-        let reds: Vec<f32> = out.chunks(3).map(|p| p[0]).collect();
+        let reds: Vec<f32> = out.chunks(PIXEL_STRIDE).map(|p| p[0]).collect();
         assert_eq!(reds, vec![0.0, 25.0, 75.0, 100.0]);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use crate::decode::decode_file;
+use crate::decode::{decode_file, format_name};
 use crate::folder::ImageFolder;
 use crate::loader::SkippedFile;
 
@@ -107,7 +107,7 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
                     };
                     let found = decode_file(&sample.path, max_pixels)
                         .map(|d| Found {
-                            format: d.format.extensions_str()[0],
+                            format: format_name(d.format),
                             width: d.image.width(),
                             height: d.image.height(),
                         })

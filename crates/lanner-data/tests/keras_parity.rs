@@ -5,7 +5,7 @@
 use image::RgbImage;
 use lanner_data::SampleTransform;
 use lanner_data::augment::transform_to_chw;
-use lanner_data::resize::resize_bilinear;
+use lanner_data::resize::{PIXEL_STRIDE, resize_bilinear};
 use serde_json::Value;
 
 fn floats(value: &Value) -> Vec<f32> {
@@ -35,11 +35,11 @@ fn resize_matches_tensorflow_bilinear() {
         r["height"].as_u64().unwrap() as usize,
         r["width"].as_u64().unwrap() as usize,
     );
-    let mut out = vec![0.0; oh * ow * 3];
+    let mut out = vec![0.0; oh * ow * PIXEL_STRIDE];
     resize_bilinear(&image, oh, ow, &mut out);
     let expected = floats(&r["resized_hwc"]);
-    let worst = out
-        .iter()
+    let ours = out.chunks(PIXEL_STRIDE).flat_map(|p| [p[0], p[1], p[2]]);
+    let worst = ours
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
@@ -53,7 +53,10 @@ fn flip_and_rotation_match_tensorflow() {
         r["height"].as_u64().unwrap() as usize,
         r["width"].as_u64().unwrap() as usize,
     );
-    let resized = floats(&r["resized_hwc"]);
+    let resized: Vec<f32> = floats(&r["resized_hwc"])
+        .chunks(3)
+        .flat_map(|p| [p[0], p[1], p[2], 0.0])
+        .collect();
     for case in r["rotations"].as_array().unwrap() {
         let transform = SampleTransform {
             flip: case["flip"].as_bool().unwrap(),
