@@ -62,6 +62,18 @@ print(json.dumps(rates))
     return json.loads(out.strip().splitlines()[-1])
 
 
+def machine():
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=3000)
@@ -69,9 +81,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     folder = make_data(args.images)
+    print(machine())
     print(f"{args.images} JPEGs 500x375 -> batches of 32 at 224x224, {args.workers} threads, {args.epochs} epochs")
     print(f"{'configuration':<34} {'tf.data img/s':>22} {'Lanner img/s':>22} {'ratio':>14}")
-    for augment, cache in [(False, False), (True, False), (True, True)]:
+    for augment, cache in [(False, False), (False, True), (True, False), (True, True)]:
         name = ("flip+rotation" if augment else "no augmentation") + (", cache" if cache else "")
         tf_rates = tfdata(folder, args.workers, args.epochs, augment, cache)
         ours = lanner(folder, args.workers, args.epochs, augment, cache)

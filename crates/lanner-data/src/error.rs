@@ -43,11 +43,12 @@ pub enum DataError {
 }
 
 impl DataError {
-    /// True for errors tied to one image file (skippable unless `--strict`).
-    pub fn is_per_image(&self) -> bool {
+    /// True for a file that cannot be decoded, which training skips unless `--strict`. An image
+    /// over the pixel limit is not one of them: a decompression bomb stops the job.
+    pub fn is_skippable(&self) -> bool {
         matches!(
             self,
-            DataError::BadImage { .. } | DataError::TooLarge { .. }
+            DataError::BadImage { .. } | DataError::Unreadable { .. }
         )
     }
 }

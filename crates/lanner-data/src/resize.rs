@@ -51,17 +51,7 @@ pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut 
         (usize::MAX, vec![0.0; width * PIXEL_STRIDE]),
     ];
     let horizontal = |row: usize, dst: &mut [f32]| {
-        let line = &src[row * in_w * 3..(row + 1) * in_w * 3];
-        for (px, tap) in dst.chunks_exact_mut(PIXEL_STRIDE).zip(&x_taps) {
-            let pixel = |x: usize| {
-                let p = &line[x * 3..x * 3 + 3];
-                [f32::from(p[0]), f32::from(p[1]), f32::from(p[2]), 0.0]
-            };
-            let (left, right) = (pixel(tap.lower), pixel(tap.upper));
-            for c in 0..PIXEL_STRIDE {
-                px[c] = left[c] + (right[c] - left[c]) * tap.lerp;
-            }
-        }
+        horizontal_pass(&src[row * in_w * 3..(row + 1) * in_w * 3], &x_taps, dst);
     };
     for (y, tap) in y_taps.iter().enumerate() {
         for (needed, other) in [(tap.lower, tap.upper), (tap.upper, tap.lower)] {
@@ -84,6 +74,50 @@ pub fn resize_bilinear(image: &RgbImage, height: usize, width: usize, out: &mut 
         for ((d, &t), &b) in dst.iter_mut().zip(top).zip(bottom) {
             *d = t + (b - t) * tap.lerp;
         }
+    }
+}
+
+/// `left + (right - left) * lerp` for every output pixel of one source row (RGB8 in, RGBX f32
+/// out). On x86-64 each pixel is one SSE vector; the arithmetic is the same per lane.
+fn horizontal_pass(line: &[u8], taps: &[Tap], dst: &mut [f32]) {
+    for (px, tap) in dst.chunks_exact_mut(PIXEL_STRIDE).zip(taps) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let px: &mut [f32; 4] = px.try_into().expect("RGBX pixels are 4 floats");
+            // SAFETY: SSE2 is part of x86-64, and `px` is exactly the 4 floats stored.
+            unsafe {
+                let (left, right) = (rgbx_vector(line, tap.lower), rgbx_vector(line, tap.upper));
+                let step = _mm_mul_ps(_mm_sub_ps(right, left), _mm_set1_ps(tap.lerp));
+                _mm_storeu_ps(px.as_mut_ptr(), _mm_add_ps(left, step));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let pixel = |x: usize| {
+                let p = &line[x * 3..x * 3 + 3];
+                [f32::from(p[0]), f32::from(p[1]), f32::from(p[2]), 0.0]
+            };
+            let (left, right) = (pixel(tap.lower), pixel(tap.upper));
+            for c in 0..PIXEL_STRIDE {
+                px[c] = left[c] + (right[c] - left[c]) * tap.lerp;
+            }
+        }
+    }
+}
+
+/// Pixel `x` of an RGB8 row as `[r, g, b, 0]` floats in one SSE register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn rgbx_vector(line: &[u8], x: usize) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let p = &line[x * 3..x * 3 + 3];
+    let word = u32::from_le_bytes([p[0], p[1], p[2], 0]);
+    // SAFETY: SSE2 is part of x86-64; these are register-only operations.
+    unsafe {
+        let zero = _mm_setzero_si128();
+        let bytes = _mm_cvtsi32_si128(word as i32);
+        _mm_cvtepi32_ps(_mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero))
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Serialize;
 
 use crate::decode::{decode_file, format_name};
+use crate::error::DataError;
 use crate::folder::ImageFolder;
 use crate::loader::SkippedFile;
 
@@ -51,6 +52,8 @@ pub struct DatasetSummary {
     pub width: Option<Spread>,
     pub height: Option<Spread>,
     pub undecodable: Vec<Undecodable>,
+    /// Images whose header claims more pixels than the limit (possible decompression bombs).
+    pub over_limit: Vec<Undecodable>,
 }
 
 /// A file that cannot be used.
@@ -72,6 +75,9 @@ impl From<SkippedFile> for Undecodable {
 impl DatasetSummary {
     /// Why this folder cannot be used for training, if it cannot.
     pub fn problem(&self) -> Option<String> {
+        if let Some(file) = self.over_limit.first() {
+            return Some(file.reason.clone());
+        }
         if self.classes.len() < 2 {
             return Some(format!(
                 "'{}' has only one class; a classifier needs at least two class folders",
@@ -94,7 +100,7 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
         width: u32,
         height: u32,
     }
-    let results: Vec<Mutex<Option<Result<Found, String>>>> =
+    let results: Vec<Mutex<Option<Result<Found, DataError>>>> =
         folder.samples.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
@@ -105,13 +111,11 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
                     let Some(sample) = folder.samples.get(i) else {
                         break;
                     };
-                    let found = decode_file(&sample.path, max_pixels)
-                        .map(|d| Found {
-                            format: format_name(d.format),
-                            width: d.image.width(),
-                            height: d.image.height(),
-                        })
-                        .map_err(|e| e.to_string());
+                    let found = decode_file(&sample.path, max_pixels).map(|d| Found {
+                        format: format_name(d.format),
+                        width: d.image.width(),
+                        height: d.image.height(),
+                    });
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(found);
                     }
@@ -131,8 +135,8 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
             usable: 0,
         })
         .collect();
-    let (mut formats, mut widths, mut heights, mut undecodable) =
-        (BTreeMap::new(), vec![], vec![], vec![]);
+    let (mut formats, mut widths, mut heights) = (BTreeMap::new(), vec![], vec![]);
+    let (mut undecodable, mut over_limit) = (vec![], vec![]);
     for (sample, result) in folder.samples.iter().zip(results) {
         classes[sample.label].images += 1;
         match result.into_inner().ok().flatten() {
@@ -142,10 +146,16 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
                 widths.push(found.width);
                 heights.push(found.height);
             }
-            Some(Err(reason)) => undecodable.push(Undecodable {
-                path: sample.path.display().to_string(),
-                reason,
-            }),
+            Some(Err(error)) => {
+                let file = Undecodable {
+                    path: sample.path.display().to_string(),
+                    reason: error.to_string(),
+                };
+                match error {
+                    DataError::TooLarge { .. } => over_limit.push(file),
+                    _ => undecodable.push(file),
+                }
+            }
             None => {}
         }
     }
@@ -157,5 +167,6 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
         width: Spread::of(widths),
         height: Spread::of(heights),
         undecodable,
+        over_limit,
     }
 }

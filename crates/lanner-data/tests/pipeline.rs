@@ -276,8 +276,33 @@ fn batches_have_the_model_layout_and_pixel_range() {
             assert_eq!(label, loader.samples()[sample].label);
         }
     }
-    let labels = batches[0].labels_tensor(&burn::tensor::Device::flex());
-    assert_eq!(labels.dims(), [8]);
+    let device = burn::tensor::Device::flex();
+    let first = &batches[0];
+    let ints: Vec<i64> = first
+        .labels_tensor(&device)
+        .into_data()
+        .iter::<i64>()
+        .collect();
+    assert_eq!(
+        ints,
+        first.labels.iter().map(|&l| l as i64).collect::<Vec<_>>()
+    );
+    let binary = first.binary_labels_tensor(&device);
+    assert_eq!(binary.dims(), [8, 1]);
+    let binary: Vec<f32> = binary.into_data().try_to_vec().unwrap();
+    assert_eq!(
+        binary,
+        first.labels.iter().map(|&l| l as f32).collect::<Vec<_>>()
+    );
+    let one_hot: Vec<f32> = first
+        .one_hot_labels_tensor(2, &device)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    for (row, &label) in first.labels.iter().enumerate() {
+        assert_eq!(one_hot[row * 2 + label], 1.0);
+        assert_eq!(one_hot[row * 2 + 1 - label], 0.0);
+    }
 }
 
 #[test]
@@ -464,6 +489,62 @@ fn validation_split_matches_keras_and_subsets_are_disjoint() {
             .to_string()
             .contains("leaves one subset empty")
     );
+}
+
+#[test]
+fn workers_never_run_more_than_workers_plus_prefetch_batches_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes(dir.path(), 10);
+    let samples = ImageFolder::open(dir.path()).unwrap().samples;
+    let cfg = LoaderConfig {
+        workers: 2,
+        prefetch: 1,
+        cache: true,
+        ..config(1)
+    };
+    let loader = Loader::new(samples, cfg).unwrap();
+    let mut epoch = loader.epoch(0);
+    assert_eq!(epoch.next().unwrap().unwrap().len(), 1);
+    // Give the workers every chance to run ahead of a consumer that has stopped.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The cache counts the images decoded: the one taken plus at most 2 + 1 batches of one.
+    let decoded = loader.cached_images();
+    assert!(
+        (2..=4).contains(&decoded),
+        "{decoded} of 20 images decoded ahead"
+    );
+    drop(epoch);
+}
+
+#[test]
+fn an_image_over_the_pixel_limit_stops_the_loader_even_without_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    shapes(dir.path(), 2);
+    let samples = ImageFolder::open(dir.path()).unwrap().samples;
+    let loader = Loader::new(
+        samples,
+        LoaderConfig {
+            max_pixels: 1000,
+            ..config(4)
+        },
+    )
+    .unwrap();
+    let error = loader
+        .epoch(0)
+        .find_map(Result::err)
+        .expect("a bomb must stop the epoch");
+    assert!(
+        matches!(
+            error,
+            DataError::TooLarge {
+                width: 48,
+                height: 36,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(loader.skipped().is_empty());
 }
 
 #[test]

@@ -110,12 +110,35 @@ fn unusable_folders_fail_with_one_clear_sentence() {
     assert_eq!(
         limited.status.code(),
         Some(1),
-        "every image is over the limit: no class is usable"
+        "an image over the pixel limit is refused"
+    );
+    let stderr = text(&limited.stderr);
+    assert!(
+        stderr.contains("claims 60x40 pixels, over the limit of 100 pixels; remove it or raise --max-image-pixels"),
+        "{stderr}"
     );
     assert!(
-        text(&limited.stdout).contains("over the limit of 100 pixels"),
+        text(&limited.stdout).contains("Over the pixel limit (4), refused:"),
         "{}",
         text(&limited.stdout)
+    );
+    let training = lanner(&[
+        "data",
+        bomb.to_str().unwrap(),
+        "--max-image-pixels",
+        "100",
+        "--benchmark",
+        "1",
+    ]);
+    assert_eq!(
+        training.status.code(),
+        Some(1),
+        "the loader stops on it too, --strict or not"
+    );
+    assert!(
+        text(&training.stderr).contains("over the limit of 100 pixels"),
+        "{}",
+        text(&training.stderr)
     );
 }
 

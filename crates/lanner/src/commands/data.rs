@@ -164,6 +164,15 @@ fn print_summary(summary: &DatasetSummary) {
         println!("Height: min {}, median {}, max {}", h.min, h.median, h.max);
     }
     print_undecodable(&summary.undecodable);
+    if !summary.over_limit.is_empty() {
+        println!(
+            "Over the pixel limit ({}), refused:",
+            summary.over_limit.len()
+        );
+        for file in &summary.over_limit {
+            println!("  {}", file.path);
+        }
+    }
 }
 
 fn print_undecodable(files: &[Undecodable]) {
@@ -215,7 +224,7 @@ fn benchmark(
             let batch = batch?;
             seen += batch.len();
             // Hand the batch over as the training step would receive it.
-            let tensor = batch.images_tensor(&device);
+            let tensor = batch.into_images_tensor(&device);
             std::hint::black_box(tensor);
         }
         let seconds = start.elapsed().as_secs_f64();
