@@ -1,0 +1,129 @@
+//! Batch normalisation with PyTorch's tensor names and a frozen-statistics mode.
+//!
+//! The seed calls its Keras backbone with `training=False`: every BatchNorm normalises with
+//! its moving statistics and never updates them, while its scale and shift still train when
+//! the layer is unfrozen. [`BatchNorm2dConfig::frozen_statistics`] is that mode.
+
+use burn::config::Config;
+use burn::module::{Module, Param, RunningState};
+use burn::nn::Initializer;
+use burn::tensor::{Device, Tensor};
+
+/// Configuration of a [`BatchNorm2d`].
+#[derive(Config, Debug)]
+pub struct BatchNorm2dConfig {
+    /// Channels normalised.
+    pub num_features: usize,
+    /// Added to the variance; PyTorch's (and so timm's) default, where Keras uses 1e-3.
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
+    /// Weight of the current batch in the running statistics (PyTorch's convention).
+    #[config(default = 0.1)]
+    pub momentum: f64,
+    /// Always normalise with the running statistics and never update them, also when
+    /// training; `weight` and `bias` stay trainable parameters.
+    #[config(default = false)]
+    pub frozen_statistics: bool,
+}
+
+/// Batch normalisation over `[batch, channels, height, width]` (Ioffe & Szegedy, "Batch
+/// Normalization", 2015), named like PyTorch's `BatchNorm2d`: `weight`, `bias`,
+/// `running_mean`, `running_var`, so timm checkpoints load without renaming.
+#[derive(Module, Debug)]
+pub struct BatchNorm2d {
+    /// Per-channel scale (gamma).
+    pub weight: Param<Tensor<1>>,
+    /// Per-channel shift (beta).
+    pub bias: Param<Tensor<1>>,
+    /// Running mean, used at inference and in frozen mode.
+    pub running_mean: RunningState<Tensor<1>>,
+    /// Running unbiased variance (as PyTorch keeps it), used at inference and in frozen mode.
+    pub running_var: RunningState<Tensor<1>>,
+    /// Cleared by `valid()`/`freeze()`, like burn's own layers.
+    pub training: Param<burn::module::Flag>,
+    /// See [`BatchNorm2dConfig::epsilon`].
+    pub epsilon: f64,
+    /// See [`BatchNorm2dConfig::momentum`].
+    pub momentum: f64,
+    /// See [`BatchNorm2dConfig::frozen_statistics`].
+    pub frozen_statistics: bool,
+}
+
+impl BatchNorm2dConfig {
+    /// A layer with weight 1, bias 0, running mean 0 and running variance 1.
+    pub fn init(&self, device: &Device) -> BatchNorm2d {
+        let n = self.num_features;
+        BatchNorm2d {
+            weight: Initializer::Ones.init([n], device),
+            bias: Initializer::Zeros.init([n], device),
+            running_mean: RunningState::new(Tensor::zeros([n], device)),
+            running_var: RunningState::new(Tensor::ones([n], device)),
+            training: Param::from_bool(true),
+            epsilon: self.epsilon,
+            momentum: self.momentum,
+            frozen_statistics: self.frozen_statistics,
+        }
+    }
+}
+
+impl BatchNorm2d {
+    /// Normalise with batch statistics when training on an autodiff device (unless the
+    /// statistics are frozen), with the running statistics otherwise.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let batch_statistics =
+            !self.frozen_statistics && self.training.is_enabled() && x.device().is_autodiff();
+        if batch_statistics {
+            self.forward_batch_statistics(x)
+        } else {
+            self.forward_running_statistics(x)
+        }
+    }
+
+    /// The same layer with its statistics frozen (or not).
+    pub fn with_frozen_statistics(mut self, frozen: bool) -> Self {
+        self.frozen_statistics = frozen;
+        self
+    }
+
+    fn forward_running_statistics(&self, x: Tensor<4>) -> Tensor<4> {
+        let device = x.device();
+        burn::tensor::module::batch_norm(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.running_mean.value().to_device(&device),
+            self.running_var.value().to_device(&device),
+            self.epsilon,
+        )
+    }
+
+    fn forward_batch_statistics(&self, x: Tensor<4>) -> Tensor<4> {
+        let device = x.device();
+        let [batch, _, height, width] = x.dims();
+        // PyTorch keeps the unbiased variance in `running_var`; burn returns the biased one.
+        let count = (batch * height * width) as f64;
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let result = burn::tensor::module::batch_norm_train(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.epsilon,
+        );
+        let keep = 1.0 - self.momentum;
+        let mean = self.running_mean.value_sync().to_device(&device);
+        let var = self.running_var.value_sync().to_device(&device);
+        let mean = mean.mul_scalar(keep) + result.mean.detach().mul_scalar(self.momentum);
+        let var = var.mul_scalar(keep)
+            + result
+                .variance
+                .detach()
+                .mul_scalar(self.momentum * unbiased);
+        self.running_mean.update(mean.detach());
+        self.running_var.update(var.detach());
+        result.output
+    }
+}

@@ -1,0 +1,36 @@
+//! `lanner-models`: the backbones Lanner fine-tunes, faithful to the reference
+//! implementations and loadable from the pretrained weights people have.
+//!
+//! - [`registry`]: one table from a model name to its architecture and pretrained
+//!   configuration (input size, interpolation, normalisation, hub id), like timm's.
+//! - [`mobilenet_v3`]: MobileNetV3-Large and -Small at any width, as timm builds them, with
+//!   timm's tensor names; it ends at the feature map Keras' `include_top=False` returns.
+//! - [`head`]: the seed's classifier — global average pooling, dropout, one dense layer.
+//! - [`weights`]: timm checkpoints (safetensors) into a backbone, with errors that name the
+//!   missing, unexpected or mis-shaped tensor.
+//! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
+//! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
+//!   [`conv`].
+//!
+//! Modules carry no backend type: burn 0.22 dispatches on the runtime `Device`.
+
+pub mod activation;
+pub mod backbone;
+pub mod batch_norm;
+pub mod channels;
+pub mod conv;
+pub mod head;
+pub mod mobilenet_v3;
+pub mod registry;
+pub mod squeeze_excite;
+pub mod weights;
+
+pub use backbone::Backbone;
+pub use batch_norm::{BatchNorm2d, BatchNorm2dConfig};
+pub use head::{ClassifierHead, ClassifierHeadConfig, global_average_pool};
+pub use mobilenet_v3::{MobileNetV3, MobileNetV3Config, MobileNetV3Size};
+pub use registry::{
+    Architecture, Interpolation, MODELS, ModelEntry, Normalization, PretrainedConfig, UnknownModel,
+    find,
+};
+pub use weights::{ShapeMismatch, WeightsError, WeightsMismatch, load_timm_safetensors};

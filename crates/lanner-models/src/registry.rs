@@ -1,0 +1,270 @@
+//! The model registry: one table from a model name to its architecture and the pretrained
+//! configuration that travels with its ImageNet weights (timm's `pretrained_cfg`).
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+
+use crate::backbone::Backbone;
+use crate::mobilenet_v3::{MobileNetV3Config, MobileNetV3Size};
+use crate::weights::{WeightsError, load_timm_safetensors};
+
+/// How images are resized to the model's input size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpolation {
+    /// Bilinear.
+    Bilinear,
+    /// Bicubic.
+    Bicubic,
+}
+
+/// Per-channel normalisation of RGB pixels scaled to `[0, 1]`: `(x - mean) / std`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Normalization {
+    /// Channel means (R, G, B).
+    pub mean: [f32; 3],
+    /// Channel standard deviations (R, G, B).
+    pub std: [f32; 3],
+}
+
+/// timm's `IMAGENET_DEFAULT_MEAN` / `IMAGENET_DEFAULT_STD`.
+pub const IMAGENET: Normalization = Normalization {
+    mean: [0.485, 0.456, 0.406],
+    std: [0.229, 0.224, 0.225],
+};
+
+impl Normalization {
+    /// Normalise `[batch, 3, height, width]` pixels in `0..=255` (what the data loader
+    /// yields, as Keras' `image_dataset_from_directory` does).
+    pub fn apply(&self, pixels: Tensor<4>) -> Tensor<4> {
+        let device = pixels.device();
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
+        let scale = Tensor::<1>::from_floats(scale, &device).reshape([1, 3, 1, 1]);
+        let shift = Tensor::<1>::from_floats(shift, &device).reshape([1, 3, 1, 1]);
+        pixels * scale + shift
+    }
+}
+
+/// What timm's pretrained configuration says about the model's ImageNet weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PretrainedConfig {
+    /// Height and width the weights were trained and evaluated at.
+    pub input_size: usize,
+    /// Resize interpolation of timm's evaluation transform.
+    pub interpolation: Interpolation,
+    /// Centre-crop fraction of timm's evaluation transform.
+    pub crop_pct: f64,
+    /// Input normalisation the weights expect.
+    pub normalization: Normalization,
+    /// The Hugging Face hub repository and tag of the weights (`timm/<name>.<tag>`), `None`
+    /// where timm publishes no weights for the model.
+    pub hub_id: Option<&'static str>,
+}
+
+/// The network a registry entry builds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Architecture {
+    /// MobileNetV3 of a size and width multiplier.
+    MobileNetV3 {
+        /// Large or small.
+        size: MobileNetV3Size,
+        /// timm's channel multiplier.
+        width_multiplier: f64,
+    },
+}
+
+/// One model Lanner can build and load weights for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelEntry {
+    /// Lanner's name (`mobilenet_v3_large`).
+    pub name: &'static str,
+    /// timm's name of the same network (`mobilenetv3_large_100`); its checkpoints load as is.
+    pub timm_name: &'static str,
+    /// What to build.
+    pub architecture: Architecture,
+    /// Input size, interpolation, normalisation and hub id of the pretrained weights.
+    pub pretrained: PretrainedConfig,
+}
+
+const fn mobilenet_v3(
+    name: &'static str,
+    timm_name: &'static str,
+    size: MobileNetV3Size,
+    width_multiplier: f64,
+    hub_id: Option<&'static str>,
+) -> ModelEntry {
+    ModelEntry {
+        name,
+        timm_name,
+        architecture: Architecture::MobileNetV3 {
+            size,
+            width_multiplier,
+        },
+        pretrained: PretrainedConfig {
+            input_size: 224,
+            // timm's trained MobileNetV3 weights are evaluated bicubic; its default config
+            // (for `mobilenetv3_large_075`, which has none) says bilinear.
+            interpolation: if hub_id.is_some() {
+                Interpolation::Bicubic
+            } else {
+                Interpolation::Bilinear
+            },
+            crop_pct: 0.875,
+            normalization: IMAGENET,
+            hub_id,
+        },
+    }
+}
+
+/// Every model in the registry.
+pub const MODELS: &[ModelEntry] = &[
+    mobilenet_v3(
+        "mobilenet_v3_large",
+        "mobilenetv3_large_100",
+        MobileNetV3Size::Large,
+        1.0,
+        Some("timm/mobilenetv3_large_100.ra_in1k"),
+    ),
+    mobilenet_v3(
+        "mobilenet_v3_large_075",
+        "mobilenetv3_large_075",
+        MobileNetV3Size::Large,
+        0.75,
+        None,
+    ),
+    mobilenet_v3(
+        "mobilenet_v3_small",
+        "mobilenetv3_small_100",
+        MobileNetV3Size::Small,
+        1.0,
+        Some("timm/mobilenetv3_small_100.lamb_in1k"),
+    ),
+    mobilenet_v3(
+        "mobilenet_v3_small_075",
+        "mobilenetv3_small_075",
+        MobileNetV3Size::Small,
+        0.75,
+        Some("timm/mobilenetv3_small_075.lamb_in1k"),
+    ),
+    mobilenet_v3(
+        "mobilenet_v3_small_050",
+        "mobilenetv3_small_050",
+        MobileNetV3Size::Small,
+        0.5,
+        Some("timm/mobilenetv3_small_050.lamb_in1k"),
+    ),
+];
+
+/// A model name the registry does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown model `{name}`; choose one of: {}", known_names())]
+pub struct UnknownModel {
+    /// The name asked for.
+    pub name: String,
+}
+
+fn known_names() -> String {
+    MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}
+
+/// The entry named `name`, by Lanner's name or timm's.
+pub fn find(name: &str) -> Result<&'static ModelEntry, UnknownModel> {
+    MODELS
+        .iter()
+        .find(|m| m.name == name || m.timm_name == name)
+        .ok_or_else(|| UnknownModel {
+            name: name.to_string(),
+        })
+}
+
+impl ModelEntry {
+    /// Channels of the backbone's feature map, which the classifier head pools.
+    pub fn feature_channels(&self) -> usize {
+        match self.architecture {
+            Architecture::MobileNetV3 { .. } => self.mobilenet_v3_config().feature_channels(),
+        }
+    }
+
+    /// Build the backbone with random initialisation (timm's scheme).
+    pub fn init_backbone(&self, device: &Device) -> Backbone {
+        match self.architecture {
+            Architecture::MobileNetV3 { .. } => {
+                Backbone::MobileNetV3(self.mobilenet_v3_config().init(device))
+            }
+        }
+    }
+
+    /// Load a timm checkpoint (`.safetensors`, timm's tensor names) into `backbone`, ignoring
+    /// the checkpoint's own head; any other missing, unexpected or mis-shaped tensor is an
+    /// error that names it.
+    pub fn load_weights(&self, backbone: Backbone, path: &Path) -> Result<Backbone, WeightsError> {
+        load_timm_safetensors(backbone, path, self.timm_name, self.checkpoint_head())
+    }
+
+    /// Name prefixes of the timm checkpoint's layers after the backbone: timm's
+    /// post-pooling `conv_head` and its ImageNet `classifier`.
+    pub fn checkpoint_head(&self) -> &'static [&'static str] {
+        match self.architecture {
+            Architecture::MobileNetV3 { .. } => &["conv_head.", "classifier."],
+        }
+    }
+
+    fn mobilenet_v3_config(&self) -> MobileNetV3Config {
+        let Architecture::MobileNetV3 {
+            size,
+            width_multiplier,
+        } = self.architecture;
+        MobileNetV3Config::new(size).with_width_multiplier(width_multiplier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_models_by_lanner_and_timm_name() {
+        let large = find("mobilenet_v3_large").unwrap();
+        assert_eq!(large.timm_name, "mobilenetv3_large_100");
+        assert_eq!(find("mobilenetv3_large_100").unwrap(), large);
+        assert_eq!(large.feature_channels(), 960);
+        assert_eq!(find("mobilenet_v3_small").unwrap().feature_channels(), 576);
+        assert_eq!(
+            large.pretrained.hub_id,
+            Some("timm/mobilenetv3_large_100.ra_in1k")
+        );
+        assert_eq!(large.pretrained.input_size, 224);
+        assert_eq!(large.pretrained.interpolation, Interpolation::Bicubic);
+        assert_eq!(
+            find("mobilenet_v3_large_075").unwrap().pretrained.hub_id,
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_model_lists_the_known_ones() {
+        let message = find("resnet50").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "unknown model `resnet50`; choose one of: mobilenet_v3_large, \
+             mobilenet_v3_large_075, mobilenet_v3_small, mobilenet_v3_small_075, \
+             mobilenet_v3_small_050"
+        );
+    }
+
+    #[test]
+    fn normalization_maps_pixels_like_timm() {
+        let device = Device::flex();
+        let pixels = Tensor::<1>::from_floats([0.0, 255.0, 127.5], &device).reshape([1, 3, 1, 1]);
+        let normalized: Vec<f32> = IMAGENET
+            .apply(pixels)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let expected = [-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.5 - 0.406) / 0.225];
+        for (got, want) in normalized.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+}
