@@ -72,6 +72,13 @@ pub fn transform_to_chw(
         return;
     }
     let m = RotationMatrix::new(transform.angle, height, width);
+    let rotation = Rotation {
+        src,
+        m,
+        height,
+        width,
+        flip: transform.flip,
+    };
     let (planes_rg, plane_b) = out.split_at_mut(2 * plane);
     let (plane_r, plane_g) = planes_rg.split_at_mut(plane);
     for y in 0..height {
@@ -81,28 +88,30 @@ pub fn transform_to_chw(
             &mut plane_g[row.clone()],
             &mut plane_b[row],
         );
+        let out = RowOut {
+            red: r,
+            green: g,
+            blue: b,
+        };
         #[cfg(target_arch = "x86_64")]
-        sse2::rotate_row(src, &m, y, height, width, transform.flip, r, g, b);
+        sse2::rotate_row(&rotation, y, out);
         #[cfg(not(target_arch = "x86_64"))]
-        rotate_row(src, &m, y, height, width, transform.flip, r, g, b);
+        rotate_row(&rotation, y, out);
     }
 }
 
 /// One output row of the rotation, a pixel at a time: TF's output→input map, reflect fill and
 /// `bilinear_interpolation`, term for term (bit-identical to TensorFlow). The portable version
 /// of [`sse2::rotate_row`], and its reference in the tests.
-#[allow(clippy::too_many_arguments)]
-fn rotate_row(
-    src: &[f32],
-    m: &RotationMatrix,
-    y: usize,
-    height: usize,
-    width: usize,
-    flip: bool,
-    red: &mut [f32],
-    green: &mut [f32],
-    blue: &mut [f32],
-) {
+fn rotate_row(rotation: &Rotation, y: usize, out: RowOut) {
+    let Rotation {
+        src,
+        m,
+        height,
+        width,
+        flip,
+    } = *rotation;
+    let RowOut { red, green, blue } = out;
     let yf = y as f32;
     let (row_x, row_y) = (m.a1 * yf, m.b1 * yf);
     let (last_x, last_y) = (width - 1, height - 1);
@@ -140,25 +149,22 @@ fn rotate_row(
 mod sse2 {
     use std::arch::x86_64::*;
 
-    use super::{RotationMatrix, reflect};
+    use super::{Rotation, RowOut, reflect};
     use crate::resize::PIXEL_STRIDE;
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn rotate_row(
-        src: &[f32],
-        m: &RotationMatrix,
-        y: usize,
-        height: usize,
-        width: usize,
-        flip: bool,
-        red: &mut [f32],
-        green: &mut [f32],
-        blue: &mut [f32],
-    ) {
+    pub(super) fn rotate_row(rotation: &Rotation, y: usize, out: RowOut) {
+        let Rotation {
+            src,
+            m,
+            height,
+            width,
+            flip,
+        } = *rotation;
         // Offsets are computed exactly in f32, which holds integers up to 2^24.
         if height * width * PIXEL_STRIDE >= 1 << 24 {
-            return super::rotate_row(src, m, y, height, width, flip, red, green, blue);
+            return super::rotate_row(rotation, y, out);
         }
+        let RowOut { red, green, blue } = out;
         assert_eq!(src.len(), height * width * PIXEL_STRIDE);
         let yf = y as f32;
         // SAFETY: SSE2 is always available on x86-64. Loads from `src` use offsets built from
@@ -244,8 +250,26 @@ mod sse2 {
     }
 }
 
+/// One image being rotated: the RGBX source, its size, the output→input map and the flip.
+#[derive(Clone, Copy)]
+struct Rotation<'a> {
+    src: &'a [f32],
+    m: RotationMatrix,
+    height: usize,
+    width: usize,
+    flip: bool,
+}
+
+/// The three output planes of one row.
+struct RowOut<'a> {
+    red: &'a mut [f32],
+    green: &'a mut [f32],
+    blue: &'a mut [f32],
+}
+
 /// The output→input affine map Keras builds for a rotation about the image centre
 /// (`_compute_affine_matrix` with scale 1, no shear, no translation).
+#[derive(Clone, Copy)]
 struct RotationMatrix {
     a0: f32,
     a1: f32,
@@ -375,22 +399,24 @@ mod tests {
             let mut fast = vec![0.0; h * w * 3];
             transform_to_chw(&src, h, w, SampleTransform { flip, angle }, &mut fast);
             let m = RotationMatrix::new(angle, h, w);
+            let rotation = Rotation {
+                src: &src,
+                m,
+                height: h,
+                width: w,
+                flip,
+            };
             let mut slow = vec![0.0; h * w * 3];
             let (rg, b) = slow.split_at_mut(2 * h * w);
             let (r, g) = rg.split_at_mut(h * w);
             for y in 0..h {
                 let row = y * w..(y + 1) * w;
-                rotate_row(
-                    &src,
-                    &m,
-                    y,
-                    h,
-                    w,
-                    flip,
-                    &mut r[row.clone()],
-                    &mut g[row.clone()],
-                    &mut b[row],
-                );
+                let out = RowOut {
+                    red: &mut r[row.clone()],
+                    green: &mut g[row.clone()],
+                    blue: &mut b[row],
+                };
+                rotate_row(&rotation, y, out);
             }
             assert_eq!(fast, slow, "{h}x{w} angle {angle} flip {flip}");
         }
