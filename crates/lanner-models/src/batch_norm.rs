@@ -9,6 +9,12 @@ use burn::module::{Module, Param, RunningState};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Tensor};
 
+/// Whether `tensor` (a PyTorch state-dict name) is a BatchNorm running statistic: a buffer
+/// that normalises but is never trained, which timm's parameter counts leave out.
+pub fn is_running_statistic(tensor: &str) -> bool {
+    tensor.ends_with(".running_mean") || tensor.ends_with(".running_var")
+}
+
 /// Configuration of a [`BatchNorm2d`].
 #[derive(Config, Debug)]
 pub struct BatchNorm2dConfig {

@@ -5,9 +5,13 @@
 //!   configuration (input size, interpolation, normalisation, hub id), like timm's.
 //! - [`mobilenet_v3`]: MobileNetV3-Large and -Small at any width, as timm builds them, with
 //!   timm's tensor names; it ends at the feature map Keras' `include_top=False` returns.
+//! - [`xception`]: Xception as timm's `legacy_xception` (the port of the Keras weights), with
+//!   timm's tensor names, up to the 2048-channel feature map.
 //! - [`head`]: the seed's classifier — global average pooling, dropout, one dense layer.
 //! - [`weights`]: timm checkpoints (safetensors) into a backbone, with errors that name the
 //!   missing, unexpected or mis-shaped tensor.
+//! - [`keras_layers`]: the Keras layer order `--fine-tune-layer` counts in, and which Keras
+//!   layer holds each of our tensors.
 //! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
 //! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
 //!   [`conv`].
@@ -20,10 +24,12 @@ pub mod batch_norm;
 pub mod channels;
 pub mod conv;
 pub mod head;
+pub mod keras_layers;
 pub mod mobilenet_v3;
 pub mod registry;
 pub mod squeeze_excite;
 pub mod weights;
+pub mod xception;
 
 pub use backbone::Backbone;
 pub use batch_norm::{BatchNorm2d, BatchNorm2dConfig};
@@ -34,3 +40,4 @@ pub use registry::{
     find,
 };
 pub use weights::{ShapeMismatch, WeightsError, WeightsMismatch, load_timm_safetensors};
+pub use xception::{Xception, XceptionConfig};

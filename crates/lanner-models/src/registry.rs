@@ -6,8 +6,10 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 
 use crate::backbone::Backbone;
+use crate::keras_layers::{KerasLayerMap, mobilenet_v3_layer_map, xception_layer_map};
 use crate::mobilenet_v3::{MobileNetV3Config, MobileNetV3Size};
 use crate::weights::{WeightsError, load_timm_safetensors};
+use crate::xception::XceptionConfig;
 
 /// How images are resized to the model's input size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +33,13 @@ pub struct Normalization {
 pub const IMAGENET: Normalization = Normalization {
     mean: [0.485, 0.456, 0.406],
     std: [0.229, 0.224, 0.225],
+};
+
+/// timm's `IMAGENET_INCEPTION_MEAN` / `IMAGENET_INCEPTION_STD` (0.5, 0.5, 0.5): pixels to
+/// `[-1, 1]`, as Keras' `xception.preprocess_input` does.
+pub const INCEPTION: Normalization = Normalization {
+    mean: [0.5, 0.5, 0.5],
+    std: [0.5, 0.5, 0.5],
 };
 
 impl Normalization {
@@ -72,6 +81,8 @@ pub enum Architecture {
         /// timm's channel multiplier.
         width_multiplier: f64,
     },
+    /// Xception (timm's `legacy_xception`).
+    Xception,
 }
 
 /// One model Lanner can build and load weights for.
@@ -154,6 +165,19 @@ pub const MODELS: &[ModelEntry] = &[
         0.5,
         Some("timm/mobilenetv3_small_050.lamb_in1k"),
     ),
+    ModelEntry {
+        name: "xception",
+        timm_name: "legacy_xception",
+        architecture: Architecture::Xception,
+        // timm's `legacy_xception.tf_in1k` pretrained_cfg.
+        pretrained: PretrainedConfig {
+            input_size: 299,
+            interpolation: Interpolation::Bicubic,
+            crop_pct: 0.8975,
+            normalization: INCEPTION,
+            hub_id: Some("timm/legacy_xception.tf_in1k"),
+        },
+    },
 ];
 
 /// A model name the registry does not have.
@@ -183,6 +207,7 @@ impl ModelEntry {
     pub fn feature_channels(&self) -> usize {
         match self.architecture {
             Architecture::MobileNetV3 { .. } => self.mobilenet_v3_config().feature_channels(),
+            Architecture::Xception => XceptionConfig::new().feature_channels(),
         }
     }
 
@@ -192,6 +217,7 @@ impl ModelEntry {
             Architecture::MobileNetV3 { .. } => {
                 Backbone::MobileNetV3(self.mobilenet_v3_config().init(device))
             }
+            Architecture::Xception => Backbone::Xception(XceptionConfig::new().init(device)),
         }
     }
 
@@ -202,11 +228,22 @@ impl ModelEntry {
         load_timm_safetensors(backbone, path, self.timm_name, self.checkpoint_head())
     }
 
-    /// Name prefixes of the timm checkpoint's layers after the backbone: timm's
-    /// post-pooling `conv_head` and its ImageNet `classifier`.
+    /// Name prefixes of the timm checkpoint's layers after the backbone: MobileNetV3's
+    /// post-pooling `conv_head` and ImageNet `classifier`, Xception's `fc`.
     pub fn checkpoint_head(&self) -> &'static [&'static str] {
         match self.architecture {
             Architecture::MobileNetV3 { .. } => &["conv_head.", "classifier."],
+            Architecture::Xception => &["fc."],
+        }
+    }
+
+    /// Where each of the backbone's tensors sits in the Keras layer order that
+    /// `--fine-tune-layer` counts in (Keras' `alpha` changes channels, not layers, so every
+    /// width shares its size's table).
+    pub fn keras_layer_map(&self) -> KerasLayerMap {
+        match self.architecture {
+            Architecture::MobileNetV3 { size, .. } => mobilenet_v3_layer_map(size),
+            Architecture::Xception => xception_layer_map(),
         }
     }
 
@@ -214,7 +251,10 @@ impl ModelEntry {
         let Architecture::MobileNetV3 {
             size,
             width_multiplier,
-        } = self.architecture;
+        } = self.architecture
+        else {
+            unreachable!("{} is not a MobileNetV3", self.name)
+        };
         MobileNetV3Config::new(size).with_width_multiplier(width_multiplier)
     }
 }
@@ -243,13 +283,29 @@ mod tests {
     }
 
     #[test]
+    fn xception_is_timms_legacy_xception() {
+        let xception = find("xception").unwrap();
+        assert_eq!(find("legacy_xception").unwrap(), xception);
+        assert_eq!(xception.feature_channels(), 2048);
+        assert_eq!(xception.pretrained.input_size, 299);
+        assert_eq!(xception.pretrained.interpolation, Interpolation::Bicubic);
+        assert_eq!(xception.pretrained.crop_pct, 0.8975);
+        assert_eq!(xception.pretrained.normalization, INCEPTION);
+        assert_eq!(
+            xception.pretrained.hub_id,
+            Some("timm/legacy_xception.tf_in1k")
+        );
+        assert_eq!(xception.checkpoint_head(), &["fc."]);
+    }
+
+    #[test]
     fn unknown_model_lists_the_known_ones() {
         let message = find("resnet50").unwrap_err().to_string();
         assert_eq!(
             message,
             "unknown model `resnet50`; choose one of: mobilenet_v3_large, \
              mobilenet_v3_large_075, mobilenet_v3_small, mobilenet_v3_small_075, \
-             mobilenet_v3_small_050"
+             mobilenet_v3_small_050, xception"
         );
     }
 

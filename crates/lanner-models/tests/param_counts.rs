@@ -13,7 +13,7 @@ fn backbones_have_timms_parameter_counts() {
     let json = std::fs::read_to_string(fixture("param_counts.json")).expect("param_counts.json");
     let counts: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
     let variants = counts["variants"].as_object().expect("variants");
-    assert_eq!(variants.len(), 5);
+    assert_eq!(variants.len(), 6);
     let device = Device::flex();
     for (timm_name, expected) in variants {
         let entry = find(timm_name).expect("registered");

@@ -89,7 +89,9 @@ fn frozen_batch_norm_uses_running_statistics_while_training() {
     let io = format!("{name}.io.safetensors");
     let device = Device::flex().autodiff();
     let backbone = loaded_backbone(name, &device).with_frozen_batch_norm(true);
-    let Backbone::MobileNetV3(model) = &backbone;
+    let Backbone::MobileNetV3(model) = &backbone else {
+        unreachable!("a MobileNetV3")
+    };
     let mean_before: Tensor<1> = model.bn1.running_mean.value();
 
     let input: Tensor<4> = read_f32(&io, "input", &device);
@@ -101,7 +103,9 @@ fn frozen_batch_norm_uses_running_statistics_while_training() {
         "frozen BatchNorm differs from eval mode by {delta}"
     );
 
-    let Backbone::MobileNetV3(model) = &backbone;
+    let Backbone::MobileNetV3(model) = &backbone else {
+        unreachable!("a MobileNetV3")
+    };
     let mean_after: Tensor<1> = model.bn1.running_mean.value_sync();
     assert_eq!(max_abs_diff(mean_before, mean_after), 0.0);
 
@@ -124,7 +128,9 @@ fn unfrozen_batch_norm_updates_running_statistics_like_pytorch() {
     let eval_features: Tensor<4> = read_f32(&io, "features", &device);
     assert!(max_abs_diff(features, eval_features) > 1e-2);
 
-    let Backbone::MobileNetV3(model) = &backbone;
+    let Backbone::MobileNetV3(model) = &backbone else {
+        unreachable!("a MobileNetV3")
+    };
     let mean: Tensor<1> = read_f32(&io, "bn1.running_mean_after_training_step", &device);
     let var: Tensor<1> = read_f32(&io, "bn1.running_var_after_training_step", &device);
     let mean_delta = max_abs_diff(model.bn1.running_mean.value_sync(), mean);

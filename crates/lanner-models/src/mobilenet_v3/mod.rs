@@ -5,7 +5,7 @@
 //! classifier; the seed pools the last stage's output directly, so the backbone here ends
 //! after `blocks`, and the checkpoint's `conv_head.*` and `classifier.*` are not loaded.
 
-mod arch;
+pub(crate) mod arch;
 pub mod blocks;
 
 use burn::config::Config;

@@ -1,0 +1,120 @@
+//! `lanner models` run as a user runs it: the real binary, its table and its JSON.
+
+use std::process::{Command, Output};
+
+fn lanner(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args(args)
+        .output()
+        .expect("the lanner binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The table's row for `name`, split on whitespace.
+fn row<'a>(stdout: &'a str, name: &str) -> Vec<&'a str> {
+    stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"))
+}
+
+#[test]
+fn table_lists_timm_parameter_counts_input_sizes_and_keras_layers() {
+    let out = lanner(&["models"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("as timm counts them, without BatchNorm running statistics"),
+        "{stdout}"
+    );
+    assert_eq!(
+        row(&stdout, "mobilenet_v3_large"),
+        [
+            "mobilenet_v3_large",
+            "mobilenetv3_large_100",
+            "224",
+            "960",
+            "2,971,952",
+            "187",
+            "timm/mobilenetv3_large_100.ra_in1k"
+        ]
+    );
+    assert_eq!(
+        row(&stdout, "mobilenet_v3_small"),
+        [
+            "mobilenet_v3_small",
+            "mobilenetv3_small_100",
+            "224",
+            "576",
+            "927,008",
+            "157",
+            "timm/mobilenetv3_small_100.lamb_in1k"
+        ]
+    );
+    // timm publishes no weights for the 0.75-wide large model.
+    assert_eq!(
+        row(&stdout, "mobilenet_v3_large_075"),
+        [
+            "mobilenet_v3_large_075",
+            "mobilenetv3_large_075",
+            "224",
+            "720",
+            "1,789,648",
+            "187",
+            "none"
+        ]
+    );
+    // Keras' Xception(include_top=False): 20,806,952 trainable parameters.
+    assert_eq!(
+        row(&stdout, "xception"),
+        [
+            "xception",
+            "legacy_xception",
+            "299",
+            "2048",
+            "20,806,952",
+            "132",
+            "timm/legacy_xception.tf_in1k"
+        ]
+    );
+}
+
+#[test]
+fn json_lists_every_model_with_raw_numbers() {
+    let out = lanner(&["models", "--json"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let models: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    let models = models.as_array().expect("an array");
+    let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"mobilenet_v3_large") && names.contains(&"xception"),
+        "{names:?}"
+    );
+    let large = models
+        .iter()
+        .find(|m| m["name"] == "mobilenet_v3_large")
+        .unwrap();
+    assert_eq!(
+        *large,
+        serde_json::json!({
+            "name": "mobilenet_v3_large",
+            "timm_name": "mobilenetv3_large_100",
+            "input_size": 224,
+            "feature_channels": 960,
+            "parameters": 2971952,
+            "keras_layers": 187,
+            "hub_id": "timm/mobilenetv3_large_100.ra_in1k",
+        })
+    );
+    let large_075 = models
+        .iter()
+        .find(|m| m["name"] == "mobilenet_v3_large_075")
+        .unwrap();
+    assert_eq!(large_075["hub_id"], serde_json::Value::Null);
+    assert_eq!(large_075["parameters"], 1789648);
+}
