@@ -196,8 +196,15 @@ mod sse2 {
                     let (mut lx, mut ly) = ([0.0f32; 4], [0.0f32; 4]);
                     _mm_storeu_ps(lx.as_mut_ptr(), ix);
                     _mm_storeu_ps(ly.as_mut_ptr(), iy);
-                    lx = lx.map(|v| reflect(v, width));
-                    ly = ly.map(|v| reflect(v, height));
+                    let fold = |v: f32, len: usize| {
+                        if v < 0.0 || v > (len - 1) as f32 {
+                            reflect(v, len)
+                        } else {
+                            v
+                        }
+                    };
+                    lx = lx.map(|v| fold(v, width));
+                    ly = ly.map(|v| fold(v, height));
                     ix = _mm_loadu_ps(lx.as_ptr());
                     iy = _mm_loadu_ps(ly.as_ptr());
                 }
@@ -230,19 +237,42 @@ mod sse2 {
                     offset(y1, c0),
                     offset(y1, c1),
                 ];
-                for lane in 0..4.min(width - x) {
+                // Every lane is computed (offsets past the row are clamped, so loads stay in
+                // bounds); only lanes inside the row are stored.
+                let weight = |k: usize, lane: usize| _mm_set1_ps(weights[k][lane]);
+                let mixed: [__m128; 4] = std::array::from_fn(|lane| {
                     let load =
                         |tap: usize| _mm_loadu_ps(src.as_ptr().add(taps[tap][lane] as usize));
-                    let (wx0, wx1) = (_mm_set1_ps(weights[0][lane]), _mm_set1_ps(weights[1][lane]));
+                    let (wx0, wx1) = (weight(0, lane), weight(1, lane));
                     let top = _mm_add_ps(_mm_mul_ps(wx0, load(0)), _mm_mul_ps(wx1, load(1)));
                     let bottom = _mm_add_ps(_mm_mul_ps(wx0, load(2)), _mm_mul_ps(wx1, load(3)));
-                    let mixed = _mm_add_ps(
-                        _mm_mul_ps(top, _mm_set1_ps(weights[2][lane])),
-                        _mm_mul_ps(bottom, _mm_set1_ps(weights[3][lane])),
-                    );
-                    let mut rgb = [0.0f32; 4];
-                    _mm_storeu_ps(rgb.as_mut_ptr(), mixed);
-                    (red[x + lane], green[x + lane], blue[x + lane]) = (rgb[0], rgb[1], rgb[2]);
+                    _mm_add_ps(
+                        _mm_mul_ps(top, weight(2, lane)),
+                        _mm_mul_ps(bottom, weight(3, lane)),
+                    )
+                });
+                // Four RGBX pixels → the R, G and B of four pixels (a 4×4 transpose).
+                let rg01 = _mm_unpacklo_ps(mixed[0], mixed[1]);
+                let rg23 = _mm_unpacklo_ps(mixed[2], mixed[3]);
+                let bx01 = _mm_unpackhi_ps(mixed[0], mixed[1]);
+                let bx23 = _mm_unpackhi_ps(mixed[2], mixed[3]);
+                let planes = [
+                    _mm_movelh_ps(rg01, rg23),
+                    _mm_movehl_ps(rg23, rg01),
+                    _mm_movelh_ps(bx01, bx23),
+                ];
+                for (plane, values) in [&mut *red, &mut *green, &mut *blue].into_iter().zip(planes)
+                {
+                    match plane.get_mut(x..x + 4) {
+                        Some(four) => _mm_storeu_ps(four.as_mut_ptr(), values),
+                        None => {
+                            let mut lanes = [0.0f32; 4];
+                            _mm_storeu_ps(lanes.as_mut_ptr(), values);
+                            let tail = &mut plane[x..];
+                            let n = tail.len();
+                            tail.copy_from_slice(&lanes[..n]);
+                        }
+                    }
                 }
                 x += 4;
             }
