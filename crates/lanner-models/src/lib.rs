@@ -8,8 +8,11 @@
 //! - [`xception`]: Xception as timm's `legacy_xception` (the port of the Keras weights), with
 //!   timm's tensor names, up to the 2048-channel feature map.
 //! - [`head`]: the seed's classifier — global average pooling, dropout, one dense layer.
-//! - [`weights`]: timm checkpoints (safetensors) into a backbone, with errors that name the
-//!   missing, unexpected or mis-shaped tensor.
+//! - [`weights`]: timm checkpoints (and torchvision's, for MobileNetV3), safetensors or
+//!   PyTorch `.pth` / `.bin`, into a backbone, with errors that name the missing, unexpected
+//!   or mis-shaped tensor.
+//! - [`hub`]: `--weights imagenet|PATH|none`: the Hugging Face cache (downloads with
+//!   `hf-hub` when online) or a local file, or random initialisation.
 //! - [`keras_layers`]: the Keras layer order `--fine-tune-layer` counts in, and which Keras
 //!   layer holds each of our tensors.
 //! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
@@ -24,6 +27,7 @@ pub mod batch_norm;
 pub mod channels;
 pub mod conv;
 pub mod head;
+pub mod hub;
 pub mod keras_layers;
 pub mod mobilenet_v3;
 pub mod registry;
@@ -34,10 +38,14 @@ pub mod xception;
 pub use backbone::Backbone;
 pub use batch_norm::{BatchNorm2d, BatchNorm2dConfig};
 pub use head::{ClassifierHead, ClassifierHeadConfig, global_average_pool};
+pub use hub::{HubConfig, HubError, ResolvedWeights, WeightsSpec};
 pub use mobilenet_v3::{MobileNetV3, MobileNetV3Config, MobileNetV3Size};
 pub use registry::{
     Architecture, Interpolation, MODELS, ModelEntry, Normalization, PretrainedConfig, UnknownModel,
     find,
 };
-pub use weights::{ShapeMismatch, WeightsError, WeightsMismatch, load_timm_safetensors};
+pub use weights::{
+    CheckpointFormat, CheckpointSpec, Loaded, MappedNames, OtherNames, ShapeMismatch, WeightsError,
+    WeightsMismatch, load_checkpoint, load_pretrained, load_timm_safetensors,
+};
 pub use xception::{Xception, XceptionConfig};

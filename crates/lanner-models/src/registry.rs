@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use crate::backbone::Backbone;
 use crate::keras_layers::{KerasLayerMap, mobilenet_v3_layer_map, xception_layer_map};
 use crate::mobilenet_v3::{MobileNetV3Config, MobileNetV3Size};
-use crate::weights::{WeightsError, load_timm_safetensors};
+use crate::weights::{WeightsError, load_pretrained};
 use crate::xception::XceptionConfig;
 
 /// How images are resized to the model's input size.
@@ -221,11 +221,12 @@ impl ModelEntry {
         }
     }
 
-    /// Load a timm checkpoint (`.safetensors`, timm's tensor names) into `backbone`, ignoring
-    /// the checkpoint's own head; any other missing, unexpected or mis-shaped tensor is an
-    /// error that names it.
+    /// Load a timm checkpoint (or, for MobileNetV3, a torchvision one), as safetensors or a
+    /// PyTorch `.pth` / `.bin` file, into `backbone`, ignoring the checkpoint's own head; any
+    /// other missing, unexpected or mis-shaped tensor is an error that names it. See
+    /// [`load_pretrained`].
     pub fn load_weights(&self, backbone: Backbone, path: &Path) -> Result<Backbone, WeightsError> {
-        load_timm_safetensors(backbone, path, self.timm_name, self.checkpoint_head())
+        load_pretrained(self, backbone, path)
     }
 
     /// Name prefixes of the timm checkpoint's layers after the backbone: MobileNetV3's

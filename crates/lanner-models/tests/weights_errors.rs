@@ -147,20 +147,24 @@ fn absent_file_says_so() {
     let message = message(Path::new("/nonexistent/weights.safetensors"));
     assert_eq!(
         message,
-        "weights file `/nonexistent/weights.safetensors` does not exist; pass the path of a \
-         .safetensors file saved from timm"
+        "weights file `/nonexistent/weights.safetensors` does not exist; pass a .safetensors \
+         file, or a .pth / .bin file written by `torch.save(model.state_dict(), path)`"
     );
 }
 
 #[test]
-fn a_file_that_is_not_safetensors_says_so() {
+fn a_broken_safetensors_file_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.pth");
-    std::fs::write(&path, b"PK\x03\x04 not a safetensors file").unwrap();
+    let path = dir.path().join("model.safetensors");
+    // A header length, the start of a JSON header, then nothing.
+    let header = b"{\"a\": {\"dtype\"}  ";
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    std::fs::write(&path, bytes).unwrap();
     let message = message(&path);
     assert!(
         message.starts_with(&format!(
-            "cannot read weights file `{}` as safetensors",
+            "cannot read weights file `{}` as safetensors (",
             path.display()
         )),
         "{message}"

@@ -100,9 +100,9 @@ impl DepthwiseSeparable {
         }
     }
 
-    fn with_frozen_batch_norm(mut self, frozen: bool) -> Self {
-        self.bn1 = self.bn1.with_frozen_statistics(frozen);
-        self.bn2 = self.bn2.with_frozen_statistics(frozen);
+    fn map_batch_norms(mut self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
+        self.bn1 = f(self.bn1);
+        self.bn2 = f(self.bn2);
         self
     }
 }
@@ -210,10 +210,10 @@ impl InvertedResidual {
         }
     }
 
-    fn with_frozen_batch_norm(mut self, frozen: bool) -> Self {
-        self.bn1 = self.bn1.with_frozen_statistics(frozen);
-        self.bn2 = self.bn2.with_frozen_statistics(frozen);
-        self.bn3 = self.bn3.with_frozen_statistics(frozen);
+    fn map_batch_norms(mut self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
+        self.bn1 = f(self.bn1);
+        self.bn2 = f(self.bn2);
+        self.bn3 = f(self.bn3);
         self
     }
 }
@@ -274,8 +274,8 @@ impl ConvBnAct {
             .forward(self.bn1.forward(self.conv.forward(x)))
     }
 
-    fn with_frozen_batch_norm(mut self, frozen: bool) -> Self {
-        self.bn1 = self.bn1.with_frozen_statistics(frozen);
+    fn map_batch_norms(mut self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
+        self.bn1 = f(self.bn1);
         self
     }
 }
@@ -303,13 +303,12 @@ impl Block {
         }
     }
 
-    pub(crate) fn with_frozen_batch_norm(self, frozen: bool) -> Self {
+    /// The same block with `f` applied to each of its BatchNorms.
+    pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         match self {
-            Block::DepthwiseSeparable(b) => {
-                Block::DepthwiseSeparable(b.with_frozen_batch_norm(frozen))
-            }
-            Block::InvertedResidual(b) => Block::InvertedResidual(b.with_frozen_batch_norm(frozen)),
-            Block::ConvBnAct(b) => Block::ConvBnAct(b.with_frozen_batch_norm(frozen)),
+            Block::DepthwiseSeparable(b) => Block::DepthwiseSeparable(b.map_batch_norms(f)),
+            Block::InvertedResidual(b) => Block::InvertedResidual(b.map_batch_norms(f)),
+            Block::ConvBnAct(b) => Block::ConvBnAct(b.map_batch_norms(f)),
         }
     }
 }

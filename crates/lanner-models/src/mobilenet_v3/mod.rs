@@ -7,6 +7,7 @@
 
 pub(crate) mod arch;
 pub mod blocks;
+pub mod torchvision;
 
 use burn::config::Config;
 use burn::module::Module;
@@ -176,16 +177,30 @@ impl MobileNetV3 {
     /// The same backbone with every BatchNorm's statistics frozen (or not); see
     /// [`MobileNetV3Config::frozen_batch_norm`].
     pub fn with_frozen_batch_norm(self, frozen: bool) -> Self {
+        self.map_batch_norms(&|bn| bn.with_frozen_statistics(frozen))
+    }
+
+    /// The same backbone with every BatchNorm's epsilon set to `epsilon`: timm's (and
+    /// PyTorch's) is 1e-5, torchvision's MobileNetV3 and Keras' use 1e-3, and weights trained
+    /// with one only reproduce their outputs with it.
+    pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
+        self.map_batch_norms(&|mut bn| {
+            bn.epsilon = epsilon;
+            bn
+        })
+    }
+
+    fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         MobileNetV3 {
             conv_stem: self.conv_stem,
-            bn1: self.bn1.with_frozen_statistics(frozen),
+            bn1: f(self.bn1),
             blocks: self
                 .blocks
                 .into_iter()
                 .map(|stage| {
                     stage
                         .into_iter()
-                        .map(|block| block.with_frozen_batch_norm(frozen))
+                        .map(|block| block.map_batch_norms(f))
                         .collect()
                 })
                 .collect(),
