@@ -40,6 +40,10 @@ pub enum DataError {
     },
     #[error("{0}")]
     InvalidOption(String),
+    #[error(
+        "the data loader stopped before the end of the epoch (a worker thread panicked); this is a bug in Lanner, please report it with the output above"
+    )]
+    LoaderStopped,
 }
 
 impl DataError {

@@ -426,7 +426,11 @@ impl Iterator for EpochBatches {
                         self.pending.insert(index, result);
                         continue;
                     }
-                    Err(_) => return None,
+                    // Every worker is gone with batches still owed: one panicked.
+                    Err(_) => {
+                        self.failed = true;
+                        return Some(Err(DataError::LoaderStopped));
+                    }
                 },
             };
             self.next += 1;
