@@ -118,3 +118,82 @@ fn json_lists_every_model_with_raw_numbers() {
     assert_eq!(large_075["hub_id"], serde_json::Value::Null);
     assert_eq!(large_075["parameters"], 1789648);
 }
+
+#[test]
+fn one_model_with_weights_from_a_file_loads_them() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../lanner-models/tests/fixtures/mobilenetv3_small_050.weights.safetensors"
+    );
+    let out = lanner(&["models", "mobilenet_v3_small_050", "--weights", fixture]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("mobilenet_v3_small_050: weights loaded from"),
+        "{stdout}"
+    );
+    assert_eq!(
+        row(&stdout, "mobilenet_v3_small_050")[4],
+        "272,288",
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("mobilenet_v3_large "),
+        "only the model asked for: {stdout}"
+    );
+}
+
+#[test]
+fn imagenet_weights_offline_and_not_cached_say_which_file_to_put_where() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args(["models", "mobilenet_v3_large", "--weights", "imagenet"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let expected = cache
+        .path()
+        .join("models--timm--mobilenetv3_large_100.ra_in1k/snapshots/main/model.safetensors");
+    assert!(stderr.contains("not in the Hugging Face cache"), "{stderr}");
+    assert!(stderr.contains(&expected.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains("https://huggingface.co/timm/mobilenetv3_large_100.ra_in1k/resolve/main/model.safetensors"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn bad_weights_and_unknown_models_fail_with_one_sentence() {
+    let missing = lanner(&[
+        "models",
+        "xception",
+        "--weights",
+        "/nonexistent/x.safetensors",
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("/nonexistent/x.safetensors"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let none = lanner(&["models", "mobilenet_v3_large_075", "--weights", "imagenet"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        text(&none.stderr).contains("mobilenet_v3_large_075"),
+        "{}",
+        text(&none.stderr)
+    );
+
+    let unknown = lanner(&["models", "resnet50"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = text(&unknown.stderr);
+    assert!(
+        stderr.contains("resnet50") && stderr.contains("mobilenet_v3_large"),
+        "{stderr}"
+    );
+}

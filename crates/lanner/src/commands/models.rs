@@ -7,10 +7,19 @@ use std::process::ExitCode;
 use anyhow::Result;
 use burn::tensor::Device;
 use clap::Args;
+use lanner_models::hub::{self, HubConfig, ResolvedWeights, WeightsSpec};
 use lanner_models::{MODELS, ModelEntry};
 
 #[derive(Args)]
 pub struct ModelsArgs {
+    /// Show one model (Lanner or timm name) instead of the whole list.
+    pub model: Option<String>,
+
+    /// With MODEL: load these weights into it to check them — `imagenet` (the Hugging Face
+    /// cache, downloaded when online and not cached), a .safetensors/.pth/.bin file, or `none`.
+    #[arg(long, value_name = "imagenet|PATH|none", requires = "model")]
+    pub weights: Option<WeightsSpec>,
+
     /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
@@ -26,8 +35,15 @@ struct ModelRow {
 
 pub fn run(args: ModelsArgs) -> Result<ExitCode> {
     let device = Device::flex();
-    let rows: Vec<ModelRow> = MODELS
-        .iter()
+    let entries: Vec<&'static ModelEntry> = match &args.model {
+        Some(name) => vec![lanner_models::find(name)?],
+        None => MODELS.iter().collect(),
+    };
+    if let (Some(entry), Some(spec)) = (entries.first(), &args.weights) {
+        check_weights(entry, spec, &device)?;
+    }
+    let rows: Vec<ModelRow> = entries
+        .into_iter()
         .map(|entry| ModelRow {
             entry,
             parameters: entry.init_backbone(&device).parameter_count(),
@@ -83,6 +99,22 @@ fn print_table(rows: &[ModelRow]) {
             row.entry.pretrained.hub_id.unwrap_or("none"),
         );
     }
+}
+
+/// Resolves `spec` for `entry` and loads it, saying what was loaded; any problem is the error.
+fn check_weights(entry: &ModelEntry, spec: &WeightsSpec, device: &Device) -> Result<()> {
+    let hub = HubConfig::from_env()?;
+    let backbone = entry.init_backbone(device);
+    match hub::resolve(entry, spec, &hub)? {
+        ResolvedWeights::Random => {
+            println!("{}: random initialisation (timm's scheme)", entry.name)
+        }
+        ResolvedWeights::File(path) => {
+            entry.load_weights(backbone, &path)?;
+            println!("{}: weights loaded from {}", entry.name, path.display());
+        }
+    }
+    Ok(())
 }
 
 /// `2971952` as `2,971,952`.
