@@ -1,22 +1,13 @@
 //! `lanner data` run as a user runs it: the real binary on image folders the tests write.
 
+mod common;
+
+use common::{lanner, text};
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use image::ImageFormat;
 use lanner_data::synthetic::{ShapesSpec, write_shapes};
-
-fn lanner(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lanner"))
-        .args(args)
-        .output()
-        .expect("the lanner binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn shapes(root: &Path, per_class: usize, format: ImageFormat) {
     let spec = ShapesSpec {

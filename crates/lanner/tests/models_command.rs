@@ -1,17 +1,9 @@
 //! `lanner models` run as a user runs it: the real binary, its table and its JSON.
 
-use std::process::{Command, Output};
+mod common;
 
-fn lanner(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lanner"))
-        .args(args)
-        .output()
-        .expect("the lanner binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{lanner, text};
+use std::process::Command;
 
 /// The table's row for `name`, split on whitespace.
 fn row<'a>(stdout: &'a str, name: &str) -> Vec<&'a str> {
