@@ -1,6 +1,7 @@
 //! The types of cubecl-llvm 0.11.3 that cubecl-cuda names, without LLVM. With cubecl-cuda's
 //! `cpp` feature (which Lanner always enables) the LLVM backend is never selected, so nothing
-//! here is ever asked to compile a kernel; if it were, it answers with an error.
+//! here is ever asked to compile a kernel; if it were, it would produce nothing
+//! ([`PlironArtifact::Unavailable`]) and cubecl-cuda would stop with its own message.
 
 use cubecl_core::ir::nvidia::SmArch;
 use cubecl_core::prelude::KernelDefinition;
