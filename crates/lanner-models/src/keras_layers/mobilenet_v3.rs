@@ -3,9 +3,7 @@
 //! Keras numbers its blocks on across stages (`expanded_conv`, `expanded_conv_1`, …) where
 //! timm counts per stage (`blocks.S.B`), so the running number comes from the stage tables.
 
-use super::{
-    KerasBackbone, KerasLayerMap, KerasWeightName, batch_norm_weight_name, conv_weight_name,
-};
+use super::{KerasBackbone, KerasLayerMap, KerasWeightName};
 use crate::mobilenet_v3::MobileNetV3Size;
 use crate::mobilenet_v3::arch::{self, BlockKind, BlockSpec};
 
@@ -25,18 +23,8 @@ pub fn mobilenet_v3_layer_map(size: MobileNetV3Size) -> KerasLayerMap {
 /// The Keras layer and weight holding timm's tensor `tensor` of the network `stages`.
 fn keras_weight(stages: &[&[BlockSpec]], tensor: &str) -> Option<KerasWeightName> {
     let (module, attribute) = tensor.rsplit_once('.')?;
-    let conv = |layer: String| {
-        Some(KerasWeightName {
-            layer,
-            weight: conv_weight_name(attribute)?,
-        })
-    };
-    let batch_norm = |layer: String| {
-        Some(KerasWeightName {
-            layer,
-            weight: batch_norm_weight_name(attribute)?,
-        })
-    };
+    let conv = |layer: String| KerasWeightName::conv(layer, attribute);
+    let batch_norm = |layer: String| KerasWeightName::batch_norm(layer, attribute);
     match module {
         "conv_stem" => return conv("conv".into()),
         "bn1" => return batch_norm("conv_bn".into()),

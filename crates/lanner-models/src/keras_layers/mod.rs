@@ -197,6 +197,24 @@ pub struct KerasWeightName {
     pub weight: &'static str,
 }
 
+impl KerasWeightName {
+    /// The Keras weight of a convolution's PyTorch `attribute` in Keras layer `layer`.
+    pub fn conv(layer: String, attribute: &str) -> Option<Self> {
+        Some(KerasWeightName {
+            layer,
+            weight: conv_weight_name(attribute)?,
+        })
+    }
+
+    /// The Keras weight of a BatchNorm's PyTorch `attribute` in Keras layer `layer`.
+    pub fn batch_norm(layer: String, attribute: &str) -> Option<Self> {
+        Some(KerasWeightName {
+            layer,
+            weight: batch_norm_weight_name(attribute)?,
+        })
+    }
+}
+
 /// Keras' name of a convolution's PyTorch attribute (`weight` → `kernel`, `bias` → `bias`).
 pub fn conv_weight_name(attribute: &str) -> Option<&'static str> {
     match attribute {

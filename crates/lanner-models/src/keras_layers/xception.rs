@@ -6,9 +6,7 @@
 //! `conv2d`, `conv2d_1`, … (and `batch_normalization`, …) in the order they are built, which
 //! is timm's order of the blocks that have a `skip`.
 
-use super::{
-    KerasBackbone, KerasLayerMap, KerasWeightName, batch_norm_weight_name, conv_weight_name,
-};
+use super::{KerasBackbone, KerasLayerMap, KerasWeightName};
 
 /// timm's blocks with a 1x1 shortcut convolution, in order.
 const BLOCKS_WITH_SKIP: [usize; 4] = [1, 2, 3, 12];
@@ -21,18 +19,8 @@ pub fn xception_layer_map() -> KerasLayerMap {
 /// The Keras layer and weight holding timm's tensor `tensor`.
 fn keras_weight(tensor: &str) -> Option<KerasWeightName> {
     let (module, attribute) = tensor.rsplit_once('.')?;
-    let conv = |layer: String| {
-        Some(KerasWeightName {
-            layer,
-            weight: conv_weight_name(attribute)?,
-        })
-    };
-    let batch_norm = |layer: String| {
-        Some(KerasWeightName {
-            layer,
-            weight: batch_norm_weight_name(attribute)?,
-        })
-    };
+    let conv = |layer: String| KerasWeightName::conv(layer, attribute);
+    let batch_norm = |layer: String| KerasWeightName::batch_norm(layer, attribute);
     // timm's separable convolution: `conv1` depthwise, `pointwise` 1x1; one Keras layer.
     let separable = |layer: String, part: &str| {
         let weight = match (part, attribute) {
