@@ -234,6 +234,12 @@ impl Loader {
 
     /// Starts the workers for one epoch; the returned iterator yields its batches in order.
     pub fn epoch(&self, epoch: u64) -> EpochBatches {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// Like [`Loader::epoch`], starting at batch `first_batch` (a run resumed mid-epoch): the
+    /// batches are the ones an uninterrupted epoch yields from there on.
+    pub fn epoch_from(&self, epoch: u64, first_batch: usize) -> EpochBatches {
         let order = Arc::new(self.epoch_order(epoch));
         let num_batches = self.num_batches();
         let config = &self.shared.config;
@@ -243,9 +249,10 @@ impl Loader {
             let _ = ticket_tx.send(());
         }
         let (result_tx, result_rx) = crossbeam_channel::unbounded();
-        let next_batch = Arc::new(AtomicUsize::new(0));
+        let first_batch = first_batch.min(num_batches);
+        let next_batch = Arc::new(AtomicUsize::new(first_batch));
         let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..config.workers.min(num_batches.max(1)))
+        let workers = (0..config.workers.min((num_batches - first_batch).max(1)))
             .map(|_| {
                 let worker = Worker {
                     shared: Arc::clone(&self.shared),
@@ -263,7 +270,7 @@ impl Loader {
             })
             .collect();
         EpochBatches {
-            next: 0,
+            next: first_batch,
             num_batches,
             pending: BTreeMap::new(),
             results: result_rx,

@@ -348,6 +348,13 @@ fn same_seed_same_batches_whatever_the_worker_count() {
     // A new epoch reshuffles.
     let next = collect(&one, 2);
     assert_ne!(a[0].samples, next[0].samples);
+    // A run resumed mid-epoch gets the rest of the same epoch.
+    let rest: Vec<Batch> = three.epoch_from(1, 2).map(|b| b.unwrap()).collect();
+    assert_eq!(rest.len(), a.len() - 2);
+    for (x, y) in a[2..].iter().zip(&rest) {
+        assert_eq!(x.samples, y.samples);
+        assert_eq!(x.images, y.images);
+    }
 }
 
 #[test]

@@ -130,6 +130,10 @@ impl BatchNorm2d {
                 .mul_scalar(self.momentum * unbiased);
         self.running_mean.update(mean.detach());
         self.running_var.update(var.detach());
+        // burn keeps an update pending until the next one; fold it in now, so that
+        // inference, `valid()` and a saved model see the statistics of every batch.
+        let _ = self.running_mean.value_sync();
+        let _ = self.running_var.value_sync();
         result.output
     }
 }

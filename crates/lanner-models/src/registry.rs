@@ -229,12 +229,14 @@ impl ModelEntry {
         load_pretrained(self, backbone, path)
     }
 
-    /// Name prefixes of the timm checkpoint's layers after the backbone: MobileNetV3's
-    /// post-pooling `conv_head` and ImageNet `classifier`, Xception's `fc`.
+    /// Name prefixes of a checkpoint's layers after the backbone, which loading a backbone
+    /// ignores: MobileNetV3's post-pooling `conv_head` and ImageNet `classifier`, Xception's
+    /// `fc`, and the `head.` of a Lanner model (so a trained model's weights can start
+    /// another run).
     pub fn checkpoint_head(&self) -> &'static [&'static str] {
         match self.architecture {
-            Architecture::MobileNetV3 { .. } => &["conv_head.", "classifier."],
-            Architecture::Xception => &["fc."],
+            Architecture::MobileNetV3 { .. } => &["conv_head.", "classifier.", "head."],
+            Architecture::Xception => &["fc.", "head."],
         }
     }
 
@@ -296,7 +298,7 @@ mod tests {
             xception.pretrained.hub_id,
             Some("timm/legacy_xception.tf_in1k")
         );
-        assert_eq!(xception.checkpoint_head(), &["fc."]);
+        assert_eq!(xception.checkpoint_head(), &["fc.", "head."]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! backbones, …).
 
 mod commands;
+mod device;
 
 use std::process::ExitCode;
 
@@ -26,13 +27,22 @@ enum Command {
     /// List the backbones Lanner can train: input size, feature channels, parameters, the
     /// Keras layers `--fine-tune-layer` counts in, and the ImageNet weights' hub id.
     Models(commands::models::ModelsArgs),
+    /// Train a classifier with the seed's recipe: the head on a frozen pretrained backbone,
+    /// then fine-tuning from --fine-tune-layer with early stopping. Takes the seed's
+    /// arguments (and SageMaker's SM_* variables); unknown `--name value` pairs are ignored.
+    Train(Box<commands::train::TrainArgs>),
+    /// Reload a trained model and report its loss, accuracy (and for two classes precision,
+    /// recall, ROC AUC) and confusion matrix on a data folder.
+    Evaluate(commands::evaluate::EvaluateArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(arguments());
     let result = match cli.command {
         Command::Data(args) => commands::data::run(args),
         Command::Models(args) => commands::models::run(args),
+        Command::Train(args) => commands::train::run(*args),
+        Command::Evaluate(args) => commands::evaluate::run(args),
     };
     match result {
         Ok(code) => code,
@@ -41,4 +51,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, with `lanner train`'s unknown options dropped (and warned about) as the
+/// seed's `parse_known_args` drops them.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "train") {
+        let rest = args.split_off(2);
+        let (kept, warnings) = commands::train::drop_unknown_options(rest);
+        for warning in warnings {
+            eprintln!("{warning}");
+        }
+        args.extend(kept);
+    }
+    args
 }

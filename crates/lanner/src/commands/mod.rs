@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
 pub mod data;
+pub mod evaluate;
 pub mod models;
+pub mod train;

@@ -1,0 +1,456 @@
+//! The training loop: runs a [`Recipe`]'s phases over a training and a validation loader,
+//! reports every epoch, applies early stopping, checkpoints, and ends with the best epoch's
+//! weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, TensorData};
+use lanner_data::{DataError, Loader};
+use lanner_models::{Backbone, ModelEntry, Normalization, global_average_pool};
+
+use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
+use crate::checkpoint::{self, CheckpointError, CheckpointTensors, Position, RunState};
+use crate::classifier::{Classifier, dropout_mask, weighted_loss};
+use crate::early_stopping::{EarlyStoppingState, Verdict};
+use crate::evaluate::evaluate;
+use crate::freeze::{parameter_counts, prepare};
+use crate::hyperparameters::Hyperparameters;
+use crate::metrics::MetricsAccumulator;
+use crate::optimizer::{Optimizer, parameter_ids, parameter_names};
+use crate::recipe::{Recipe, Trainable};
+use crate::report::{EpochRecord, Reporter, write_metrics_jsonl};
+
+/// Everything a training run needs.
+pub struct TrainingJob {
+    /// The backbone's registry entry.
+    pub entry: &'static ModelEntry,
+    /// The run's hyperparameters.
+    pub hyperparameters: Hyperparameters,
+    /// Its phases.
+    pub recipe: Recipe,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+    /// Input normalisation.
+    pub normalization: Normalization,
+    /// Training batches (augmented, shuffled).
+    pub train: Loader,
+    /// Validation batches.
+    pub validation: Loader,
+    /// The device computations run on (without autodiff; the trainer adds it).
+    pub device: Device,
+    /// The starting model, on `device.autodiff()`.
+    pub model: Classifier,
+    /// Where to checkpoint after every epoch and on a stop request, and resume from.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Where `metrics.jsonl` goes.
+    pub metrics_file: Option<PathBuf>,
+    /// Set (e.g. by a SIGTERM handler) to stop after the current batch.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How a run ended.
+pub struct TrainingOutcome {
+    /// The best epoch's model, for inference (no autodiff).
+    pub model: Classifier,
+    /// Every epoch.
+    pub history: Vec<EpochRecord>,
+    /// The epoch whose weights `model` holds.
+    pub best: Option<BestEpoch>,
+    /// Whether the run continued from a checkpoint.
+    pub resumed: bool,
+}
+
+/// Why a run did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The data loader failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A checkpoint could not be written or used.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// `--fine-tune-layer` or the layer map failed.
+    #[error(transparent)]
+    Layers(#[from] lanner_models::keras_layers::KerasLayerError),
+    /// Stopped on request.
+    #[error("{0}")]
+    Stopped(String),
+    /// A saved state does not fit the model.
+    #[error("{0}")]
+    Incompatible(String),
+    /// The loss became NaN or infinite.
+    #[error(
+        "the training loss became {value} at epoch {epoch}; lower the learning rate (now {learning_rate})"
+    )]
+    Diverged {
+        /// The loss value.
+        value: f64,
+        /// The epoch.
+        epoch: usize,
+        /// The phase's learning rate.
+        learning_rate: f64,
+    },
+    /// `metrics.jsonl` could not be written.
+    #[error("cannot write '{path}': {source}")]
+    Metrics {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Run `job`'s recipe, resuming from its checkpoint if one is there.
+pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOutcome, TrainError> {
+    let TrainingJob {
+        entry,
+        hyperparameters,
+        recipe,
+        class_names,
+        normalization,
+        train,
+        validation,
+        device,
+        mut model,
+        checkpoint_dir,
+        metrics_file,
+        stop,
+    } = job;
+    let classes = class_names.len();
+    let class_weights = hyperparameters.class_weight_vector(classes);
+    let autodiff = device.clone().autodiff();
+    let total_epochs = recipe.total_epochs();
+    let seed = hyperparameters.seed;
+
+    let mut state = RunState {
+        position: Position::default(),
+        epoch_metrics: None,
+        epoch_train_seconds: 0.0,
+        early_stopping: EarlyStoppingState::default(),
+        history: Vec::new(),
+        best: None,
+        optimizer_iterations: 0,
+    };
+    // The best epoch's tensors, copied out: a cloned module would share its BatchNorm
+    // running statistics with the model that goes on training.
+    let mut best_model: Option<Vec<(String, TensorData)>> = None;
+    let mut optimizer_state = None;
+    let mut resumed = false;
+    if let Some(dir) = &checkpoint_dir
+        && let Some(saved) = checkpoint::load(dir, &hyperparameters, &class_names)?
+    {
+        let incompatible =
+            |e: crate::artifact::ArtifactError| TrainError::Incompatible(e.to_string());
+        model = apply_named_tensors(model, saved.model, dir).map_err(incompatible)?;
+        best_model = saved.best.map(|best| best.into_iter().collect());
+        optimizer_state = Some(saved.optimizer);
+        state = saved.state;
+        resumed = true;
+        let p = &state.position;
+        reporter.message(&format!(
+            "Resuming from the checkpoint in {}: {} epochs done{}",
+            dir.display(),
+            p.epochs_done,
+            if p.batch > 0 {
+                format!(", epoch {} at batch {}", p.epochs_done + 1, p.batch)
+            } else {
+                String::new()
+            }
+        ));
+    }
+
+    while state.position.phase < recipe.phases.len() {
+        let phase_index = state.position.phase;
+        let phase = &recipe.phases[phase_index];
+        model = prepare(model, entry, phase)?;
+        let (trainable, total) = parameter_counts(&model);
+        reporter.phase_start(phase_index, recipe.phases.len(), phase, trainable, total);
+        let mut optimizer: Optimizer = phase.optimizer.init();
+        if let Some(tensors) = optimizer_state.take() {
+            optimizer
+                .load_state(
+                    state.optimizer_iterations,
+                    &tensors,
+                    &parameter_ids(&model),
+                    &device,
+                )
+                .map_err(TrainError::Incompatible)?;
+        }
+        // Phase 1 never changes the backbone: run it without autodiff, once per batch.
+        let frozen_backbone: Option<Backbone> =
+            (phase.trainable == Trainable::Head).then(|| model.backbone.valid());
+
+        let mut stop_phase = false;
+        while state.position.epoch_in_phase < phase.epochs && !stop_phase {
+            let epoch = state.position.epochs_done + 1;
+            let loader_epoch = (epoch - 1) as u64;
+            let first_batch = state.position.batch;
+            let batches = train.num_batches();
+            reporter.epoch_start(epoch, total_epochs, batches, first_batch);
+            let started = Instant::now();
+            let mut metrics = state
+                .epoch_metrics
+                .take()
+                .unwrap_or_else(|| MetricsAccumulator::new(classes, false));
+            let mut train_seconds = state.epoch_train_seconds;
+            let mut images_seen = 0usize;
+
+            for (offset, batch) in train.epoch_from(loader_epoch, first_batch).enumerate() {
+                let batch = batch?;
+                let step = first_batch + offset;
+                let step_started = Instant::now();
+                let labels = batch.labels.clone();
+                let size = labels.len();
+                let pixels = batch.into_images_tensor(&device);
+                let pooled = match &frozen_backbone {
+                    Some(backbone) => {
+                        global_average_pool(backbone.forward(normalization.apply(pixels)))
+                            .autodiff()
+                    }
+                    None => model.pooled_features(pixels.autodiff(), &normalization),
+                };
+                let [_, channels] = pooled.dims();
+                let mask = dropout_mask(
+                    hyperparameters.drop_out_percentage,
+                    [size, channels],
+                    seed,
+                    loader_epoch,
+                    step as u64,
+                    &autodiff,
+                );
+                let logits = model.logits(pooled, mask);
+                let loss = weighted_loss(logits.clone(), &labels, &class_weights, &autodiff);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optimizer.step(model, grads);
+                let logits: Vec<f32> = logits
+                    .inner()
+                    .into_data()
+                    .try_into_vec()
+                    .expect("logits are f32");
+                let weights: Vec<f32> = labels.iter().map(|&l| class_weights[l] as f32).collect();
+                metrics.update(&logits, &labels, &weights);
+                train_seconds += step_started.elapsed().as_secs_f64();
+                images_seen += size;
+                let running = metrics.finish().loss;
+                if !running.is_finite() {
+                    return Err(TrainError::Diverged {
+                        value: running,
+                        epoch,
+                        learning_rate: phase.optimizer.learning_rate(),
+                    });
+                }
+                reporter.batch_end(step, batches, running);
+
+                if stop.load(Ordering::SeqCst) && step + 1 < batches {
+                    state.position.batch = step + 1;
+                    state.epoch_metrics = Some(metrics);
+                    state.epoch_train_seconds = train_seconds;
+                    state.optimizer_iterations = optimizer.iterations();
+                    return Err(stopped(
+                        &checkpoint_dir,
+                        &hyperparameters,
+                        &class_names,
+                        &state,
+                        &model,
+                        &best_model,
+                        &optimizer,
+                    ));
+                }
+            }
+
+            let validation_metrics = evaluate(
+                &model.valid(),
+                &validation,
+                &normalization,
+                classes,
+                &device,
+            )?;
+            let train_metrics = metrics.finish();
+            let record = EpochRecord {
+                epoch,
+                phase: phase.name,
+                train: train_metrics.clone(),
+                validation: validation_metrics.clone(),
+                seconds: started.elapsed().as_secs_f64(),
+                train_seconds,
+                train_images_per_second: images_seen as f64
+                    / (train_seconds - state.epoch_train_seconds).max(1e-9),
+                learning_rate: phase.optimizer.learning_rate(),
+            };
+            reporter.epoch_end(&record);
+
+            // Without early stopping every epoch is the latest best; with it, the rule decides
+            // (a phase without any qualifying epoch keeps the previous phase's best weights).
+            let verdict = match &phase.early_stopping {
+                Some(rule) => rule.observe(
+                    &mut state.early_stopping,
+                    epoch,
+                    train_metrics.accuracy,
+                    validation_metrics.accuracy,
+                ),
+                None => Verdict::Best,
+            };
+            if verdict == Verdict::Best {
+                state.best = Some(BestEpoch {
+                    epoch,
+                    phase: phase.name,
+                    train: train_metrics,
+                    validation: validation_metrics,
+                });
+                best_model = Some(named_tensors(&model));
+            }
+            if verdict == Verdict::Stop {
+                reporter.message(&format!(
+                    "Early stopping: no better epoch in the last {} epochs",
+                    state.early_stopping.epochs_without_best
+                ));
+                stop_phase = true;
+            }
+
+            state.history.push(record);
+            state.position.epoch_in_phase += 1;
+            state.position.epochs_done += 1;
+            state.position.batch = 0;
+            state.epoch_metrics = None;
+            state.epoch_train_seconds = 0.0;
+            state.optimizer_iterations = optimizer.iterations();
+            if let Some(path) = &metrics_file {
+                write_metrics_jsonl(path, &state.history).map_err(|source| {
+                    TrainError::Metrics {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let phase_over = stop_phase || state.position.epoch_in_phase == phase.epochs;
+            if phase_over {
+                stop_phase = true;
+                state.position.phase += 1;
+                state.position.epoch_in_phase = 0;
+                state.early_stopping = EarlyStoppingState::default();
+                state.optimizer_iterations = 0;
+            }
+            if let Some(dir) = &checkpoint_dir {
+                let optimizer_tensors = if phase_over {
+                    Vec::new()
+                } else {
+                    optimizer.state(&parameter_names(&model)).1
+                };
+                save_checkpoint(
+                    dir,
+                    &hyperparameters,
+                    &class_names,
+                    &state,
+                    &model,
+                    &best_model,
+                    optimizer_tensors,
+                )?;
+            }
+            if stop.load(Ordering::SeqCst) && state.position.phase < recipe.phases.len() {
+                return Err(TrainError::Stopped(stop_message(&checkpoint_dir, &state)));
+            }
+        }
+    }
+
+    // No epoch met the early-stopping rule (training accuracy always ahead of validation):
+    // keep the last epoch, as the seed does.
+    let best = match (state.best, state.history.last()) {
+        (Some(best), _) => Some(best),
+        (None, Some(last)) => {
+            reporter.message(
+                "No epoch met the early-stopping rule (validation accuracy within 0.005 of \
+                 training accuracy); keeping the last epoch's weights",
+            );
+            Some(BestEpoch {
+                epoch: last.epoch,
+                phase: last.phase,
+                train: last.train.clone(),
+                validation: last.validation.clone(),
+            })
+        }
+        (None, None) => None,
+    };
+    let final_model = match best_model {
+        Some(best) => apply_named_tensors(model, best.into_iter().collect(), Path::new("best"))
+            .map_err(|e| TrainError::Incompatible(e.to_string()))?,
+        None => model,
+    };
+    Ok(TrainingOutcome {
+        model: final_model.valid(),
+        history: state.history,
+        best,
+        resumed,
+    })
+}
+
+fn save_checkpoint(
+    dir: &std::path::Path,
+    hyperparameters: &Hyperparameters,
+    class_names: &[String],
+    state: &RunState,
+    model: &Classifier,
+    best_model: &Option<Vec<(String, TensorData)>>,
+    optimizer: Vec<(String, burn::tensor::TensorData)>,
+) -> Result<(), CheckpointError> {
+    checkpoint::save(
+        dir,
+        hyperparameters,
+        class_names,
+        state,
+        CheckpointTensors {
+            model: named_tensors(model),
+            best: best_model.clone(),
+            optimizer,
+        },
+    )
+}
+
+fn stop_message(checkpoint_dir: &Option<PathBuf>, state: &RunState) -> String {
+    let p = &state.position;
+    let at = if p.batch > 0 {
+        format!("in epoch {} after batch {}", p.epochs_done + 1, p.batch)
+    } else {
+        format!("after epoch {}", p.epochs_done)
+    };
+    match checkpoint_dir {
+        Some(dir) => format!(
+            "training was stopped {at}; the checkpoint in {} resumes it (run the same command again)",
+            dir.display()
+        ),
+        None => format!(
+            "training was stopped {at}; pass --checkpoint-dir to be able to resume a stopped run"
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stopped(
+    checkpoint_dir: &Option<PathBuf>,
+    hyperparameters: &Hyperparameters,
+    class_names: &[String],
+    state: &RunState,
+    model: &Classifier,
+    best_model: &Option<Vec<(String, TensorData)>>,
+    optimizer: &Optimizer,
+) -> TrainError {
+    if let Some(dir) = checkpoint_dir {
+        let tensors = optimizer.state(&parameter_names(model)).1;
+        if let Err(e) = save_checkpoint(
+            dir,
+            hyperparameters,
+            class_names,
+            state,
+            model,
+            best_model,
+            tensors,
+        ) {
+            return e.into();
+        }
+    }
+    TrainError::Stopped(stop_message(checkpoint_dir, state))
+}

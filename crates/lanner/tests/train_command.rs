@@ -1,0 +1,354 @@
+//! `lanner train` and `lanner evaluate` end to end, on images the test draws: a learnable
+//! task (horizontal against vertical stripes), the seed's log lines and metrics file, the
+//! artifact reloaded, the seed's two phases, resumption after SIGTERM, and bad input.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{lanner, text};
+use image::{Rgb, RgbImage};
+
+/// `per_class` images of horizontal and of vertical stripes, random period, phase and
+/// colours, under `root/{horizontal,vertical}`.
+fn stripes(root: &Path, per_class: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |n: u32| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as u32
+    };
+    for class in ["horizontal", "vertical"] {
+        let dir = root.join(class);
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let period = 4 + next(6);
+            let phase = next(period);
+            let a = [next(120) as u8, next(120) as u8, next(120) as u8];
+            let b = [
+                135 + next(120) as u8,
+                135 + next(120) as u8,
+                135 + next(120) as u8,
+            ];
+            let image = RgbImage::from_fn(40, 40, |x, y| {
+                let along = if class == "horizontal" { y } else { x };
+                let noise = next(30) as u8;
+                let base = if (along + phase) / (period / 2).max(1) % 2 == 0 {
+                    a
+                } else {
+                    b
+                };
+                Rgb(base.map(|c| c.saturating_add(noise)))
+            });
+            image.save(dir.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+}
+
+fn dataset(root: &Path) {
+    stripes(&root.join("train"), 96, 1);
+    stripes(&root.join("validation"), 24, 2);
+}
+
+/// The arguments of a small, fast run from scratch.
+fn scratch_args<'a>(data: &'a Path, model: &'a Path) -> Vec<String> {
+    [
+        "train",
+        "--train",
+        data.join("train").to_str().unwrap(),
+        "--validation",
+        data.join("validation").to_str().unwrap(),
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--arch",
+        "mobilenet_v3_small_050",
+        "--weights",
+        "none",
+        "--from-scratch",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--initial-epochs",
+        "6",
+        "--fine-tune-epochs",
+        "2",
+        "--learning-rate",
+        "0.003",
+        "--random-rotation",
+        "0",
+        "--patience",
+        "10",
+        "--workers",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lanner(&args)
+}
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let model = dir.path().join("model");
+    let output = dir.path().join("output");
+    let mut args = scratch_args(&data, &model);
+    args.extend(["--output-data-dir".into(), output.to_str().unwrap().into()]);
+    args.extend(["--hyperparameter-from-the-future".into(), "7".into()]);
+    let result = run(&args);
+    let stdout = text(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        text(&result.stderr)
+    );
+    assert!(
+        text(&result.stderr)
+            .contains("warning: ignoring unknown argument `--hyperparameter-from-the-future 7`")
+    );
+
+    // The seed's metric definitions read every epoch line.
+    let epoch_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" samples - "))
+        .collect();
+    assert_eq!(epoch_lines.len(), 8, "{stdout}");
+    for line in &epoch_lines {
+        let value = |key: &str| -> f64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            let number: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            number.parse().unwrap()
+        };
+        assert!((0.0..=1.0).contains(&value("val_accuracy: ")));
+        assert!((0.0..=1.0).contains(&value(" accuracy: ")));
+    }
+    assert!(stdout.contains("Epoch 8/8"));
+
+    let history = json_lines(&output.join("metrics.jsonl"));
+    assert_eq!(history.len(), 8);
+    assert_eq!(history[0]["epoch"], 1);
+    assert_eq!(history[0]["phase"], "from_scratch");
+    for key in [
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_precision",
+        "val_recall",
+        "val_auc",
+    ] {
+        assert!(history[7][key].is_number(), "{key} in {}", history[7]);
+    }
+
+    let card: serde_json::Value =
+        serde_json::from_slice(&fs::read(model.join("lanner.json")).unwrap()).unwrap();
+    assert_eq!(card["arch"], "mobilenet_v3_small_050");
+    assert_eq!(
+        card["class_names"],
+        serde_json::json!(["horizontal", "vertical"])
+    );
+    assert_eq!(card["preprocessing"]["image_size"], 32);
+    assert_eq!(card["head"]["outputs"], 1);
+    assert_eq!(card["hyperparameters"]["batch_size"], 16);
+    let best = &card["best_epoch"];
+    let best_accuracy = best["validation"]["accuracy"].as_f64().unwrap();
+    assert!(
+        best_accuracy >= 0.9,
+        "a learnable task: best val_accuracy {best_accuracy}\n{stdout}"
+    );
+    assert!(model.join("weights.safetensors").is_file());
+
+    // Reloaded, the model gives the best epoch's validation metrics.
+    let evaluated = lanner(&[
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.join("validation").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+    let metrics: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    assert_eq!(metrics["accuracy"].as_f64().unwrap(), best_accuracy);
+    assert_eq!(metrics["confusion"], best["validation"]["confusion"]);
+    let loss_difference =
+        (metrics["loss"].as_f64().unwrap() - best["validation"]["loss"].as_f64().unwrap()).abs();
+    assert!(loss_difference < 1e-9, "{metrics} vs {best}");
+
+    // A second run into the same folder is refused, and the model is left as it was.
+    let weights_before = fs::read(model.join("weights.safetensors")).unwrap();
+    let again = run(&scratch_args(&data, &model));
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already holds a model (lanner.json); pass --overwrite"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(
+        fs::read(model.join("weights.safetensors")).unwrap(),
+        weights_before
+    );
+
+    // The seed's recipe, starting from that model's backbone: head, then fine-tuning.
+    let tuned = dir.path().join("tuned");
+    let mut args = scratch_args(&data, &tuned);
+    let weights = model.join("weights.safetensors");
+    args.retain(|a| a != "--from-scratch");
+    let position = args.iter().position(|a| a == "none").unwrap();
+    args[position] = weights.to_str().unwrap().to_string();
+    let position = args.iter().position(|a| a == "--initial-epochs").unwrap();
+    args[position + 1] = "1".into();
+    let result = run(&args);
+    let stdout = text(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        text(&result.stderr)
+    );
+    assert!(stdout.contains("Phase 1/2 (head): Adam at learning rate 0.003, up to 1 epochs"));
+    assert!(stdout.contains("Phase 2/2 (fine_tune): RMSprop at learning rate 0.00001"));
+    assert!(
+        stdout.contains("Epoch 1/3") && stdout.contains("Epoch 3/3"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let args = |model: &Path, checkpoints: &Path| {
+        let mut args = scratch_args(&data, model);
+        args.extend([
+            "--checkpoint-dir".into(),
+            checkpoints.to_str().unwrap().into(),
+        ]);
+        args
+    };
+
+    let uninterrupted = dir.path().join("uninterrupted");
+    let result = run(&args(&uninterrupted, &dir.path().join("c1")));
+    assert!(result.status.success(), "{}", text(&result.stderr));
+
+    let resumed = dir.path().join("resumed");
+    let checkpoints = dir.path().join("c2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args(args(&resumed, &checkpoints))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().starts_with("Epoch 3/") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = child.wait_with_output().unwrap();
+    assert!(!stopped.status.success());
+    let message = text(&stopped.stderr);
+    assert!(message.contains("training was stopped"), "{message}");
+    assert!(
+        message.contains("resumes it (run the same command again)"),
+        "{message}"
+    );
+    assert!(!resumed.join("lanner.json").exists());
+
+    let result = run(&args(&resumed, &checkpoints));
+    let stdout = text(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        text(&result.stderr)
+    );
+    assert!(stdout.contains("Resuming from the checkpoint"), "{stdout}");
+    let same = fs::read(resumed.join("weights.safetensors")).unwrap()
+        == fs::read(uninterrupted.join("weights.safetensors")).unwrap();
+    assert!(same, "the resumed run ends with other weights");
+}
+
+#[test]
+fn bad_hyperparameters_and_data_are_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let model = dir.path().join("model");
+    let refused = |change: &[(&str, &str)]| {
+        let mut args = scratch_args(&data, &model);
+        for (option, value) in change {
+            let position = args.iter().position(|a| a == option).unwrap();
+            args[position + 1] = value.to_string();
+        }
+        let result = run(&args);
+        assert!(!result.status.success());
+        assert!(!model.exists(), "nothing is written");
+        let stderr = text(&result.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one sentence: {stderr}");
+        stderr
+    };
+    assert_eq!(
+        refused(&[("--batch-size", "0")]),
+        "error: --batch-size must be at least 1\n"
+    );
+    assert!(
+        refused(&[("--learning-rate", "-0.1")])
+            .contains("--learning-rate must be a positive number, got -0.1")
+    );
+    assert!(refused(&[("--arch", "resnet50")]).contains("unknown model `resnet50`; choose one of"));
+    assert!(
+        refused(&[("--random-rotation", "-1")]).contains("--random-rotation must be 0 or more")
+    );
+    let single = dir.path().join("single");
+    fs::create_dir_all(&single).unwrap();
+    fs::rename(data.join("train/vertical"), single.join("vertical")).unwrap();
+    let stderr = refused(&[]);
+    assert!(
+        stderr.contains("has only one class ('horizontal')"),
+        "{stderr}"
+    );
+    fs::rename(single.join("vertical"), data.join("train/vertical")).unwrap();
+
+    let mut args = scratch_args(&data, &model);
+    args.retain(|a| a != "--from-scratch");
+    args.extend(["--fine-tune-layer".into(), "158".into()]);
+    let result = run(&args);
+    assert!(text(&result.stderr).contains(
+        "--fine-tune-layer 158 is past the last layer: the Keras backbone of \
+         mobilenet_v3_small_050 has 157 layers"
+    ));
+    let mut args = scratch_args(&data, &model);
+    args.extend(["--drop-out-percentage".into(), "1".into()]);
+    let result = run(&args);
+    assert!(
+        text(&result.stderr)
+            .contains("--drop-out-percentage must be at least 0 and below 1, got 1")
+    );
+}
