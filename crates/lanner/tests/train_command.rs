@@ -267,11 +267,9 @@ fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
         }
     }
     std::thread::sleep(std::time::Duration::from_millis(150));
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    // SIGTERM, as SageMaker stops a job (not `Child::kill`, which is SIGKILL).
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let stopped = child.wait_with_output().unwrap();
     assert!(!stopped.status.success());
     let message = text(&stopped.stderr);
