@@ -194,15 +194,16 @@ pub fn named_tensors(model: &Classifier) -> Vec<(String, TensorData)> {
     model
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
-        .filter_map(|tensor| {
+        .map(|tensor| {
             let name = tensor
                 .name
                 .strip_prefix("backbone.")
                 .map(str::to_string)
                 .unwrap_or_else(|| tensor.name.clone());
             let shape: Vec<usize> = tensor.shape.iter().copied().collect();
-            let bytes = tensor.to_bytes().ok()?;
-            Some((name, TensorData::from_bytes(bytes, shape, DType::F32)))
+            // The tensors live in memory; reading one back cannot fail.
+            let bytes = tensor.to_bytes().expect("a model tensor reads back");
+            (name, TensorData::from_bytes(bytes, shape, DType::F32))
         })
         .collect()
 }
@@ -211,7 +212,7 @@ pub fn named_tensors(model: &Classifier) -> Vec<(String, TensorData)> {
 /// must be there, with its shape.
 pub fn apply_named_tensors(
     mut model: Classifier,
-    tensors: BTreeMap<String, TensorData>,
+    tensors: impl IntoIterator<Item = (String, TensorData)>,
     path: &Path,
 ) -> Result<Classifier, ArtifactError> {
     let bad = |reason: String| ArtifactError::BadWeights {

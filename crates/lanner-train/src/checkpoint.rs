@@ -67,13 +67,13 @@ struct CheckpointCard {
 }
 
 /// The tensors of a checkpoint, by artifact name.
-pub struct CheckpointTensors {
+pub struct CheckpointTensors<'a> {
     /// The model now.
-    pub model: Vec<(String, TensorData)>,
-    /// The best model so far, when it differs from the model now.
-    pub best: Option<Vec<(String, TensorData)>>,
+    pub model: &'a [(String, TensorData)],
+    /// The best model so far.
+    pub best: Option<&'a [(String, TensorData)]>,
     /// Optimizer slots.
-    pub optimizer: Vec<(String, TensorData)>,
+    pub optimizer: &'a [(String, TensorData)],
 }
 
 /// A checkpoint read back.
@@ -129,7 +129,7 @@ pub fn save(
     hyperparameters: &Hyperparameters,
     class_names: &[String],
     state: &RunState,
-    tensors: CheckpointTensors,
+    tensors: CheckpointTensors<'_>,
 ) -> Result<(), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: dir.to_path_buf(),
@@ -144,13 +144,13 @@ pub fn save(
     );
     let model_file = format!("model-{tag}.safetensors");
     let optimizer_file = format!("optimizer-{tag}.safetensors");
-    tensor_file::write(&dir.join(&model_file), &tensors.model, BTreeMap::new())?;
+    tensor_file::write(&dir.join(&model_file), tensors.model, BTreeMap::new())?;
     tensor_file::write(
         &dir.join(&optimizer_file),
-        &tensors.optimizer,
+        tensors.optimizer,
         BTreeMap::new(),
     )?;
-    let best_file = match &tensors.best {
+    let best_file = match tensors.best {
         Some(best) => {
             let name = format!("best-{tag}.safetensors");
             tensor_file::write(&dir.join(&name), best, BTreeMap::new())?;

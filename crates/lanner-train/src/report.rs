@@ -43,14 +43,8 @@ impl EpochRecord {
         object.insert("accuracy".into(), json!(self.train.accuracy));
         object.insert("val_loss".into(), json!(self.validation.loss));
         object.insert("val_accuracy".into(), json!(self.validation.accuracy));
-        for (name, value) in [
-            ("val_precision", self.validation.precision),
-            ("val_recall", self.validation.recall),
-            ("val_auc", self.validation.auc),
-        ] {
-            if let Some(value) = value {
-                object.insert(name.into(), json!(value));
-            }
+        for (name, value) in self.binary_validation_metrics() {
+            object.insert(name.into(), json!(value));
         }
         object.insert("seconds".into(), json!(self.seconds));
         object.insert("train_seconds".into(), json!(self.train_seconds));
@@ -68,16 +62,21 @@ impl EpochRecord {
             "loss: {:.4} - accuracy: {:.4} - val_loss: {:.4} - val_accuracy: {:.4}",
             self.train.loss, self.train.accuracy, self.validation.loss, self.validation.accuracy
         );
-        for (name, value) in [
+        for (name, value) in self.binary_validation_metrics() {
+            line.push_str(&format!(" - {name}: {value:.4}"));
+        }
+        line
+    }
+
+    /// Validation precision, recall and ROC AUC, where the model has them (binary).
+    fn binary_validation_metrics(&self) -> impl Iterator<Item = (&'static str, f64)> {
+        [
             ("val_precision", self.validation.precision),
             ("val_recall", self.validation.recall),
             ("val_auc", self.validation.auc),
-        ] {
-            if let Some(value) = value {
-                line.push_str(&format!(" - {name}: {value:.4}"));
-            }
-        }
-        line
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
     }
 }
 

@@ -376,7 +376,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         (None, None) => None,
     };
     let final_model = match best_model {
-        Some(best) => apply_named_tensors(model, best.into_iter().collect(), Path::new("best"))
+        Some(best) => apply_named_tensors(model, best, Path::new("best"))
             .map_err(|e| TrainError::Incompatible(e.to_string()))?,
         None => model,
     };
@@ -403,9 +403,9 @@ fn save_checkpoint(
         class_names,
         state,
         CheckpointTensors {
-            model: named_tensors(model),
-            best: best_model.clone(),
-            optimizer,
+            model: &named_tensors(model),
+            best: best_model.as_deref(),
+            optimizer: &optimizer,
         },
     )
 }

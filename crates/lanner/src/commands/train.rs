@@ -2,7 +2,7 @@
 //! SageMaker environment fallbacks — running Lanner's recipe on the CPU or a GPU.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -385,7 +385,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             best.validation.confusion.render(&class_names)
         ));
     }
-    log.message(&format!("Saved the model to {}", display(&model_dir)));
+    log.message(&format!("Saved the model to {}", model_dir.display()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -394,10 +394,6 @@ fn weights_description(weights: &hub::ResolvedWeights) -> String {
         hub::ResolvedWeights::Random => "random initialisation".into(),
         hub::ResolvedWeights::File(path) => format!("weights {}", path.display()),
     }
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
 
 #[cfg(test)]
