@@ -32,6 +32,24 @@ impl Classifier {
         }
     }
 
+    /// A classifier initialised from `seed` on the CPU and copied to `device`: the same seed
+    /// gives the same starting weights on every device (a GPU's random generator draws other
+    /// numbers than the CPU's).
+    pub fn seeded(
+        entry: &ModelEntry,
+        classes: usize,
+        dropout: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Self {
+        let host = Device::flex();
+        host.seed(seed);
+        let initial = crate::artifact::named_tensors(&Self::new(entry, classes, dropout, &host));
+        let model = Self::new(entry, classes, dropout, device);
+        crate::artifact::apply_named_tensors(model, initial, std::path::Path::new("<seeded>"))
+            .expect("two classifiers of one entry have the same tensors")
+    }
+
     /// Pooled features `[batch, channels]` of pixel batches `[batch, 3, h, w]` in 0..=255.
     pub fn pooled_features(&self, pixels: Tensor<4>, normalization: &Normalization) -> Tensor<2> {
         lanner_models::global_average_pool(self.backbone.forward(normalization.apply(pixels)))

@@ -12,6 +12,7 @@
 //! - [`report`]: Keras-style log lines, a progress bar, `metrics.jsonl`.
 //! - [`artifact`]: `lanner.json` + `weights.safetensors`; [`checkpoint`]: resumable state;
 //!   [`tensor_file`]: atomic safetensors files.
+//! - [`throughput`]: how fast the recipe's steps run on a device (`lanner bench`).
 
 pub mod artifact;
 pub mod checkpoint;
@@ -25,6 +26,7 @@ pub mod optimizer;
 pub mod recipe;
 pub mod report;
 pub mod tensor_file;
+pub mod throughput;
 pub mod trainer;
 
 pub use artifact::ModelCard;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader};
 use lanner_models::{Backbone, ModelEntry, Normalization, global_average_pool};
@@ -207,31 +208,25 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 let labels = batch.labels.clone();
                 let size = labels.len();
                 let pixels = batch.into_images_tensor(&device);
-                let pooled = match &frozen_backbone {
-                    Some(backbone) => {
-                        global_average_pool(backbone.forward(normalization.apply(pixels)))
-                            .autodiff()
-                    }
-                    None => model.pooled_features(pixels.autodiff(), &normalization),
-                };
-                let [_, channels] = pooled.dims();
-                let mask = dropout_mask(
-                    hyperparameters.drop_out_percentage,
-                    [size, channels],
-                    seed,
-                    loader_epoch,
-                    step as u64,
+                let (updated, logits) = training_step(
+                    model,
+                    frozen_backbone.as_ref(),
+                    &mut optimizer,
+                    StepInput {
+                        pixels,
+                        labels: &labels,
+                        class_weights: &class_weights,
+                        normalization: &normalization,
+                        dropout: DropoutDraw {
+                            rate: hyperparameters.drop_out_percentage,
+                            seed,
+                            epoch: loader_epoch,
+                            step: step as u64,
+                        },
+                    },
                     &autodiff,
                 );
-                let logits = model.logits(pooled, mask);
-                let loss = weighted_loss(logits.clone(), &labels, &class_weights, &autodiff);
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optimizer.step(model, grads);
-                let logits: Vec<f32> = logits
-                    .inner()
-                    .into_data()
-                    .try_into_vec()
-                    .expect("logits are f32");
+                model = updated;
                 let weights: Vec<f32> = labels.iter().map(|&l| class_weights[l] as f32).collect();
                 metrics.update(&logits, &labels, &weights);
                 train_seconds += step_started.elapsed().as_secs_f64();
@@ -386,6 +381,78 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         best,
         resumed,
     })
+}
+
+/// The dropout draw of one step: the rate and the (seed, epoch, step) the mask comes from.
+pub struct DropoutDraw {
+    /// Keras' `Dropout` rate.
+    pub rate: f64,
+    /// The run's seed.
+    pub seed: u64,
+    /// The epoch (0-based, as the loader counts).
+    pub epoch: u64,
+    /// The batch within the epoch.
+    pub step: u64,
+}
+
+/// One batch for [`training_step`].
+pub struct StepInput<'a> {
+    /// Pixels `[batch, 3, h, w]` in 0..=255, on the device without autodiff.
+    pub pixels: Tensor<4>,
+    /// The label of each image.
+    pub labels: &'a [usize],
+    /// Keras' `class_weight`, by label.
+    pub class_weights: &'a [f64],
+    /// Input normalisation.
+    pub normalization: &'a Normalization,
+    /// The head's dropout.
+    pub dropout: DropoutDraw,
+}
+
+/// One optimizer step of the recipe on one batch: forward (through `frozen_backbone` without
+/// autodiff when the phase trains only the head), the class-weighted loss, backward and the
+/// optimizer's update. Returns the updated model and the batch's logits, read back to the host
+/// (which also waits for the device to finish the step).
+pub fn training_step(
+    model: Classifier,
+    frozen_backbone: Option<&Backbone>,
+    optimizer: &mut Optimizer,
+    input: StepInput<'_>,
+    autodiff: &Device,
+) -> (Classifier, Vec<f32>) {
+    let StepInput {
+        pixels,
+        labels,
+        class_weights,
+        normalization,
+        dropout,
+    } = input;
+    let size = labels.len();
+    let pooled = match frozen_backbone {
+        Some(backbone) => {
+            global_average_pool(backbone.forward(normalization.apply(pixels))).autodiff()
+        }
+        None => model.pooled_features(pixels.autodiff(), normalization),
+    };
+    let [_, channels] = pooled.dims();
+    let mask = dropout_mask(
+        dropout.rate,
+        [size, channels],
+        dropout.seed,
+        dropout.epoch,
+        dropout.step,
+        autodiff,
+    );
+    let logits = model.logits(pooled, mask);
+    let loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = optimizer.step(model, grads);
+    let logits: Vec<f32> = logits
+        .inner()
+        .into_data()
+        .try_into_vec()
+        .expect("logits are f32");
+    (model, logits)
 }
 
 fn save_checkpoint(

@@ -44,12 +44,6 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
-/// Whether an NVIDIA kernel driver is loaded on this machine.
-#[cfg(feature = "cuda")]
-fn nvidia_driver_present() -> bool {
-    std::path::Path::new("/proc/driver/nvidia/version").exists()
-}
-
 impl DeviceChoice {
     /// The burn device and how logs name it (with why `auto` chose the CPU), or why the
     /// device asked for cannot be had.
@@ -57,12 +51,10 @@ impl DeviceChoice {
         match self {
             Self::Cpu => Ok((Device::flex(), "cpu".into())),
             #[cfg(feature = "cuda")]
-            Self::Auto if nvidia_driver_present() => Ok((Device::cuda(0), "cuda:0 (auto)".into())),
-            #[cfg(feature = "cuda")]
-            Self::Auto => Ok((
-                Device::flex(),
-                "cpu (auto: no NVIDIA driver is loaded on this machine)".into(),
-            )),
+            Self::Auto => match crate::gpu_runtime::prepare() {
+                Ok(()) => Ok((Device::cuda(0), "cuda:0 (auto)".into())),
+                Err(why) => Ok((Device::flex(), format!("cpu (auto: {why})"))),
+            },
             #[cfg(not(feature = "cuda"))]
             Self::Auto => Ok((
                 Device::flex(),
@@ -70,11 +62,8 @@ impl DeviceChoice {
             )),
             #[cfg(feature = "cuda")]
             Self::Cuda(n) => {
-                if !nvidia_driver_present() {
-                    bail!(
-                        "--device {self}: no NVIDIA driver is loaded on this machine \
-                         (/proc/driver/nvidia/version is missing); use --device cpu"
-                    );
+                if let Err(why) = crate::gpu_runtime::prepare() {
+                    bail!("--device {self}: {why}; or use --device cpu");
                 }
                 Ok((Device::cuda(n), self.to_string()))
             }

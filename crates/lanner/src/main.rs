@@ -6,6 +6,8 @@
 
 mod commands;
 mod device;
+#[cfg(feature = "cuda")]
+mod gpu_runtime;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,9 @@ enum Command {
     /// Reload a trained model and report its loss, accuracy (and for two classes precision,
     /// recall, ROC AUC) and confusion matrix on a data folder.
     Evaluate(commands::evaluate::EvaluateArgs),
+    /// Time the recipe's training steps (frozen backbone, fine-tune from a Keras layer, fully
+    /// trainable) and inference on this machine's CPU or GPU, with random weights and pixels.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Command::Models(args) => commands::models::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Evaluate(args) => commands::evaluate::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -294,10 +294,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let weights = hub::resolve(entry, &args.weights, &hub)?;
     device.seed(hyperparameters.seed);
     let autodiff = device.clone().autodiff();
-    let mut model = Classifier::new(
+    let mut model = Classifier::seeded(
         entry,
         classes,
         hyperparameters.drop_out_percentage,
+        hyperparameters.seed,
         &autodiff,
     );
     if let hub::ResolvedWeights::File(path) = &weights {
