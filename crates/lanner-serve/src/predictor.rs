@@ -118,7 +118,7 @@ impl Predictor {
             .expect("the model's logits are f32");
         logits
             .chunks_exact(self.info.outputs)
-            .map(|row| activation(row))
+            .map(activation)
             .collect()
     }
 }

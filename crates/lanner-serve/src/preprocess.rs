@@ -69,7 +69,10 @@ pub fn image_bytes_to_pixels(
             height,
             limit,
         },
-        DataError::BadImage { reason, .. } => ImageError::Corrupt { format, reason },
+        DataError::BadImage { reason, .. } => ImageError::Corrupt {
+            format,
+            reason: reason.trim().to_string(),
+        },
         other => ImageError::Corrupt {
             format,
             reason: other.to_string(),

@@ -614,11 +614,12 @@ async fn predict(
         }
     };
     let mut response = match answer {
-        Answer::Json => (
-            [(header::CONTENT_TYPE, "application/json")],
-            json!({ layout.response_key(): rows }).to_string(),
-        )
-            .into_response(),
+        Answer::Json => {
+            // Serialised from f32 (not through `json!`, which widens to f64 digits).
+            let body = std::collections::BTreeMap::from([(layout.response_key(), &rows)]);
+            let body = serde_json::to_string(&body).expect("predictions serialise");
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Answer::Csv => {
             let mut text = String::new();
             for row in &rows {
@@ -761,12 +762,12 @@ fn image_error(error: ImageError, what: &str, max_pixels: u64) -> ApiError {
         ImageError::TooLarge { width, height, .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "{what}: the image is {width}x{height} pixels, over the limit of {max_pixels} pixels (--max-image-pixels); send a smaller image"
+                "{what} is {width}x{height} pixels, over the limit of {max_pixels} pixels (--max-image-pixels); send a smaller image"
             ),
         ),
-        ImageError::Empty => ApiError::bad_request(format!("{what}: the image is empty (0 bytes)")),
+        ImageError::Empty => ApiError::bad_request(format!("{what} is empty (0 bytes)")),
         other => ApiError::bad_request(format!(
-            "{what}: {other}; send the bytes of a JPEG, PNG, BMP or GIF file"
+            "{what} cannot be used: {other}; send the bytes of a JPEG, PNG, BMP or GIF file"
         )),
     }
 }

@@ -3,4 +3,6 @@
 pub mod data;
 pub mod evaluate;
 pub mod models;
+pub mod predict;
+pub mod serve;
 pub mod train;
