@@ -657,8 +657,38 @@ fn predicts_and_serves_a_model_tar_gz() {
     assert_eq!(status, 200, "{json}");
     let want = from_folder[path_str(&fx.jpeg())];
     assert!((first_prediction(&json, "predictions") - want).abs() < 1e-5);
-    let (success, stderr) = server.terminate(Duration::from_secs(10));
+
+    // SIGTERM while a large request runs: it still gets its answer, then the server exits.
+    let image = serde_json::json!({"b64": BASE64.encode(fs::read(fx.jpeg()).unwrap())});
+    let request = serde_json::json!({"instances": vec![image; 256]});
+    let (agent, url) = (server.agent.clone(), server.url.clone());
+    let in_flight = std::thread::spawn(move || {
+        let mut response = agent
+            .post(format!("{url}/v1/models/shapes:predict"))
+            .header("Content-Type", "application/json")
+            .send(request.to_string().as_bytes())
+            .unwrap();
+        let body = response.body_mut().read_to_string().unwrap();
+        (response.status().as_u16(), body)
+    });
+    let started = Instant::now();
+    while server
+        .get("/metrics")
+        .1
+        .contains("lanner_images_predicted_total 1\n")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the request never ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (success, stderr) = server.terminate(Duration::from_secs(20));
     assert!(success, "{stderr}");
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["predictions"].as_array().unwrap().len(), 256);
 }
 
 #[test]

@@ -119,11 +119,19 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         request_timeout,
         shutdown_grace: request_timeout + Duration::from_secs(5),
     };
-    let model_path = model.path.display().to_string();
+    let model_path = if model.path == model.source {
+        model.source.display().to_string()
+    } else {
+        format!(
+            "{} (unpacked to {})",
+            model.source.display(),
+            model.path.display()
+        )
+    };
     lanner_serve::serve(model, device, config, |addr| {
         println!("lanner serve: listening on http://{addr}");
         eprintln!(
-            "lanner serve: loading the model in {model_path} on {device_name}; /ping answers 200 once it is loaded"
+            "lanner serve: loading the model {model_path} on {device_name}; /ping answers 200 once it is loaded"
         );
     })?;
     eprintln!("lanner serve: stopped");
