@@ -127,7 +127,7 @@ impl ImageFolder {
 
 /// Image files under `dir`, walked as Keras does: folders in sorted path order, files sorted
 /// by name within each folder.
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut folders = vec![dir.to_path_buf()];
     let mut index = 0;
     while index < folders.len() {

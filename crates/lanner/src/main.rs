@@ -36,6 +36,12 @@ enum Command {
     /// Reload a trained model and report its loss, accuracy (and for two classes precision,
     /// recall, ROC AUC) and confusion matrix on a data folder.
     Evaluate(commands::evaluate::EvaluateArgs),
+    /// Predict image files and folders with a trained model (a folder or its model.tar.gz):
+    /// one row per image with its class and the probability of each class.
+    Predict(commands::predict::PredictArgs),
+    /// Serve a trained model over HTTP: SageMaker hosting (/ping, /invocations) and TF
+    /// Serving's REST API, with dynamic batching. The SageMaker container's `serve` command.
+    Serve(Box<commands::serve::ServeArgs>),
     /// Time the recipe's training steps (frozen backbone, fine-tune from a Keras layer, fully
     /// trainable) and inference on this machine's CPU or GPU, with random weights and pixels.
     Bench(commands::bench::BenchArgs),
@@ -48,6 +54,8 @@ fn main() -> ExitCode {
         Command::Models(args) => commands::models::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Evaluate(args) => commands::evaluate::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+        Command::Serve(args) => commands::serve::run(*args),
         Command::Bench(args) => commands::bench::run(args),
     };
     match result {

@@ -4,4 +4,6 @@ pub mod bench;
 pub mod data;
 pub mod evaluate;
 pub mod models;
+pub mod predict;
+pub mod serve;
 pub mod train;
