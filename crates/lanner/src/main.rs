@@ -68,9 +68,21 @@ fn main() -> ExitCode {
 }
 
 /// The command line, with `lanner train`'s unknown options dropped (and warned about) as the
-/// seed's `parse_known_args` drops them.
+/// seed's `parse_known_args` drops them. Run under the name `train` or `serve` (links on the
+/// PATH of a SageMaker container, which runs `IMAGE train` or `IMAGE serve`), the binary is
+/// `lanner train` or `lanner serve`.
 fn arguments() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|program| std::path::Path::new(program).file_name())
+        .and_then(|name| name.to_str())
+        .filter(|name| matches!(*name, "train" | "serve"))
+        .map(std::ffi::OsString::from);
+    if let Some(command) = invoked_as {
+        args[0] = "lanner".into();
+        args.insert(1, command);
+    }
     if args.get(1).is_some_and(|a| a == "train") {
         let rest = args.split_off(2);
         let (kept, warnings) = commands::train::drop_unknown_options(rest);
