@@ -95,6 +95,10 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--max-requests", type=int, default=200_000)
+    parser.add_argument("--single", type=int, default=50,
+                        help="single-image requests from one client before the load (latency without queueing)")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time single-image prediction in PyTorch + timm on the CPU (same architecture and size)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for lanner serve (repeat), e.g. --server-arg=--max-batch-delay=5")
     args = parser.parse_args()
@@ -118,6 +122,7 @@ def main():
 
     try:
         wait_ready(host, port)
+        single = single_image_latencies(host, port, body, content_type, args.single)
         results, lock, budget = [], threading.Lock(), [args.max_requests]
         started = time.monotonic()
         deadline = started + args.seconds
@@ -130,6 +135,7 @@ def main():
         elapsed = time.monotonic() - started
         _, metrics = request(http.client.HTTPConnection(host, port, timeout=10), "GET", "/metrics")
         metrics = metrics.decode()
+        peak = peak_memory_mib(process.pid) if process else None
     finally:
         if process:
             process.send_signal(signal.SIGTERM)
@@ -137,6 +143,17 @@ def main():
             if code != 0:
                 print(f"lanner serve exited with {code} after SIGTERM", file=sys.stderr)
 
+    if single:
+        print("single image, one client, ms: p50 {:.1f}  p99 {:.1f}  ({} requests)".format(
+            1000 * percentile(single, 0.5), 1000 * percentile(single, 0.99), len(single)))
+    if args.torch and single and args.model:
+        torch_single = torch_latencies(args.model, body, args.single)
+        print("PyTorch CPU (timm, same architecture and size, decode + resize + forward, in process), ms: "
+              "p50 {:.1f}  p99 {:.1f}".format(1000 * percentile(torch_single, 0.5), 1000 * percentile(torch_single, 0.99)))
+        print("ratio PyTorch p50 / Lanner p50 (over HTTP): {:.2f}".format(
+            percentile(torch_single, 0.5) / percentile(single, 0.5)))
+    if peak is not None:
+        print(f"server peak memory (VmHWM): {peak:.0f} MiB")
     latencies = sorted(latency for latency, status in results if status == 200)
     statuses = {}
     for _, status in results:
@@ -155,6 +172,59 @@ def main():
     if server_errors:
         print(f"FAILED: {server_errors} requests got a 5xx or no answer", file=sys.stderr)
         sys.exit(1)
+
+
+def single_image_latencies(host, port, body, content_type, count):
+    """Seconds of `count` sequential single-image requests on one connection."""
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    seconds = []
+    for _ in range(count):
+        start = time.perf_counter()
+        status, _ = request(connection, "POST", "/invocations", body, {"Content-Type": content_type})
+        if status == 200:
+            seconds.append(time.perf_counter() - start)
+    return sorted(seconds)
+
+
+def peak_memory_mib(pid):
+    """The server's peak resident memory so far (Linux's VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def torch_latencies(model_dir, body, count):
+    """Seconds per image of the same architecture in PyTorch + timm on the CPU: PIL decode,
+    bilinear resize to the model's size, normalisation and the forward pass, one image at a time
+    (random weights: the time does not depend on them)."""
+    import io
+    import json
+
+    import timm
+    import torch
+    from PIL import Image
+
+    card = json.load(open(os.path.join(model_dir, "lanner.json")))
+    size = card["preprocessing"]["image_size"]
+    mean = torch.tensor(card["preprocessing"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card["preprocessing"]["std"]).view(1, 3, 1, 1)
+    model = timm.create_model(card["timm_name"], pretrained=False, num_classes=card["head"]["outputs"]).eval()
+    torch.set_num_threads(os.cpu_count())
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(count + 3):
+            start = time.perf_counter()
+            image = Image.open(io.BytesIO(body)).convert("RGB").resize((size, size), Image.BILINEAR)
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(1, size, size, 3)
+            x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+            torch.sigmoid(model(x))
+            seconds.append(time.perf_counter() - start)
+    return sorted(seconds[3:])
 
 
 def generated_jpeg():
