@@ -34,36 +34,58 @@ enum Command {
     /// Reload a trained model and report its loss, accuracy (and for two classes precision,
     /// recall, ROC AUC) and confusion matrix on a data folder.
     Evaluate(commands::evaluate::EvaluateArgs),
+    /// Run a training job as SageMaker runs one, here (local mode): channels staged from
+    /// folders or S3 into a job folder with the /opt/ml layout, `lanner train` run with the
+    /// training toolkit's arguments and SM_* variables, metrics read from its log, and
+    /// model.tar.gz / output.tar.gz packed (and uploaded to an S3 --output).
+    Fit(Box<commands::fit::FitArgs>),
+    /// List, describe and read the logs of the training jobs `lanner fit` ran.
+    Jobs(commands::jobs::JobsArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(arguments());
-    let result = match cli.command {
-        Command::Data(args) => commands::data::run(args),
-        Command::Models(args) => commands::models::run(args),
-        Command::Train(args) => commands::train::run(*args),
-        Command::Evaluate(args) => commands::evaluate::run(args),
-    };
+    // In a SageMaker container, a failed `train` also leaves its reason in output/failure.
+    let training = std::env::args_os().nth(1).is_some_and(|a| a == "train");
+    let result = arguments().and_then(|args| {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|error| {
+            if training && error.use_stderr() && commands::train::record_parse_failure(&error) {
+                std::process::exit(2);
+            }
+            error.exit()
+        });
+        match cli.command {
+            Command::Data(args) => commands::data::run(args),
+            Command::Models(args) => commands::models::run(args),
+            Command::Train(args) => commands::train::run(*args),
+            Command::Evaluate(args) => commands::evaluate::run(args),
+            Command::Fit(args) => commands::fit::run(*args),
+            Command::Jobs(args) => commands::jobs::run(args),
+        }
+    });
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            let message = format!("{error:#}");
+            eprintln!("error: {message}");
+            if training {
+                commands::train::record_failure(&message);
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// The command line, with `lanner train`'s unknown options dropped (and warned about) as the
-/// seed's `parse_known_args` drops them.
-fn arguments() -> Vec<std::ffi::OsString> {
+/// The command line; for `lanner train`, completed from a SageMaker layout and with unknown
+/// options dropped (and warned about) as the seed's `parse_known_args` drops them.
+fn arguments() -> anyhow::Result<Vec<std::ffi::OsString>> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "train") {
         let rest = args.split_off(2);
-        let (kept, warnings) = commands::train::drop_unknown_options(rest);
-        for warning in warnings {
-            eprintln!("{warning}");
+        let (kept, messages) = commands::train::prepare_arguments(rest)?;
+        for message in messages {
+            eprintln!("{message}");
         }
         args.extend(kept);
     }
-    args
+    Ok(args)
 }

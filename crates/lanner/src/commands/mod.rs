@@ -2,5 +2,7 @@
 
 pub mod data;
 pub mod evaluate;
+pub mod fit;
+pub mod jobs;
 pub mod models;
 pub mod train;
