@@ -356,7 +356,7 @@ impl Job {
     /// `output.tar.gz` of a job that did not complete (SageMaker keeps it too).
     fn pack_output(&self, record: &JobRecord) -> Result<()> {
         archive::pack(
-            &self.folder.layout().output_dir(),
+            &self.folder.layout().output_data_dir(),
             &self.folder.output_archive(),
         )?;
         self.save(record)

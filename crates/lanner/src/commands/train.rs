@@ -688,6 +688,55 @@ mod tests {
     }
 
     #[test]
+    fn sagemaker_spellings_become_the_options_clap_knows() {
+        let options = known_options();
+        let normalized = normalize(
+            strings(&[
+                "--batch_size",
+                "16",
+                "--cache",
+                "True",
+                "--strict=false",
+                "--from_scratch",
+                "False",
+                "--model_dir",
+                "s3://b/m",
+                "--model-dir",
+                "out",
+                "--unknown_name",
+                "1",
+            ]),
+            &options,
+        );
+        assert_eq!(
+            normalized,
+            strings(&[
+                "--batch-size",
+                "16",
+                "--cache",
+                "--from-scratch",
+                "false",
+                "--model_dir",
+                "s3://b/m",
+                "--model-dir",
+                "out",
+                "--unknown_name",
+                "1",
+            ])
+        );
+        assert_eq!(
+            given_options(&normalized, &options),
+            [
+                "batch-size",
+                "cache",
+                "from-scratch",
+                "model_dir",
+                "sm-model-dir",
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_options_are_dropped_with_their_value_and_reported() {
         let (kept, warnings) = drop_unknown_options(strings(&[
             "--batch-size",
