@@ -45,34 +45,54 @@ enum Command {
     /// Time the recipe's training steps (frozen backbone, fine-tune from a Keras layer, fully
     /// trainable) and inference on this machine's CPU or GPU, with random weights and pixels.
     Bench(commands::bench::BenchArgs),
+    /// Run a training job as SageMaker runs one, here (local mode): channels staged from
+    /// folders or S3 into a job folder with the /opt/ml layout, `lanner train` run with the
+    /// training toolkit's arguments and SM_* variables, metrics read from its log, and
+    /// model.tar.gz / output.tar.gz packed (and uploaded to an S3 --output).
+    Fit(Box<commands::fit::FitArgs>),
+    /// List, describe and read the logs of the training jobs `lanner fit` ran.
+    Jobs(commands::jobs::JobsArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(arguments());
-    let result = match cli.command {
-        Command::Data(args) => commands::data::run(args),
-        Command::Models(args) => commands::models::run(args),
-        Command::Train(args) => commands::train::run(*args),
-        Command::Evaluate(args) => commands::evaluate::run(args),
-        Command::Predict(args) => commands::predict::run(args),
-        Command::Serve(args) => commands::serve::run(*args),
-        Command::Bench(args) => commands::bench::run(args),
-    };
+    let args = invoked_command(std::env::args_os().collect());
+    // In a SageMaker container, a failed `train` also leaves its reason in output/failure.
+    let training = args.get(1).is_some_and(|a| a == "train");
+    let result = arguments(args).and_then(|args| {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|error| {
+            if training && error.use_stderr() && commands::train::record_parse_failure(&error) {
+                std::process::exit(2);
+            }
+            error.exit()
+        });
+        match cli.command {
+            Command::Data(args) => commands::data::run(args),
+            Command::Models(args) => commands::models::run(args),
+            Command::Train(args) => commands::train::run(*args),
+            Command::Evaluate(args) => commands::evaluate::run(args),
+            Command::Predict(args) => commands::predict::run(args),
+            Command::Serve(args) => commands::serve::run(*args),
+            Command::Fit(args) => commands::fit::run(*args),
+            Command::Jobs(args) => commands::jobs::run(args),
+            Command::Bench(args) => commands::bench::run(args),
+        }
+    });
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            let message = format!("{error:#}");
+            eprintln!("error: {message}");
+            if training {
+                commands::train::record_failure(&message);
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// The command line, with `lanner train`'s unknown options dropped (and warned about) as the
-/// seed's `parse_known_args` drops them. Run under the name `train` or `serve` (links on the
-/// PATH of a SageMaker container, which runs `IMAGE train` or `IMAGE serve`), the binary is
-/// `lanner train` or `lanner serve`.
-fn arguments() -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+/// Run under the name `train` or `serve` (links on the PATH of a SageMaker container, which
+/// runs `IMAGE train` or `IMAGE serve`), the binary is `lanner train` or `lanner serve`.
+fn invoked_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let invoked_as = args
         .first()
         .and_then(|program| std::path::Path::new(program).file_name())
@@ -83,13 +103,19 @@ fn arguments() -> Vec<std::ffi::OsString> {
         args[0] = "lanner".into();
         args.insert(1, command);
     }
+    args
+}
+
+/// The command line; for `lanner train`, completed from a SageMaker layout and with unknown
+/// options dropped (and warned about) as the seed's `parse_known_args` drops them.
+fn arguments(mut args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
     if args.get(1).is_some_and(|a| a == "train") {
         let rest = args.split_off(2);
-        let (kept, warnings) = commands::train::drop_unknown_options(rest);
-        for warning in warnings {
-            eprintln!("{warning}");
+        let (kept, messages) = commands::train::prepare_arguments(rest)?;
+        for message in messages {
+            eprintln!("{message}");
         }
         args.extend(kept);
     }
-    args
+    Ok(args)
 }

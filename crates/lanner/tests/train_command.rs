@@ -9,45 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{lanner, text};
-use image::{Rgb, RgbImage};
-
-/// `per_class` images of horizontal and of vertical stripes, random period, phase and
-/// colours, under `root/{horizontal,vertical}`.
-fn stripes(root: &Path, per_class: usize, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move |n: u32| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as u32
-    };
-    for class in ["horizontal", "vertical"] {
-        let dir = root.join(class);
-        fs::create_dir_all(&dir).unwrap();
-        for i in 0..per_class {
-            let period = 4 + next(6);
-            let phase = next(period);
-            let a = [next(120) as u8, next(120) as u8, next(120) as u8];
-            let b = [
-                135 + next(120) as u8,
-                135 + next(120) as u8,
-                135 + next(120) as u8,
-            ];
-            let image = RgbImage::from_fn(40, 40, |x, y| {
-                let along = if class == "horizontal" { y } else { x };
-                let noise = next(30) as u8;
-                let base = if (along + phase) / (period / 2).max(1) % 2 == 0 {
-                    a
-                } else {
-                    b
-                };
-                Rgb(base.map(|c| c.saturating_add(noise)))
-            });
-            image.save(dir.join(format!("{i:03}.png"))).unwrap();
-        }
-    }
-}
+use common::{lanner, stripes, text};
 
 fn dataset(root: &Path) {
     stripes(&root.join("train"), 96, 1);

@@ -1,6 +1,14 @@
 //! `lanner train`: the seed's training script — its argument names and defaults, its
 //! SageMaker environment fallbacks — running Lanner's recipe on the CPU or a GPU.
+//!
+//! In a SageMaker training container (`/opt/ml`, or `$SAGEMAKER_BASE_DIR`, holds
+//! `input/config/`) it also honours the container contract (`lanner_sagemaker::contract`):
+//! run with no data arguments, it takes its hyperparameters, channels and folders from the
+//! layout; in either style a `checkpoints/` folder turns on checkpoints, `SM_NUM_GPUS` and
+//! `SM_NUM_CPUS` guide the device and the loader, and any error is also written to
+//! `output/failure`.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +21,7 @@ use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
 use lanner_data::{Augmentation, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit};
 use lanner_models::hub::{self, HubConfig, WeightsSpec};
+use lanner_sagemaker::contract::{Layout, ResourceHints, failure, hyperparameters_file};
 use lanner_train::artifact::{self, ModelCard};
 use lanner_train::classifier::Classifier;
 use lanner_train::report::{KerasLog, Reporter};
@@ -152,9 +161,272 @@ pub struct TrainArgs {
     pub max_image_pixels: u64,
 }
 
+/// A long option of `lanner train`, as clap knows it.
+struct KnownOption {
+    long: String,
+    aliases: Vec<String>,
+    /// `false` for plain flags (`--cache`, `--overwrite`).
+    takes_value: bool,
+}
+
+fn known_options() -> Vec<KnownOption> {
+    let command = TrainArgs::augment_args(clap::Command::new("train"));
+    let mut options: Vec<KnownOption> = command
+        .get_arguments()
+        .filter_map(|a| {
+            Some(KnownOption {
+                long: a.get_long()?.to_string(),
+                aliases: a
+                    .get_all_aliases()
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_string)
+                    .collect(),
+                takes_value: a.get_action().takes_values(),
+            })
+        })
+        .collect();
+    options.push(KnownOption {
+        long: "help".into(),
+        aliases: Vec::new(),
+        takes_value: false,
+    });
+    options
+}
+
+/// The option `name` (a long name or an alias; `fine_tune_layer` for `fine-tune-layer`).
+fn find_option<'a>(options: &'a [KnownOption], name: &str) -> Option<&'a KnownOption> {
+    let matches = |name: &str| {
+        options
+            .iter()
+            .find(|o| o.long == name || o.aliases.iter().any(|a| a == name))
+    };
+    matches(name).or_else(|| matches(&name.replace('_', "-")))
+}
+
+/// The arguments as clap takes them: `--name_with_underscores` (the SageMaker SDK's usual
+/// spelling) becomes `--name-with-underscores`, and a plain flag followed by `true`/`false`
+/// (`--cache True`, as the training toolkit passes a boolean) becomes the flag or nothing.
+fn normalize(args: Vec<OsString>, options: &[KnownOption]) -> Vec<OsString> {
+    let mut normalized = Vec::new();
+    let mut iter = args.into_iter().peekable();
+    while let Some(arg) = iter.next() {
+        let text = arg.to_string_lossy().into_owned();
+        let Some(option) = text.strip_prefix("--") else {
+            normalized.push(arg);
+            continue;
+        };
+        let (name, inline_value) = match option.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_string())),
+            None => (option, None),
+        };
+        let Some(known) = find_option(options, name) else {
+            normalized.push(arg);
+            continue;
+        };
+        let name = if known.long == name || known.aliases.iter().any(|a| a == name) {
+            name.to_string()
+        } else {
+            known.long.clone()
+        };
+        let boolean = |value: &str| match value.to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        };
+        if known.takes_value {
+            match inline_value {
+                Some(value) => {
+                    let value = boolean(&value).map_or(value, |b| b.to_string());
+                    normalized.push(format!("--{name}={value}").into());
+                }
+                None => {
+                    normalized.push(format!("--{name}").into());
+                    if let Some(value) = iter
+                        .peek()
+                        .and_then(|next| boolean(&next.to_string_lossy()))
+                    {
+                        iter.next();
+                        normalized.push(value.to_string().into());
+                    }
+                }
+            }
+            continue;
+        }
+        let value = match inline_value {
+            Some(value) => boolean(&value),
+            None => match iter
+                .peek()
+                .and_then(|next| boolean(&next.to_string_lossy()))
+            {
+                Some(value) => {
+                    iter.next();
+                    Some(value)
+                }
+                None => None,
+            },
+        };
+        if value != Some(false) {
+            normalized.push(format!("--{name}").into());
+        }
+    }
+    normalized
+}
+
+/// The long names (not aliases) of the options `args` gives.
+fn given_options(args: &[OsString], options: &[KnownOption]) -> Vec<String> {
+    args.iter()
+        .filter_map(|arg| {
+            let text = arg.to_string_lossy();
+            let name = text.strip_prefix("--")?.split('=').next()?.to_string();
+            find_option(options, &name).map(|o| o.long.clone())
+        })
+        .collect()
+}
+
+/// The arguments of `lanner train` as it runs them: normalized (see [`normalize`]), completed
+/// from the SageMaker layout when it runs in one (see [`container_arguments`]), and with
+/// unknown options dropped. Returns them with the notes and warnings to print. `args` starts
+/// after the subcommand name.
+pub fn prepare_arguments(args: Vec<OsString>) -> Result<(Vec<OsString>, Vec<String>)> {
+    let options = known_options();
+    let mut args = normalize(args, &options);
+    let mut messages = Vec::new();
+    if let Some(layout) = Layout::detect() {
+        let (filled, notes) = container_arguments(&layout, &args, &options)?;
+        messages.extend(notes);
+        args = filled.into_iter().chain(args).collect();
+    }
+    let (kept, warnings) = drop_unknown_options(args);
+    messages.extend(warnings);
+    Ok((kept, messages))
+}
+
+/// In a SageMaker layout, the arguments the command line and the `SM_*` variables leave out
+/// (precedence: command line, then `SM_*`, then the layout's files). With no `--train` and
+/// no `SM_CHANNEL_TRAIN` (a bring-your-own container run as `train`), the hyperparameters
+/// come from `hyperparameters.json` (overridden by `SM_HPS`) and the channels and folders
+/// from the layout; in either style a `checkpoints/` folder becomes `--checkpoint-dir`.
+fn container_arguments(
+    layout: &Layout,
+    args: &[OsString],
+    options: &[KnownOption],
+) -> Result<(Vec<OsString>, Vec<String>)> {
+    let config = layout.read()?;
+    config.check(layout)?;
+    let mut notes = vec![format!(
+        "SageMaker training container in {}: {}",
+        layout.base().display(),
+        config.resource_config.describe()
+    )];
+    let given = given_options(args, options);
+    let is_given = |long: &str| given.iter().any(|g| g == long);
+    let env_set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let mut filled: Vec<OsString> = Vec::new();
+    let mut fill = |long: &str, env: &str, value: PathBuf| {
+        if !is_given(long) && !env_set(env) {
+            filled.push(format!("--{long}={}", value.display()).into());
+        }
+    };
+    let files_style = !is_given("train") && !env_set("SM_CHANNEL_TRAIN");
+    if files_style {
+        if !config.input_data_config.contains_key("train") {
+            let channels: Vec<&str> = config
+                .input_data_config
+                .keys()
+                .map(String::as_str)
+                .collect();
+            bail!(
+                "the SageMaker job has no `train` channel (its channels: {}); name the \
+                 training data's channel `train`",
+                if channels.is_empty() {
+                    "none".to_string()
+                } else {
+                    channels.join(", ")
+                }
+            );
+        }
+        fill("train", "SM_CHANNEL_TRAIN", layout.channel_dir("train"));
+        if config.input_data_config.contains_key("validation") {
+            fill(
+                "validation",
+                "SM_CHANNEL_VALIDATION",
+                layout.channel_dir("validation"),
+            );
+        }
+        fill("sm-model-dir", "SM_MODEL_DIR", layout.model_dir());
+        fill(
+            "output-data-dir",
+            "SM_OUTPUT_DATA_DIR",
+            layout.output_data_dir(),
+        );
+        let mut hyperparameters: BTreeMap<String, String> = config.hyperparameters.clone();
+        if let Ok(text) = std::env::var("SM_HPS") {
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("SM_HPS is not JSON ({e}); unset it or fix it"))?;
+            let overrides = hyperparameters_file::parse_value(&value)
+                .map_err(|problem| anyhow::anyhow!("SM_HPS: {problem}"))?;
+            hyperparameters.extend(overrides);
+        }
+        for (name, value) in &hyperparameters {
+            match find_option(options, name) {
+                Some(known) if is_given(&known.long) => {}
+                Some(known) if !known.takes_value => match value.to_ascii_lowercase().as_str() {
+                    "true" => filled.push(format!("--{}", known.long).into()),
+                    "false" => {}
+                    _ => bail!(
+                        "hyperparameter `{name}` is a switch: set it to \"true\" or \"false\", \
+                         not \"{value}\""
+                    ),
+                },
+                Some(known) => filled.push(format!("--{}={value}", known.long).into()),
+                // Dropped with a warning below, as on the command line.
+                None => filled.push(format!("--{name}={value}").into()),
+            }
+        }
+        notes.push(format!(
+            "Hyperparameters from {}, channels from {}",
+            layout.hyperparameters_file().display(),
+            layout.data_dir().display()
+        ));
+    }
+    if !is_given("checkpoint-dir") && layout.checkpoints_dir().is_dir() {
+        filled.push(format!("--checkpoint-dir={}", layout.checkpoints_dir().display()).into());
+    }
+    Ok((filled, notes))
+}
+
+/// In a SageMaker layout, writes `message` to `output/failure` (SageMaker shows it as the
+/// job's failure reason).
+pub fn record_failure(message: &str) {
+    let Some(layout) = Layout::detect() else {
+        return;
+    };
+    if let Err(error) = failure::write(&layout, message) {
+        eprintln!(
+            "warning: cannot write the failure reason to {}: {error}",
+            layout.failure_file().display()
+        );
+    }
+}
+
+/// In a SageMaker layout, an argument clap refused is reported as one sentence (clap's first
+/// line) on stderr and in `output/failure`; returns whether it was (else clap reports it).
+pub fn record_parse_failure(error: &clap::Error) -> bool {
+    if Layout::detect().is_none() {
+        return false;
+    }
+    let rendered = error.render().to_string();
+    let first = rendered.lines().next().unwrap_or_default();
+    let sentence = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("error: {sentence}");
+    record_failure(sentence);
+    true
+}
+
 /// The arguments of `lanner train` with unknown `--name [value]` options removed, and a
 /// warning for each. `args` starts after the subcommand name.
-pub fn drop_unknown_options(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
+fn drop_unknown_options(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
     let command = TrainArgs::augment_args(clap::Command::new("train"));
     let known: Vec<String> = command
         .get_arguments()
@@ -279,7 +551,14 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let classes = train_folder.class_names.len();
     hyperparameters.validate(classes, entry.keras_layer_map().layer_count())?;
     let recipe = Recipe::for_hyperparameters(&hyperparameters);
-    let (device, device_name) = args.device.resolve()?;
+    // SageMaker says how many GPUs and cores the instance has.
+    let hints = ResourceHints::from_env();
+    let device_choice = match (args.device, hints.num_gpus) {
+        (DeviceChoice::Auto, Some(0)) => DeviceChoice::Cpu,
+        (DeviceChoice::Auto, Some(_)) if cfg!(feature = "cuda") => DeviceChoice::Cuda(0),
+        (choice, _) => choice,
+    };
+    let (device, device_name) = device_choice.resolve()?;
 
     let mut log = KerasLog::new();
     if matches!(args.weights, WeightsSpec::None) && !hyperparameters.from_scratch {
@@ -305,7 +584,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         model.backbone = entry.load_weights(model.backbone, path)?;
     }
 
-    let workers = args.workers.unwrap_or_else(default_workers).max(1);
+    let workers = args
+        .workers
+        .or(hints.num_cpus)
+        .unwrap_or_else(default_workers)
+        .max(1);
     let size = hyperparameters.image_size;
     let loader_config = |augment: bool| LoaderConfig {
         shuffle: augment,
@@ -403,6 +686,55 @@ mod tests {
 
     fn strings(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn sagemaker_spellings_become_the_options_clap_knows() {
+        let options = known_options();
+        let normalized = normalize(
+            strings(&[
+                "--batch_size",
+                "16",
+                "--cache",
+                "True",
+                "--strict=false",
+                "--from_scratch",
+                "False",
+                "--model_dir",
+                "s3://b/m",
+                "--model-dir",
+                "out",
+                "--unknown_name",
+                "1",
+            ]),
+            &options,
+        );
+        assert_eq!(
+            normalized,
+            strings(&[
+                "--batch-size",
+                "16",
+                "--cache",
+                "--from-scratch",
+                "false",
+                "--model_dir",
+                "s3://b/m",
+                "--model-dir",
+                "out",
+                "--unknown_name",
+                "1",
+            ])
+        );
+        assert_eq!(
+            given_options(&normalized, &options),
+            [
+                "batch-size",
+                "cache",
+                "from-scratch",
+                "model_dir",
+                "sm-model-dir",
+            ]
+        );
     }
 
     #[test]
