@@ -30,7 +30,7 @@ pub struct ModelDir {
 pub enum ModelDirError {
     /// An S3 URI.
     #[error(
-        "'{0}': s3:// models are not supported yet by lanner predict/serve; download it first (e.g. `aws s3 cp {0} .`) and pass the local model.tar.gz"
+        "'{0}' is an S3 URI and a model folder must be local: download it first (`lanner predict` and `lanner serve` do that for an s3:// --model)"
     )]
     S3(String),
     /// Nothing at the path.
@@ -244,9 +244,11 @@ mod tests {
     #[test]
     fn s3_and_missing_paths_are_named() {
         let error = ModelDir::open(Path::new("s3://bucket/model.tar.gz")).unwrap_err();
-        assert!(error.to_string().contains(
-            "s3:// models are not supported yet by lanner predict/serve; download it first"
-        ));
+        assert!(
+            error
+                .to_string()
+                .contains("is an S3 URI and a model folder must be local: download it first")
+        );
         let error = ModelDir::open(Path::new("/no/such/model")).unwrap_err();
         assert!(
             error

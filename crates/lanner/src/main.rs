@@ -8,6 +8,7 @@ mod commands;
 mod device;
 #[cfg(feature = "cuda")]
 mod gpu_runtime;
+mod model_source;
 
 use std::process::ExitCode;
 

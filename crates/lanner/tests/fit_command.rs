@@ -627,6 +627,42 @@ fn a_job_reads_its_channels_from_s3_and_uploads_its_model_there() {
         fs::read(&downloaded).unwrap(),
         fs::read(job.join("model.tar.gz")).unwrap()
     );
+    // The uploaded model loads: predicting from its S3 URI gives what the local archive gives.
+    let validation = data.join("validation");
+    let predict = |model: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lanner"))
+            .args([
+                "predict", "--model", model, "--format", "csv", "--device", "cpu",
+            ])
+            .args(["--endpoint-url", &moto.url])
+            .arg(&validation)
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let from_s3 = predict("s3://lanner/jobs/from-s3/output/model.tar.gz");
+    assert_eq!(from_s3, predict(job.join("model.tar.gz").to_str().unwrap()));
+    assert!(from_s3.lines().count() > 2, "{from_s3}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args([
+            "predict",
+            "--model",
+            "s3://lanner/jobs/nothing-here/model.tar.gz",
+        ])
+        .args(["--endpoint-url", &moto.url])
+        .arg(&validation)
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert_eq!(
+        last_line(&missing.stderr),
+        "error: 's3://lanner/jobs/nothing-here/model.tar.gz' holds no objects; pass the S3 URI \
+         of a model.tar.gz or of a model folder"
+    );
+
     let described = text(
         &jobs_with(
             &["describe", "from-s3", "--output", "s3://lanner/jobs"],

@@ -735,12 +735,21 @@ fn bad_command_lines_end_in_one_clear_sentence() {
         ),
         "{stderr}"
     );
-    let stderr = error_line(&["serve", "--model", "s3://bucket/model.tar.gz"]);
-    assert!(
-        stderr.contains(
-            "s3:// models are not supported yet by lanner predict/serve; download it first"
-        ),
-        "{stderr}"
+    // An s3:// model needs a region before anything is asked of the network (the S3 model
+    // itself is tested against moto_server in fit_command.rs).
+    let no_region = std::process::Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args(["serve", "--model", "s3://bucket/model.tar.gz"])
+        .args(["--endpoint-url", "http://127.0.0.1:9"])
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!no_region.status.success());
+    assert_eq!(
+        text(&no_region.stderr).trim(),
+        "error: no AWS region is configured for S3: pass --region or set AWS_REGION"
     );
     let stderr = error_line(&["predict", "--model", path_str(&fx.model()), "/no/such.jpg"]);
     assert!(stderr.contains("'/no/such.jpg' does not exist"), "{stderr}");

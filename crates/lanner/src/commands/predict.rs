@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
 use lanner_serve::files::{collect_images, predict_files};
-use lanner_serve::{ModelDir, ModelInfo, Predictor};
+use lanner_serve::{ModelInfo, Predictor};
 use serde::Serialize;
 
 use crate::device::DeviceChoice;
@@ -18,9 +18,12 @@ use crate::device::DeviceChoice;
 #[derive(Args, Debug)]
 pub struct PredictArgs {
     /// The model: the --model-dir of `lanner train`, a folder holding it in a sub-folder
-    /// (SageMaker's `1/`), or its model.tar.gz.
+    /// (SageMaker's `1/`), or its model.tar.gz; local, or an `s3://` URI.
     #[arg(long)]
     pub model: PathBuf,
+
+    #[command(flatten)]
+    pub s3: crate::model_source::S3Args,
 
     /// Image files, and folders searched recursively for .jpg, .jpeg, .png, .bmp and .gif
     /// files (sorted; hidden files skipped).
@@ -75,7 +78,7 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let model_dir = ModelDir::open(&args.model)?;
+    let (model_dir, _download) = crate::model_source::open(&args.model, &args.s3)?;
     model_dir.card()?;
     let images = collect_images(&args.inputs)?;
     let (device, _) = args.device.resolve()?;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use lanner_serve::ServeConfig;
 use lanner_serve::batcher::BatchingConfig;
-use lanner_serve::{ModelDir, ServeConfig};
 
 use crate::device::DeviceChoice;
 
@@ -30,9 +30,13 @@ image/png, application/x-image or TF Serving JSON; answers application/json or t
 second class), one probability per class otherwise.")]
 pub struct ServeArgs {
     /// The model: the --model-dir of `lanner train`, a folder holding it in a sub-folder
-    /// (`1/`), or its model.tar.gz. Default: $SM_MODEL_DIR, else /opt/ml/model.
+    /// (`1/`), or its model.tar.gz; local, or an `s3://` URI. Default: $SM_MODEL_DIR, else
+    /// /opt/ml/model.
     #[arg(long)]
     pub model: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub s3: crate::model_source::S3Args,
 
     /// Address to listen on (see below for the default).
     #[arg(long)]
@@ -95,7 +99,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var_os("SM_MODEL_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(SAGEMAKER_MODEL_DIR));
-    let model = ModelDir::open(&source)?;
+    let (model, _download) = crate::model_source::open(&source, &args.s3)?;
     // Refuse a bad card now, with the model's path, rather than after binding.
     model.card()?;
     let (device, device_name) = args.device.resolve()?;
