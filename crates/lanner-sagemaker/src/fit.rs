@@ -103,6 +103,9 @@ pub struct FitConfig {
     pub machine: Machine,
     /// Set by a signal handler to stop the job.
     pub stop: Arc<AtomicBool>,
+    /// A folder outside the job that holds its checkpoints (SageMaker's `checkpoint_s3_uri`,
+    /// here on this machine): a job stopped with it is resumed by the next job given it.
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 /// Runs the job to its end and returns its final record. An error means the job could not
@@ -140,6 +143,9 @@ pub fn run(config: FitConfig) -> Result<JobRecord> {
         }
     }
     let folder = JobFolder::create(&config.output.jobs_dir(), &name)?;
+    if let Some(dir) = &config.checkpoint_dir {
+        folder.link_checkpoints(dir)?;
+    }
     let input_data_config: InputDataConfig = config
         .channels
         .iter()

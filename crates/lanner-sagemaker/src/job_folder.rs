@@ -63,6 +63,19 @@ impl JobFolder {
         Ok(folder)
     }
 
+    /// Make the job's `checkpoints/` the folder `dir` (created if missing), so checkpoints
+    /// outlive the job and the next job given `dir` resumes from them.
+    pub fn link_checkpoints(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the checkpoint folder '{}'", dir.display()))?;
+        let target = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot read the checkpoint folder '{}'", dir.display()))?;
+        let link = self.layout().checkpoints_dir();
+        std::fs::remove_dir(&link)
+            .and_then(|()| std::os::unix::fs::symlink(&target, &link))
+            .with_context(|| format!("cannot link '{}' to '{}'", link.display(), target.display()))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -408,11 +408,6 @@ fn bad_input_is_refused_in_one_sentence() {
         "error: `my_job` is not a valid training job name: use 1 to 63 letters, digits and \
          hyphens, starting and ending with a letter or digit"
     );
-    assert_eq!(
-        refused(&["--train", train.to_str().unwrap(), "--mode", "sagemaker"]),
-        "error: --mode sagemaker (a training job on Amazon SageMaker) is not implemented yet; \
-         run the job here with --mode local"
-    );
     assert!(!output.exists(), "no job was created");
 }
 
@@ -757,6 +752,8 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
         output.to_str().unwrap(),
         "--job-name",
         "stopped",
+        "--checkpoint-dir",
+        dir.path().join("kept").to_str().unwrap(),
     ]);
     for hyperparameter in HYPERPARAMETERS {
         command.args(["-p", hyperparameter]);
@@ -799,5 +796,36 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
         fs::read_to_string(job.join("output/failure"))
             .unwrap()
             .starts_with("training was stopped")
+    );
+    assert!(dir.path().join("kept/checkpoint.json").is_file());
+
+    // The same fit with the same checkpoint folder resumes: no first epoch again.
+    let mut command = lanner_command();
+    command.arg("fit").args([
+        "--train",
+        data.join("train").to_str().unwrap(),
+        "--validation",
+        data.join("validation").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--job-name",
+        "resumed",
+        "--checkpoint-dir",
+        dir.path().join("kept").to_str().unwrap(),
+    ]);
+    for hyperparameter in HYPERPARAMETERS {
+        command.args(["-p", hyperparameter]);
+    }
+    let resumed = command
+        .args(["-p", "fine-tune-epochs=20"])
+        .output()
+        .unwrap();
+    let log = text(&resumed.stdout);
+    assert!(resumed.status.success(), "{log}\n{}", text(&resumed.stderr));
+    assert!(!log.contains("[resumed] Epoch 1/"), "{log}");
+    assert!(log.contains("[resumed] Epoch "), "{log}");
+    assert_eq!(
+        json(&output.join("resumed/job.json"))["TrainingJobStatus"],
+        "Completed"
     );
 }

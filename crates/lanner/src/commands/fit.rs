@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use lanner_sagemaker::fit::{self, FitConfig, OutputLocation};
 use lanner_sagemaker::job_name::DEFAULT_BASE;
 use lanner_sagemaker::job_record::JobStatus;
@@ -15,15 +15,6 @@ use lanner_sagemaker::metrics::MetricDefinition;
 use lanner_sagemaker::s3::S3Options;
 use lanner_sagemaker::staging::DataSource;
 use lanner_sagemaker::toolkit_env::Machine;
-
-/// Where the job runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// On this machine, as SageMaker's local mode runs a job.
-    Local,
-    /// On Amazon SageMaker.
-    Sagemaker,
-}
 
 #[derive(Args, Debug)]
 pub struct FitArgs {
@@ -74,9 +65,11 @@ pub struct FitArgs {
     #[arg(long)]
     pub region: Option<String>,
 
-    /// `local` runs the job on this machine.
-    #[arg(long, value_enum, default_value_t = Mode::Local)]
-    pub mode: Mode,
+    /// Keep the job's checkpoints in this folder (the job's checkpoints/ links to it), like
+    /// SageMaker's checkpoint_s3_uri: a job that was stopped resumes when the next `fit` is
+    /// given the same folder.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 /// `NAME=VALUE` split at the first `=`.
@@ -151,12 +144,6 @@ impl FitArgs {
 
 /// `lanner fit`.
 pub fn run(args: FitArgs) -> Result<ExitCode> {
-    if args.mode == Mode::Sagemaker {
-        bail!(
-            "--mode sagemaker (a training job on Amazon SageMaker) is not implemented yet; run \
-             the job here with --mode local"
-        );
-    }
     let channels = args.channels()?;
     let hyperparameters = args.hyperparameters()?;
     let metric_definitions = args.metric_definitions()?;
@@ -180,6 +167,7 @@ pub fn run(args: FitArgs) -> Result<ExitCode> {
         entry_point: "lanner train".into(),
         machine: Machine::this(),
         stop,
+        checkpoint_dir: args.checkpoint_dir.clone(),
     })?;
     let name = &record.training_job_name;
     match record.training_job_status {
