@@ -129,42 +129,34 @@ pub fn measure(
         )
     };
 
-    let mut seconds = Vec::with_capacity(config.steps);
-    let mut first_step_seconds = 0.0;
-    let (trainable_parameters, total_parameters);
-    match kind.phase() {
+    let (trainable_parameters, total_parameters, (first_step_seconds, seconds)) = match kind.phase()
+    {
         None => {
             let model = Classifier::new(config.entry, config.classes, 0.2, device);
-            (trainable_parameters, total_parameters) = (0, parameter_counts(&model).1);
-            for step in 0..1 + config.warmup + config.steps {
-                let step_started = Instant::now();
+            let total = parameter_counts(&model).1;
+            let timing = time_steps(config, started, |_| {
                 let logits: Vec<f32> = model
                     .predict(batch(device), &normalization)
                     .into_data()
                     .try_into_vec()
                     .expect("logits are f32");
                 std::hint::black_box(logits);
-                record(
-                    step,
-                    config,
-                    step_started,
-                    started,
-                    &mut first_step_seconds,
-                    &mut seconds,
-                );
-            }
+            });
+            (0, total, timing)
         }
         Some(phase) => {
             let model = Classifier::new(config.entry, config.classes, 0.2, &autodiff);
-            let mut model = prepare(model, config.entry, &phase)?;
-            (trainable_parameters, total_parameters) = parameter_counts(&model);
+            let model = prepare(model, config.entry, &phase)?;
+            let (trainable, total) = parameter_counts(&model);
             let frozen: Option<Backbone> =
                 (phase.trainable == Trainable::Head).then(|| model.backbone.valid());
             let mut optimizer = phase.optimizer.init();
-            for step in 0..1 + config.warmup + config.steps {
-                let step_started = Instant::now();
+            let mut model = Some(model);
+            let timing = time_steps(config, started, |step| {
                 let (updated, logits) = training_step(
-                    model,
+                    model
+                        .take()
+                        .expect("the model is put back after every step"),
                     frozen.as_ref(),
                     &mut optimizer,
                     StepInput {
@@ -181,19 +173,12 @@ pub fn measure(
                     },
                     &autodiff,
                 );
-                model = updated;
+                model = Some(updated);
                 std::hint::black_box(logits);
-                record(
-                    step,
-                    config,
-                    step_started,
-                    started,
-                    &mut first_step_seconds,
-                    &mut seconds,
-                );
-            }
+            });
+            (trainable, total, timing)
         }
-    }
+    };
     let total: f64 = seconds.iter().sum();
     Ok(Throughput {
         first_step_seconds,
@@ -204,20 +189,26 @@ pub fn measure(
     })
 }
 
-/// Book one finished step: the first into `first`, the timed ones into `seconds`.
-fn record(
-    step: usize,
+/// Run `step` once, then `config.warmup` untimed times, then `config.steps` timed times.
+/// Returns the seconds from `started` to the end of the first step, and each timed step's.
+fn time_steps(
     config: &ThroughputConfig,
-    step_started: Instant,
     started: Instant,
-    first: &mut f64,
-    seconds: &mut Vec<f64>,
-) {
-    if step == 0 {
-        *first = started.elapsed().as_secs_f64();
-    } else if step > config.warmup {
-        seconds.push(step_started.elapsed().as_secs_f64());
+    mut step: impl FnMut(usize),
+) -> (f64, Vec<f64>) {
+    step(0);
+    let first = started.elapsed().as_secs_f64();
+    for index in 1..=config.warmup {
+        step(index);
     }
+    let timed = (1 + config.warmup..1 + config.warmup + config.steps)
+        .map(|index| {
+            let step_started = Instant::now();
+            step(index);
+            step_started.elapsed().as_secs_f64()
+        })
+        .collect();
+    (first, timed)
 }
 
 /// Random pixel values in 0..255, `[batch, 3, size, size]`, the same every run.

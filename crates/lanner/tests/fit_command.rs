@@ -742,24 +742,29 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
     let data = dir.path().join("data");
     dataset(&data);
     let output = dir.path().join("jobs");
-    let mut command = lanner_command();
-    command.arg("fit").args([
-        "--train",
-        data.join("train").to_str().unwrap(),
-        "--validation",
-        data.join("validation").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--job-name",
-        "stopped",
-        "--checkpoint-dir",
-        dir.path().join("kept").to_str().unwrap(),
-    ]);
-    for hyperparameter in HYPERPARAMETERS {
-        command.args(["-p", hyperparameter]);
-    }
-    let mut child = command
-        .args(["-p", "fine-tune-epochs=20"])
+    let kept = dir.path().join("kept");
+    // A long job that keeps its checkpoints in `kept`, outside its job folder.
+    let checkpointed_fit = |job_name: &str| {
+        let mut command = lanner_command();
+        command.arg("fit").args([
+            "--train",
+            data.join("train").to_str().unwrap(),
+            "--validation",
+            data.join("validation").to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--job-name",
+            job_name,
+            "--checkpoint-dir",
+            kept.to_str().unwrap(),
+        ]);
+        for hyperparameter in HYPERPARAMETERS {
+            command.args(["-p", hyperparameter]);
+        }
+        command.args(["-p", "fine-tune-epochs=20"]);
+        command
+    };
+    let mut child = checkpointed_fit("stopped")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -797,29 +802,10 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
             .unwrap()
             .starts_with("training was stopped")
     );
-    assert!(dir.path().join("kept/checkpoint.json").is_file());
+    assert!(kept.join("checkpoint.json").is_file());
 
     // The same fit with the same checkpoint folder resumes: no first epoch again.
-    let mut command = lanner_command();
-    command.arg("fit").args([
-        "--train",
-        data.join("train").to_str().unwrap(),
-        "--validation",
-        data.join("validation").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--job-name",
-        "resumed",
-        "--checkpoint-dir",
-        dir.path().join("kept").to_str().unwrap(),
-    ]);
-    for hyperparameter in HYPERPARAMETERS {
-        command.args(["-p", hyperparameter]);
-    }
-    let resumed = command
-        .args(["-p", "fine-tune-epochs=20"])
-        .output()
-        .unwrap();
+    let resumed = checkpointed_fit("resumed").output().unwrap();
     let log = text(&resumed.stdout);
     assert!(resumed.status.success(), "{log}\n{}", text(&resumed.stderr));
     assert!(!log.contains("[resumed] Epoch 1/"), "{log}");

@@ -204,6 +204,16 @@ fn find_option<'a>(options: &'a [KnownOption], name: &str) -> Option<&'a KnownOp
     matches(name).or_else(|| matches(&name.replace('_', "-")))
 }
 
+/// `--name` or `--name=value` split into the name and the inline value; `None` for anything
+/// that is not a long option.
+fn split_long_option(text: &str) -> Option<(&str, Option<&str>)> {
+    let option = text.strip_prefix("--")?;
+    Some(match option.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (option, None),
+    })
+}
+
 /// The arguments as clap takes them: `--name_with_underscores` (the SageMaker SDK's usual
 /// spelling) becomes `--name-with-underscores`, and a plain flag followed by `true`/`false`
 /// (`--cache True`, as the training toolkit passes a boolean) becomes the flag or nothing.
@@ -212,14 +222,11 @@ fn normalize(args: Vec<OsString>, options: &[KnownOption]) -> Vec<OsString> {
     let mut iter = args.into_iter().peekable();
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy().into_owned();
-        let Some(option) = text.strip_prefix("--") else {
+        let Some((name, inline_value)) = split_long_option(&text) else {
             normalized.push(arg);
             continue;
         };
-        let (name, inline_value) = match option.split_once('=') {
-            Some((name, value)) => (name, Some(value.to_string())),
-            None => (option, None),
-        };
+        let inline_value = inline_value.map(str::to_string);
         let Some(known) = find_option(options, name) else {
             normalized.push(arg);
             continue;
@@ -297,7 +304,7 @@ pub fn prepare_arguments(args: Vec<OsString>) -> Result<(Vec<OsString>, Vec<Stri
         messages.extend(notes);
         args = filled.into_iter().chain(args).collect();
     }
-    let (kept, warnings) = drop_unknown_options(args);
+    let (kept, warnings) = drop_unknown_options(args, &options);
     messages.extend(warnings);
     Ok((kept, messages))
 }
@@ -426,37 +433,28 @@ pub fn record_parse_failure(error: &clap::Error) -> bool {
 
 /// The arguments of `lanner train` with unknown `--name [value]` options removed, and a
 /// warning for each. `args` starts after the subcommand name.
-fn drop_unknown_options(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
-    let command = TrainArgs::augment_args(clap::Command::new("train"));
-    let known: Vec<String> = command
-        .get_arguments()
-        .flat_map(|a| {
-            a.get_long()
-                .into_iter()
-                .chain(a.get_all_aliases().into_iter().flatten())
-                .map(str::to_string)
-        })
-        .chain(["help".to_string()])
-        .collect();
+fn drop_unknown_options(
+    args: Vec<OsString>,
+    options: &[KnownOption],
+) -> (Vec<OsString>, Vec<String>) {
     let mut kept = Vec::new();
     let mut warnings = Vec::new();
     let mut iter = args.into_iter().peekable();
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy().into_owned();
-        let Some(option) = text.strip_prefix("--") else {
+        let Some((name, inline_value)) = split_long_option(&text) else {
             kept.push(arg);
             continue;
         };
-        let (name, inline_value) = match option.split_once('=') {
-            Some((name, _)) => (name, true),
-            None => (option, false),
-        };
-        if name.is_empty() || known.iter().any(|k| k == name) {
+        let known = options
+            .iter()
+            .any(|o| o.long == name || o.aliases.iter().any(|a| a == name));
+        if name.is_empty() || known {
             kept.push(arg);
             continue;
         }
         let mut dropped = text.clone();
-        if !inline_value
+        if inline_value.is_none()
             && let Some(next) = iter.peek()
             && !next.to_string_lossy().starts_with("--")
         {
@@ -739,18 +737,21 @@ mod tests {
 
     #[test]
     fn unknown_options_are_dropped_with_their_value_and_reported() {
-        let (kept, warnings) = drop_unknown_options(strings(&[
-            "--batch-size",
-            "16",
-            "--foo",
-            "bar",
-            "--model_dir",
-            "s3://b/m",
-            "--flag",
-            "--baz=1",
-            "--fine-tune-layer",
-            "90",
-        ]));
+        let (kept, warnings) = drop_unknown_options(
+            strings(&[
+                "--batch-size",
+                "16",
+                "--foo",
+                "bar",
+                "--model_dir",
+                "s3://b/m",
+                "--flag",
+                "--baz=1",
+                "--fine-tune-layer",
+                "90",
+            ]),
+            &known_options(),
+        );
         assert_eq!(
             kept,
             strings(&[
