@@ -15,6 +15,9 @@
 //!   `hf-hub` when online) or a local file, or random initialisation.
 //! - [`keras_layers`]: the Keras layer order `--fine-tune-layer` counts in, and which Keras
 //!   layer holds each of our tensors.
+//! - [`folded`]: a backbone's frozen layers as a fast CPU inference network (BatchNorm folded,
+//!   channels-last, one image per thread), for phase 1, the frozen part of phase 2 and
+//!   inference; [`frozen`] picks it on the CPU and the burn modules elsewhere.
 //! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
 //! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
 //!   [`conv`].
@@ -26,6 +29,8 @@ pub mod backbone;
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
+pub mod folded;
+pub mod frozen;
 pub mod head;
 pub mod hub;
 pub mod keras_layers;
@@ -37,6 +42,7 @@ pub mod xception;
 
 pub use backbone::Backbone;
 pub use batch_norm::{BatchNorm2d, BatchNorm2dConfig};
+pub use frozen::FrozenPrefix;
 pub use head::{ClassifierHead, ClassifierHeadConfig, global_average_pool};
 pub use hub::{HubConfig, HubError, ResolvedWeights, WeightsSpec};
 pub use mobilenet_v3::{MobileNetV3, MobileNetV3Config, MobileNetV3Size};

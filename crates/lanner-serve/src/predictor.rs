@@ -7,7 +7,7 @@
 //! spells both out per class (`[1 - p, p]` for a binary model), as `lanner predict` prints them.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use lanner_models::Normalization;
+use lanner_models::{FrozenPrefix, Normalization};
 use lanner_train::ModelCard;
 use lanner_train::artifact::{self, ArtifactError};
 use lanner_train::classifier::Classifier;
@@ -86,6 +86,8 @@ pub struct Predictor {
     /// What the model is.
     pub info: ModelInfo,
     model: Classifier,
+    /// The backbone folded for inference (on the CPU), once at load.
+    backbone: FrozenPrefix,
     normalization: Normalization,
     device: Device,
 }
@@ -97,6 +99,7 @@ impl Predictor {
         Ok(Self {
             info: ModelInfo::new(&card, dir),
             normalization: card.preprocessing.normalization(),
+            backbone: model.inference_backbone(&device),
             model,
             device,
         })
@@ -112,7 +115,7 @@ impl Predictor {
         );
         let logits: Vec<f32> = self
             .model
-            .predict(input, &self.normalization)
+            .predict(&self.backbone, input, &self.normalization)
             .into_data()
             .try_into_vec()
             .expect("the model's logits are f32");

@@ -5,7 +5,9 @@ use burn::module::Module;
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
-use lanner_models::{Backbone, ClassifierHead, ClassifierHeadConfig, ModelEntry, Normalization};
+use lanner_models::{
+    Backbone, ClassifierHead, ClassifierHeadConfig, FrozenPrefix, ModelEntry, Normalization,
+};
 
 /// Backbone, then global average pooling, dropout and one dense layer.
 #[derive(Module, Debug)]
@@ -64,9 +66,21 @@ impl Classifier {
         self.head.classifier.forward(pooled)
     }
 
-    /// Inference: the logits of pixel batches.
-    pub fn predict(&self, pixels: Tensor<4>, normalization: &Normalization) -> Tensor<2> {
-        self.logits(self.pooled_features(pixels, normalization), None)
+    /// The backbone prepared for repeated inference on `device` (folded once on the CPU);
+    /// pass it to [`Classifier::predict`].
+    pub fn inference_backbone(&self, device: &Device) -> FrozenPrefix {
+        FrozenPrefix::whole(&self.backbone, device)
+    }
+
+    /// Inference: the logits of pixel batches, through `backbone` (this model's
+    /// [`Classifier::inference_backbone`]).
+    pub fn predict(
+        &self,
+        backbone: &FrozenPrefix,
+        pixels: Tensor<4>,
+        normalization: &Normalization,
+    ) -> Tensor<2> {
+        self.logits(backbone.pooled(pixels, normalization), None)
     }
 }
 

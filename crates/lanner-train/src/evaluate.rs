@@ -18,10 +18,11 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EpochMetrics, DataError> {
     let mut metrics = MetricsAccumulator::new(classes, true);
+    let backbone = model.inference_backbone(device);
     for batch in loader.epoch(0) {
         let batch = batch?;
         let labels = batch.labels.clone();
-        let logits = model.predict(batch.into_images_tensor(device), normalization);
+        let logits = model.predict(&backbone, batch.into_images_tensor(device), normalization);
         let logits: Vec<f32> = logits.into_data().try_into_vec().expect("logits are f32");
         metrics.update(&logits, &labels, &vec![1.0; labels.len()]);
     }

@@ -28,6 +28,30 @@ pub fn prepare(
     })
 }
 
+/// How many of the backbone's first units (see [`lanner_models::Backbone::unit_count`]) hold no
+/// parameter that trains under `trainable`: the prefix that can run without autodiff.
+pub fn frozen_units(
+    model: &Classifier,
+    entry: &ModelEntry,
+    trainable: Trainable,
+) -> Result<usize, KerasLayerError> {
+    let backbone = &model.backbone;
+    let all = backbone.unit_count();
+    Ok(match trainable {
+        Trainable::Head => all,
+        Trainable::Everything => 0,
+        Trainable::FromKerasLayer(layer) => {
+            let split = entry.keras_layer_map().split(backbone, layer)?;
+            split
+                .trainable
+                .iter()
+                .map(|(name, _)| backbone.unit_of(name).unwrap_or(0))
+                .min()
+                .unwrap_or(all)
+        }
+    })
+}
+
 /// The parameters that train under `trainable`.
 fn trainable_ids(
     model: &Classifier,

@@ -8,13 +8,12 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
-use lanner_models::{Backbone, ModelEntry};
+use lanner_models::{FrozenPrefix, ModelEntry};
 
 use crate::classifier::Classifier;
-use crate::freeze::{parameter_counts, prepare};
+use crate::freeze::{frozen_units, parameter_counts, prepare};
 use crate::optimizer::OptimizerConfig;
 use crate::recipe::{BatchNormMode, Phase, PhaseName, Trainable};
 use crate::trainer::{DropoutDraw, StepInput, training_step};
@@ -134,9 +133,10 @@ pub fn measure(
         None => {
             let model = Classifier::new(config.entry, config.classes, 0.2, device);
             let total = parameter_counts(&model).1;
+            let backbone = model.inference_backbone(device);
             let timing = time_steps(config, started, |_| {
                 let logits: Vec<f32> = model
-                    .predict(batch(device), &normalization)
+                    .predict(&backbone, batch(device), &normalization)
                     .into_data()
                     .try_into_vec()
                     .expect("logits are f32");
@@ -148,8 +148,8 @@ pub fn measure(
             let model = Classifier::new(config.entry, config.classes, 0.2, &autodiff);
             let model = prepare(model, config.entry, &phase)?;
             let (trainable, total) = parameter_counts(&model);
-            let frozen: Option<Backbone> =
-                (phase.trainable == Trainable::Head).then(|| model.backbone.valid());
+            let units = frozen_units(&model, config.entry, phase.trainable)?;
+            let frozen = (units > 0).then(|| FrozenPrefix::new(&model.backbone, units, device));
             let mut optimizer = phase.optimizer.init();
             let mut model = Some(model);
             let timing = time_steps(config, started, |step| {

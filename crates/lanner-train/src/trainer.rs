@@ -12,18 +12,18 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader};
-use lanner_models::{Backbone, ModelEntry, Normalization, global_average_pool};
+use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool};
 
 use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
 use crate::checkpoint::{self, CheckpointError, CheckpointTensors, Position, RunState};
 use crate::classifier::{Classifier, dropout_mask, weighted_loss};
 use crate::early_stopping::{EarlyStoppingState, Verdict};
 use crate::evaluate::evaluate;
-use crate::freeze::{parameter_counts, prepare};
+use crate::freeze::{frozen_units, parameter_counts, prepare};
 use crate::hyperparameters::Hyperparameters;
 use crate::metrics::MetricsAccumulator;
 use crate::optimizer::{Optimizer, parameter_ids, parameter_names};
-use crate::recipe::{Recipe, Trainable};
+use crate::recipe::Recipe;
 use crate::report::{EpochRecord, Reporter, write_metrics_jsonl};
 
 /// Everything a training run needs.
@@ -182,9 +182,11 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 )
                 .map_err(TrainError::Incompatible)?;
         }
-        // Phase 1 never changes the backbone: run it without autodiff, once per batch.
-        let frozen_backbone: Option<Backbone> =
-            (phase.trainable == Trainable::Head).then(|| model.backbone.valid());
+        // The backbone's units that the phase does not train (all of them in phase 1, those
+        // below the fine-tune layer in phase 2) run without autodiff, folded on the CPU.
+        let frozen_units = frozen_units(&model, entry, phase.trainable)?;
+        let frozen =
+            (frozen_units > 0).then(|| FrozenPrefix::new(&model.backbone, frozen_units, &device));
 
         let mut stop_phase = false;
         while state.position.epoch_in_phase < phase.epochs && !stop_phase {
@@ -210,7 +212,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 let pixels = batch.into_images_tensor(&device);
                 let (updated, logits) = training_step(
                     model,
-                    frozen_backbone.as_ref(),
+                    frozen.as_ref(),
                     &mut optimizer,
                     StepInput {
                         pixels,
@@ -409,13 +411,13 @@ pub struct StepInput<'a> {
     pub dropout: DropoutDraw,
 }
 
-/// One optimizer step of the recipe on one batch: forward (through `frozen_backbone` without
-/// autodiff when the phase trains only the head), the class-weighted loss, backward and the
+/// One optimizer step of the recipe on one batch: forward (the `frozen` prefix of the
+/// backbone without autodiff, the rest with it), the class-weighted loss, backward and the
 /// optimizer's update. Returns the updated model and the batch's logits, read back to the host
 /// (which also waits for the device to finish the step).
 pub fn training_step(
     model: Classifier,
-    frozen_backbone: Option<&Backbone>,
+    frozen: Option<&FrozenPrefix>,
     optimizer: &mut Optimizer,
     input: StepInput<'_>,
     autodiff: &Device,
@@ -428,9 +430,11 @@ pub fn training_step(
         dropout,
     } = input;
     let size = labels.len();
-    let pooled = match frozen_backbone {
-        Some(backbone) => {
-            global_average_pool(backbone.forward(normalization.apply(pixels))).autodiff()
+    let pooled = match frozen {
+        Some(prefix) if prefix.is_whole() => prefix.pooled(pixels, normalization).autodiff(),
+        Some(prefix) => {
+            let features = prefix.features(pixels, normalization).autodiff();
+            global_average_pool(model.backbone.forward_units(features, prefix.rest()))
         }
         None => model.pooled_features(pixels.autodiff(), normalization),
     };

@@ -167,10 +167,25 @@ impl MobileNetV3 {
     /// The feature map `[batch, feature_channels, height / 32, width / 32]` of normalised
     /// images `[batch, 3, height, width]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = hard_swish(self.bn1.forward(self.conv_stem.forward(images)));
+        let units = 1 + self.blocks.iter().map(Vec::len).sum::<usize>();
+        self.forward_units(images, 0..units)
+    }
+
+    /// Units `units` of the network: 0 is the stem, unit `i > 0` the `i`-th block counted
+    /// across stages. See [`crate::Backbone::unit_count`].
+    pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
+        let x = if units.contains(&0) {
+            hard_swish(self.bn1.forward(self.conv_stem.forward(x)))
+        } else {
+            x
+        };
+        let first_block = units.start.max(1) - 1;
+        let blocks = units.end.saturating_sub(1).saturating_sub(first_block);
         self.blocks
             .iter()
             .flatten()
+            .skip(first_block)
+            .take(blocks)
             .fold(x, |x, block| block.forward(x))
     }
 

@@ -27,6 +27,24 @@ use blocks::{SeparableConv2d, SeparableConv2dConfig, XceptionBlock, XceptionBloc
 /// Channels of Xception's feature map (timm's `num_features`).
 pub const XCEPTION_FEATURE_CHANNELS: usize = 2048;
 
+/// Units of Xception (see [`crate::Backbone::unit_count`]): `conv1`, `conv2`, `block1`..`block12`,
+/// `conv3`, `conv4`, each with its BatchNorm and ReLU.
+pub const UNITS: usize = 16;
+
+/// The unit a timm tensor name's first segment (`conv1`, `bn2`, `block7`, …) belongs to.
+pub fn unit_of(first_segment: &str) -> Option<usize> {
+    match first_segment {
+        "conv1" | "bn1" => Some(0),
+        "conv2" | "bn2" => Some(1),
+        "conv3" | "bn3" => Some(14),
+        "conv4" | "bn4" => Some(15),
+        _ => {
+            let n: usize = first_segment.strip_prefix("block")?.parse().ok()?;
+            (1..=12).contains(&n).then_some(1 + n)
+        }
+    }
+}
+
 /// Configuration of an [`Xception`] backbone (timm's `legacy_xception`; it has no width
 /// multiplier).
 #[derive(Config, Debug)]
@@ -148,14 +166,19 @@ impl Xception {
     /// The feature map `[batch, 2048, h, w]` of normalised images `[batch, 3, height, width]`
     /// (`h = w = 10` at 299, 3 at 71, timm's `forward_features`).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(self.conv1.forward(images)));
-        let x = relu(self.bn2.forward(self.conv2.forward(x)));
-        let x = self
-            .blocks()
-            .into_iter()
-            .fold(x, |x, block| block.forward(x));
-        let x = relu(self.bn3.forward(self.conv3.forward(x)));
-        relu(self.bn4.forward(self.conv4.forward(x)))
+        self.forward_units(images, 0..UNITS)
+    }
+
+    /// Units `units` of the network (see [`unit_of`]): each takes the previous one's output.
+    pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
+        units.fold(x, |x, unit| match unit {
+            0 => relu(self.bn1.forward(self.conv1.forward(x))),
+            1 => relu(self.bn2.forward(self.conv2.forward(x))),
+            2..=13 => self.blocks()[unit - 2].forward(x),
+            14 => relu(self.bn3.forward(self.conv3.forward(x))),
+            15 => relu(self.bn4.forward(self.conv4.forward(x))),
+            _ => panic!("Xception has {UNITS} units, not {}", unit + 1),
+        })
     }
 
     /// The same backbone with every BatchNorm's statistics frozen (or not); see

@@ -1,0 +1,652 @@
+//! The CPU kernels of a folded network, on one image in channels-last layout (`[h][w][c]`):
+//! matrix products through the `gemm` crate, and depthwise convolution, pooling and
+//! activations written here so that they vectorise over channels.
+//!
+//! The loops are written once, generically, and compiled for AVX-512, AVX2+FMA and the
+//! baseline; the fastest the CPU has is picked at run time.
+
+use gemm::Parallelism;
+
+/// The non-linearity applied after a (folded) convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// None.
+    Identity,
+    /// `max(0, x)`.
+    Relu,
+    /// `x · relu6(x + 3) / 6`.
+    HardSwish,
+}
+
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+#[inline(always)]
+fn activate_impl(values: &mut [f32], act: Act) {
+    match act {
+        Act::Identity => {}
+        Act::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Act::HardSwish => values
+            .iter_mut()
+            .for_each(|v| *v = *v * (*v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
+    }
+}
+
+/// Runs `$body` (a generic function call with a `const FMA: bool` parameter) compiled for
+/// the best instruction set this CPU has.
+macro_rules! dispatch {
+    ($name:ident ( $($arg:ident : $ty:ty),* ) => $generic:ident) => {
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic::<false>($($arg),*)
+        }
+    };
+}
+
+dispatch!(activate(values: &mut [f32], act: Act) => activate_generic);
+
+#[inline(always)]
+fn activate_generic<const FMA: bool>(values: &mut [f32], act: Act) {
+    activate_impl(values, act)
+}
+
+/// Output size of a convolution or pooling along one axis.
+pub fn output_size(input: usize, kernel: usize, stride: usize, pad: usize) -> usize {
+    (input + 2 * pad - kernel) / stride + 1
+}
+
+/// `dst[m × n] = a[m × k] · b[k × n]`, or `dst += a · b` when `accumulate`; all row-major.
+/// `threads`: split the product over the rayon pool (for a single image), else run here.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: bool,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let parallelism = if threads {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the three slices hold the m×n, m×k and k×n row-major matrices (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A depthwise convolution's shape and folded parameters.
+#[derive(Clone, Copy)]
+pub struct DepthwiseShape<'a> {
+    /// Input height, width, channels.
+    pub input: (usize, usize, usize),
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub pad: usize,
+    /// `[kernel · kernel][channels]`.
+    pub weights: &'a [f32],
+    /// `[channels]`.
+    pub bias: &'a [f32],
+    /// Activation of the output.
+    pub act: Act,
+    /// Apply ReLU to the input as it is read (Xception's ReLU before a separable convolution,
+    /// whose un-activated input the shortcut still needs).
+    pub input_relu: bool,
+}
+
+/// The depthwise convolution of `input` into `out`, both channels-last.
+pub fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        check_depthwise(shape, input, out);
+        // SAFETY: the CPU has AVX2 and FMA; the slices' lengths were checked.
+        return unsafe { x86::depthwise(shape, input, out) };
+    }
+    depthwise_generic::<false>(shape, input, out)
+}
+
+fn check_depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    let (h, w, c) = shape.input;
+    let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
+    let ho = output_size(h, k, stride, pad);
+    let wo = output_size(w, k, stride, pad);
+    assert!(input.len() >= h * w * c && out.len() >= ho * wo * c);
+    assert!(shape.weights.len() == k * k * c && shape.bias.len() == c);
+}
+
+#[inline(always)]
+fn depthwise_generic<const FMA: bool>(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    let (h, w, c) = shape.input;
+    let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
+    let ho = output_size(h, k, stride, pad);
+    let wo = output_size(w, k, stride, pad);
+    check_depthwise(shape, input, out);
+    for oy in 0..ho {
+        let iy0 = (oy * stride) as isize - pad as isize;
+        let ky = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
+        for ox in 0..wo {
+            let ix0 = (ox * stride) as isize - pad as isize;
+            let kx = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
+            let window = Window {
+                origin: (iy0, ix0),
+                ky: ky.clone(),
+                kx,
+            };
+            let dst = &mut out[(oy * wo + ox) * c..][..c];
+            let mut c0 = 0;
+            while c0 + 32 <= c {
+                depthwise_chunk::<FMA, 32>(shape, input, &window, c0, &mut dst[c0..c0 + 32]);
+                c0 += 32;
+            }
+            while c0 + 8 <= c {
+                depthwise_chunk::<FMA, 8>(shape, input, &window, c0, &mut dst[c0..c0 + 8]);
+                c0 += 8;
+            }
+            while c0 < c {
+                depthwise_chunk::<FMA, 1>(shape, input, &window, c0, &mut dst[c0..c0 + 1]);
+                c0 += 1;
+            }
+        }
+    }
+}
+
+/// The input rows and columns of the kernel that fall inside the image, for one output pixel.
+struct Window {
+    origin: (isize, isize),
+    ky: std::ops::Range<usize>,
+    kx: std::ops::Range<usize>,
+}
+
+#[inline(always)]
+fn depthwise_chunk<const FMA: bool, const W: usize>(
+    shape: &DepthwiseShape<'_>,
+    input: &[f32],
+    window: &Window,
+    c0: usize,
+    dst: &mut [f32],
+) {
+    let (_, w, c) = shape.input;
+    let k = shape.kernel;
+    let mut acc = [0.0f32; W];
+    acc.copy_from_slice(&shape.bias[c0..c0 + W]);
+    for ky in window.ky.clone() {
+        let row = (window.origin.0 + ky as isize) as usize * w;
+        for kx in window.kx.clone() {
+            let column = (window.origin.1 + kx as isize) as usize;
+            let x: &[f32; W] = input[(row + column) * c + c0..][..W].try_into().unwrap();
+            let weight: &[f32; W] = shape.weights[(ky * k + kx) * c + c0..][..W]
+                .try_into()
+                .unwrap();
+            if shape.input_relu {
+                for i in 0..W {
+                    acc[i] = fma::<FMA>(x[i].max(0.0), weight[i], acc[i]);
+                }
+            } else {
+                for i in 0..W {
+                    acc[i] = fma::<FMA>(x[i], weight[i], acc[i]);
+                }
+            }
+        }
+    }
+    activate_impl(&mut acc, shape.act);
+    dst.copy_from_slice(&acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The depthwise convolution with AVX2 + FMA intrinsics: the compiler did not vectorise
+    //! the generic loop (it kept the accumulators in scalar registers).
+
+    use std::arch::x86_64::*;
+
+    use super::{Act, DepthwiseShape, output_size};
+
+    /// Lanes per vector.
+    const L: usize = 8;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m256, act: Act) -> __m256 {
+        // SAFETY: only called from functions compiled with AVX2.
+        unsafe {
+            match act {
+                Act::Identity => v,
+                Act::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+                Act::HardSwish => {
+                    let three = _mm256_set1_ps(3.0);
+                    let gate = _mm256_min_ps(
+                        _mm256_max_ps(_mm256_add_ps(v, three), _mm256_setzero_ps()),
+                        _mm256_set1_ps(6.0),
+                    );
+                    _mm256_mul_ps(_mm256_mul_ps(v, gate), _mm256_set1_ps(1.0 / 6.0))
+                }
+            }
+        }
+    }
+
+    /// `V` vectors of channels from `c0` for one output pixel whose kernel window is
+    /// `rows × columns` (already clipped to the image), at input `origin`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pixel<const V: usize>(
+        shape: &DepthwiseShape<'_>,
+        input: *const f32,
+        origin: (isize, isize),
+        rows: std::ops::Range<usize>,
+        columns: std::ops::Range<usize>,
+        c0: usize,
+        dst: *mut f32,
+    ) {
+        unsafe {
+            let (_, w, c) = shape.input;
+            let k = shape.kernel;
+            let zero = _mm256_setzero_ps();
+            let mut acc = [zero; V];
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(shape.bias.as_ptr().add(c0 + j * L));
+            }
+            for ky in rows {
+                let row = (origin.0 + ky as isize) as usize * w;
+                for kx in columns.clone() {
+                    let column = (origin.1 + kx as isize) as usize;
+                    let x = input.add((row + column) * c + c0);
+                    let weight = shape.weights.as_ptr().add((ky * k + kx) * c + c0);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let mut xv = _mm256_loadu_ps(x.add(j * L));
+                        if shape.input_relu {
+                            xv = _mm256_max_ps(xv, zero);
+                        }
+                        *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(weight.add(j * L)), *a);
+                    }
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(c0 + j * L), activate(*a, shape.act));
+            }
+        }
+    }
+
+    /// See [`super::depthwise`]; the caller checked the slices' lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+        let (h, w, c) = shape.input;
+        let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
+        let ho = output_size(h, k, stride, pad);
+        let wo = output_size(w, k, stride, pad);
+        let input_ptr = input.as_ptr();
+        for oy in 0..ho {
+            let iy0 = (oy * stride) as isize - pad as isize;
+            let rows = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
+            for ox in 0..wo {
+                let ix0 = (ox * stride) as isize - pad as isize;
+                let columns = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
+                let origin = (iy0, ix0);
+                let dst = out[(oy * wo + ox) * c..][..c].as_mut_ptr();
+                let mut c0 = 0;
+                // SAFETY: every read is inside `input` (the window is clipped to the image)
+                // and every write inside this pixel's `c` outputs.
+                unsafe {
+                    while c0 + 4 * L <= c {
+                        pixel::<4>(
+                            shape,
+                            input_ptr,
+                            origin,
+                            rows.clone(),
+                            columns.clone(),
+                            c0,
+                            dst,
+                        );
+                        c0 += 4 * L;
+                    }
+                    while c0 + L <= c {
+                        pixel::<1>(
+                            shape,
+                            input_ptr,
+                            origin,
+                            rows.clone(),
+                            columns.clone(),
+                            c0,
+                            dst,
+                        );
+                        c0 += L;
+                    }
+                }
+                for ch in c0..c {
+                    let mut acc = shape.bias[ch];
+                    for ky in rows.clone() {
+                        for kx in columns.clone() {
+                            let at = ((iy0 + ky as isize) as usize * w
+                                + (ix0 + kx as isize) as usize)
+                                * c
+                                + ch;
+                            let x = if shape.input_relu {
+                                input[at].max(0.0)
+                            } else {
+                                input[at]
+                            };
+                            acc = x.mul_add(shape.weights[(ky * k + kx) * c + ch], acc);
+                        }
+                    }
+                    let mut v = [acc];
+                    super::activate_impl(&mut v, shape.act);
+                    out[(oy * wo + ox) * c + ch] = v[0];
+                }
+            }
+        }
+    }
+}
+
+/// Lays out the `kernel × kernel` patches of `input` (`[h][w][c]`) as rows
+/// `[ho · wo][kernel · kernel · c]` (zeros where the patch overhangs), so that a dense
+/// convolution is one matrix product. Returns `(ho, wo)`.
+pub fn im2col(
+    input: &[f32],
+    (h, w, c): (usize, usize, usize),
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    out: &mut [f32],
+) -> (usize, usize) {
+    let ho = output_size(h, kernel, stride, pad);
+    let wo = output_size(w, kernel, stride, pad);
+    let row_len = kernel * kernel * c;
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let row = &mut out[(oy * wo + ox) * row_len..][..row_len];
+            for ky in 0..kernel {
+                let iy = (oy * stride + ky) as isize - pad as isize;
+                for kx in 0..kernel {
+                    let ix = (ox * stride + kx) as isize - pad as isize;
+                    let dst = &mut row[(ky * kernel + kx) * c..][..c];
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        dst.fill(0.0);
+                    } else {
+                        let at = (iy as usize * w + ix as usize) * c;
+                        dst.copy_from_slice(&input[at..at + c]);
+                    }
+                }
+            }
+        }
+    }
+    (ho, wo)
+}
+
+/// Every `stride`-th pixel of `input` in both directions (a strided 1x1 convolution's input).
+pub fn subsample(input: &[f32], (h, w, c): (usize, usize, usize), stride: usize, out: &mut [f32]) {
+    let (ho, wo) = (h.div_ceil(stride), w.div_ceil(stride));
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let at = (oy * stride * w + ox * stride) * c;
+            out[(oy * wo + ox) * c..][..c].copy_from_slice(&input[at..at + c]);
+        }
+    }
+}
+
+dispatch!(max_pool(input: &[f32], shape: (usize, usize, usize), kernel: usize, stride: usize, pad: usize, out: &mut [f32]) => max_pool_generic);
+
+/// Max over `kernel × kernel` windows; taps in the padding are ignored (PyTorch's `-inf`).
+#[inline(always)]
+fn max_pool_generic<const FMA: bool>(
+    input: &[f32],
+    (h, w, c): (usize, usize, usize),
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    out: &mut [f32],
+) {
+    let ho = output_size(h, kernel, stride, pad);
+    let wo = output_size(w, kernel, stride, pad);
+    for oy in 0..ho {
+        let iy0 = (oy * stride) as isize - pad as isize;
+        for ox in 0..wo {
+            let ix0 = (ox * stride) as isize - pad as isize;
+            let dst = &mut out[(oy * wo + ox) * c..][..c];
+            dst.fill(f32::NEG_INFINITY);
+            for ky in 0..kernel as isize {
+                let iy = iy0 + ky;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kernel as isize {
+                    let ix = ix0 + kx;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let at = (iy as usize * w + ix as usize) * c;
+                    for (d, x) in dst.iter_mut().zip(&input[at..at + c]) {
+                        *d = d.max(*x);
+                    }
+                }
+            }
+        }
+    }
+}
+
+dispatch!(mean_over_pixels(input: &[f32], pixels: usize, out: &mut [f32]) => mean_generic);
+
+/// The mean of each channel of `input` (`[pixels][c]`, `c = out.len()`).
+#[inline(always)]
+fn mean_generic<const FMA: bool>(input: &[f32], pixels: usize, out: &mut [f32]) {
+    let c = out.len();
+    out.fill(0.0);
+    for pixel in input[..pixels * c].chunks_exact(c) {
+        for (o, x) in out.iter_mut().zip(pixel) {
+            *o += *x;
+        }
+    }
+    let scale = 1.0 / pixels as f32;
+    out.iter_mut().for_each(|o| *o *= scale);
+}
+
+dispatch!(scale_channels(values: &mut [f32], gate: &[f32]) => scale_generic);
+
+/// Multiplies every pixel of `values` (`[pixels][c]`) by `gate` (`[c]`), channel by channel.
+#[inline(always)]
+fn scale_generic<const FMA: bool>(values: &mut [f32], gate: &[f32]) {
+    for pixel in values.chunks_exact_mut(gate.len()) {
+        for (v, g) in pixel.iter_mut().zip(gate) {
+            *v *= *g;
+        }
+    }
+}
+
+dispatch!(fill_rows(dst: &mut [f32], bias: &[f32], residual: Option<&[f32]>) => fill_rows_generic);
+
+/// Every row of `dst` (`[rows][n]`) set to `bias` (`[n]`), plus the same row of `residual`.
+#[inline(always)]
+fn fill_rows_generic<const FMA: bool>(dst: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
+    let n = bias.len();
+    match residual {
+        Some(residual) => {
+            for (row, r) in dst.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
+                for ((d, b), r) in row.iter_mut().zip(bias).zip(r) {
+                    *d = *b + *r;
+                }
+            }
+        }
+        None => dst
+            .chunks_exact_mut(n)
+            .for_each(|row| row.copy_from_slice(bias)),
+    }
+}
+
+dispatch!(add_into(dst: &mut [f32], other: &[f32]) => add_generic);
+
+#[inline(always)]
+fn add_generic<const FMA: bool>(dst: &mut [f32], other: &[f32]) {
+    for (d, o) in dst.iter_mut().zip(other) {
+        *d += *o;
+    }
+}
+
+/// `y[n] = bias[n] + x[k] · w[k][n]`: a dense layer on one vector.
+pub fn vector_matmul(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+    let n = bias.len();
+    y.copy_from_slice(bias);
+    for (xi, row) in x.iter().zip(w.chunks_exact(n)) {
+        for (yj, wj) in y.iter_mut().zip(row) {
+            *yj += *xi * *wj;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direct, unoptimised depthwise convolution to check the kernel against.
+    fn reference_depthwise(shape: &DepthwiseShape<'_>, input: &[f32]) -> Vec<f32> {
+        let (h, w, c) = shape.input;
+        let (k, s, p) = (shape.kernel, shape.stride, shape.pad);
+        let (ho, wo) = (output_size(h, k, s, p), output_size(w, k, s, p));
+        let mut out = vec![0.0; ho * wo * c];
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for ch in 0..c {
+                    let mut acc = shape.bias[ch] as f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            let ix = (ox * s + kx) as isize - p as isize;
+                            if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                                let mut x = input[(iy as usize * w + ix as usize) * c + ch];
+                                if shape.input_relu {
+                                    x = x.max(0.0);
+                                }
+                                acc += (x * shape.weights[(ky * k + kx) * c + ch]) as f64;
+                            }
+                        }
+                    }
+                    let mut v = [acc as f32];
+                    activate_impl(&mut v, shape.act);
+                    out[(oy * wo + ox) * c + ch] = v[0];
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn depthwise_matches_a_direct_convolution() {
+        for (h, w, c, k, s) in [
+            (7, 9, 40, 3, 1),
+            (8, 8, 72, 5, 2),
+            (5, 6, 3, 3, 2),
+            (4, 4, 33, 3, 1),
+        ] {
+            for (act, input_relu) in [
+                (Act::HardSwish, false),
+                (Act::Identity, true),
+                (Act::Relu, false),
+            ] {
+                let pad = ((s - 1) + (k - 1)) / 2;
+                let weights = values(k * k * c, 1);
+                let bias = values(c, 2);
+                let input = values(h * w * c, 3);
+                let shape = DepthwiseShape {
+                    input: (h, w, c),
+                    kernel: k,
+                    stride: s,
+                    pad,
+                    weights: &weights,
+                    bias: &bias,
+                    act,
+                    input_relu,
+                };
+                let want = reference_depthwise(&shape, &input);
+                let mut got = vec![f32::NAN; want.len()];
+                depthwise(&shape, &input, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_accumulates_onto_the_destination() {
+        let (m, k, n) = (5, 7, 3);
+        let a = values(m * k, 4);
+        let b = values(k * n, 5);
+        let mut dst = vec![1.0; m * n];
+        matmul(&mut dst, true, &a, &b, m, k, n, false);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = 1.0 + (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum::<f32>();
+                assert!((dst[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_ignores_the_padding() {
+        // 2x2 single channel, all negative: padded taps must not win with 0.
+        let input = [-4.0, -3.0, -2.0, -1.0];
+        let mut out = [0.0; 1];
+        max_pool(&input, (2, 2, 1), 3, 2, 1, &mut out);
+        assert_eq!(out, [-1.0]);
+    }
+
+    #[test]
+    fn im2col_pads_with_zeros() {
+        let input = [1.0, 2.0, 3.0, 4.0];
+        let mut out = vec![9.0; 4 * 9];
+        assert_eq!(im2col(&input, (2, 2, 1), 3, 1, 1, &mut out), (2, 2));
+        assert_eq!(&out[..9], &[0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
+    }
+}

@@ -1,0 +1,151 @@
+//! The folded network against the burn modules it was folded from, on random weights with
+//! random BatchNorm statistics (so that folding changes every weight).
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::FoldedBackbone;
+use crate::backbone::Backbone;
+use crate::registry::{IMAGENET, INCEPTION, Normalization};
+use crate::{MobileNetV3Config, MobileNetV3Size, XceptionConfig};
+
+/// Scales every tensor (weights, BatchNorm scale, shift and statistics) by a factor in
+/// 0.7..1.3 and shifts it by up to ±0.02: running variances stay positive. Its own random
+/// stream (tests run in parallel and share the device's).
+struct Perturb(u64);
+
+impl Perturb {
+    fn uniform(&mut self, low: f32, high: f32) -> f32 {
+        // SplitMix64.
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        low + (high - low) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+    }
+
+    fn tensor<const D: usize>(&mut self, shape: [usize; D], low: f32, high: f32) -> Tensor<D> {
+        let values: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| self.uniform(low, high))
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &Device::flex())
+    }
+}
+
+impl ModuleMapper for Perturb {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            let shape = t.dims();
+            t * self.tensor(shape, 0.7, 1.3) + self.tensor(shape, -0.02, 0.02)
+        })
+    }
+}
+
+const SEED: u64 = 11;
+
+fn pixels(batch: usize, size: usize, seed: u64) -> Tensor<4> {
+    Perturb(seed).tensor([batch, 3, size, size], 0.0, 255.0)
+}
+
+/// max |a − b| over max |b|: the error relative to the output's scale.
+fn relative_error(got: Tensor<4>, want: Tensor<4>) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let scale: f32 = want.clone().abs().max().into_scalar();
+    let error: f32 = (got - want).abs().max().into_scalar();
+    error / scale.max(1e-12)
+}
+
+fn check_prefixes(
+    backbone: &Backbone,
+    size: usize,
+    normalization: &Normalization,
+    prefixes: &[usize],
+) {
+    let device = Device::flex();
+    let images = pixels(2, size, 7);
+    for &units in prefixes {
+        let folded = FoldedBackbone::new(backbone, units);
+        assert_eq!(folded.unit_count(), units);
+        let got = folded
+            .forward(images.clone(), normalization)
+            .to_tensor(&device);
+        let want = backbone.forward_units(normalization.apply(images.clone()), 0..units);
+        let error = relative_error(got, want);
+        assert!(error <= 1e-4, "{units} units: relative error {error}");
+    }
+}
+
+#[test]
+fn folded_mobilenet_v3_matches_the_burn_modules() {
+    let device = Device::flex();
+    for (size, width) in [(MobileNetV3Size::Large, 1.0), (MobileNetV3Size::Small, 0.5)] {
+        let model = MobileNetV3Config::new(size)
+            .with_width_multiplier(width)
+            .init(&device)
+            .map(&mut Perturb(SEED));
+        let backbone = Backbone::MobileNetV3(model);
+        let all = backbone.unit_count();
+        check_prefixes(&backbone, 64, &IMAGENET, &[1, 2, 5, all / 2, all]);
+    }
+}
+
+#[test]
+fn folded_xception_matches_the_burn_modules() {
+    let device = Device::flex();
+    let backbone = Backbone::Xception(XceptionConfig::new().init(&device).map(&mut Perturb(SEED)));
+    check_prefixes(&backbone, 71, &INCEPTION, &[1, 3, 4, 6, 14, 16]);
+}
+
+#[test]
+fn pooled_features_are_the_mean_of_the_feature_map() {
+    let device = Device::flex();
+    let model = MobileNetV3Config::new(MobileNetV3Size::Small)
+        .with_width_multiplier(0.5)
+        .init(&device)
+        .map(&mut Perturb(SEED));
+    let backbone = Backbone::MobileNetV3(model);
+    let folded = FoldedBackbone::whole(&backbone);
+    // One image: fewer images than threads, so the products use the thread pool.
+    for batch in [1, 3] {
+        let images = pixels(batch, 96, 8);
+        let pooled = folded.pooled(images.clone(), &IMAGENET);
+        let want = crate::global_average_pool(backbone.forward(IMAGENET.apply(images)));
+        let error = relative_error(pooled.unsqueeze_dim(2), want.unsqueeze_dim(2));
+        assert!(error <= 1e-4, "batch {batch}: relative error {error}");
+    }
+}
+
+#[test]
+fn units_split_the_forward_pass_and_own_every_tensor() {
+    let device = Device::flex();
+    for backbone in [
+        Backbone::MobileNetV3(MobileNetV3Config::new(MobileNetV3Size::Small).init(&device)),
+        Backbone::Xception(XceptionConfig::new().init(&device)),
+    ] {
+        let all = backbone.unit_count();
+        let size = if matches!(backbone, Backbone::Xception(_)) {
+            71
+        } else {
+            64
+        };
+        let x = pixels(1, size, 9).div_scalar(255.0);
+        let whole = backbone.forward(x.clone());
+        let split = backbone.forward_units(backbone.forward_units(x, 0..all / 2), all / 2..all);
+        assert!(relative_error(split, whole) == 0.0);
+        let mut seen = vec![false; all];
+        for tensor in burn::store::ModuleSnapshot::collect(
+            &backbone,
+            None,
+            Some(Box::new(burn::store::BurnToPyTorchAdapter)),
+            true,
+        ) {
+            let unit = backbone
+                .unit_of(&tensor.name)
+                .unwrap_or_else(|| panic!("{} has no unit", tensor.name));
+            seen[unit] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "{seen:?}");
+        assert_eq!(backbone.unit_of("classifier.weight"), None);
+    }
+}

@@ -1,0 +1,354 @@
+//! The layers of a folded network and how each runs on one channels-last image. A *unit* is
+//! the granularity at which a backbone can be split between its frozen start and its
+//! trainable rest: MobileNetV3's stem and each of its blocks, Xception's stem convolutions,
+//! blocks and exit convolutions.
+
+use super::buffers::Buffer;
+use super::kernels::{self, Act, DepthwiseShape};
+
+/// One image's activations, `[height][width][channels]`.
+pub struct Image {
+    /// The values.
+    pub data: Buffer,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+    /// Channels.
+    pub channels: usize,
+}
+
+impl Image {
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.height, self.width, self.channels)
+    }
+}
+
+/// A dense `k × k` convolution with its BatchNorm folded in, as one matrix product over
+/// the image's patches.
+pub struct DenseConv {
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
+    /// `[(ky, kx, in)][out]`.
+    pub(crate) weights: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) act: Act,
+}
+
+impl DenseConv {
+    fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
+        let size = |x| kernels::output_size(x, self.kernel, self.stride, self.pad);
+        (size(h), size(w), self.out_channels)
+    }
+
+    fn forward(&self, x: &Image, threads: bool) -> Image {
+        let (ho, wo, cout) = self.output_shape((x.height, x.width));
+        let patch = self.kernel * self.kernel * self.in_channels;
+        let mut patches = Buffer::new(ho * wo * patch);
+        kernels::im2col(
+            &x.data,
+            x.shape(),
+            self.kernel,
+            self.stride,
+            self.pad,
+            &mut patches,
+        );
+        let mut out = Buffer::new(ho * wo * cout);
+        kernels::fill_rows(&mut out, &self.bias, None);
+        kernels::matmul(
+            &mut out,
+            true,
+            &patches,
+            &self.weights,
+            ho * wo,
+            patch,
+            cout,
+            threads,
+        );
+        kernels::activate(&mut out, self.act);
+        Image {
+            data: out,
+            height: ho,
+            width: wo,
+            channels: cout,
+        }
+    }
+}
+
+/// A 1x1 convolution (optionally strided) with its BatchNorm folded in: one matrix product.
+pub struct Pointwise {
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) stride: usize,
+    /// `[in][out]`.
+    pub(crate) weights: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) act: Act,
+}
+
+impl Pointwise {
+    fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
+        (
+            h.div_ceil(self.stride),
+            w.div_ceil(self.stride),
+            self.out_channels,
+        )
+    }
+
+    /// The convolution of `x`, plus `residual` (same shape as the output) when given; `gate`
+    /// scales the input channels (squeeze-excitation), applied to the weights here.
+    fn forward(
+        &self,
+        x: &Image,
+        residual: Option<&[f32]>,
+        gate: Option<&[f32]>,
+        threads: bool,
+    ) -> Image {
+        let (ho, wo, cout) = self.output_shape((x.height, x.width));
+        let (m, k) = (ho * wo, self.in_channels);
+        let subsampled;
+        let input: &[f32] = if self.stride > 1 {
+            let mut buffer = Buffer::new(m * k);
+            kernels::subsample(&x.data, x.shape(), self.stride, &mut buffer);
+            subsampled = buffer;
+            &subsampled
+        } else {
+            &x.data
+        };
+        let gated;
+        let weights: &[f32] = match gate {
+            Some(gate) => {
+                let mut buffer = Buffer::from_slice(&self.weights);
+                for (row, g) in buffer.chunks_exact_mut(cout).zip(gate) {
+                    row.iter_mut().for_each(|w| *w *= *g);
+                }
+                gated = buffer;
+                &gated
+            }
+            None => &self.weights,
+        };
+        let mut out = Buffer::new(m * cout);
+        kernels::fill_rows(&mut out, &self.bias, residual);
+        kernels::matmul(&mut out, true, input, weights, m, k, cout, threads);
+        kernels::activate(&mut out, self.act);
+        Image {
+            data: out,
+            height: ho,
+            width: wo,
+            channels: cout,
+        }
+    }
+}
+
+/// A depthwise convolution with its BatchNorm (if any) folded in.
+pub struct Depthwise {
+    pub(crate) channels: usize,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
+    /// `[kernel · kernel][channels]`.
+    pub(crate) weights: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) act: Act,
+    pub(crate) input_relu: bool,
+}
+
+impl Depthwise {
+    fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
+        let size = |x| kernels::output_size(x, self.kernel, self.stride, self.pad);
+        (size(h), size(w), self.channels)
+    }
+
+    fn forward(&self, x: &Image) -> Image {
+        let (ho, wo, c) = self.output_shape((x.height, x.width));
+        let mut out = Buffer::new(ho * wo * c);
+        let shape = DepthwiseShape {
+            input: x.shape(),
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+            weights: &self.weights,
+            bias: &self.bias,
+            act: self.act,
+            input_relu: self.input_relu,
+        };
+        kernels::depthwise(&shape, &x.data, &mut out);
+        Image {
+            data: out,
+            height: ho,
+            width: wo,
+            channels: c,
+        }
+    }
+}
+
+/// Squeeze-excitation: mean → dense → ReLU → dense → hard sigmoid, a gate per channel.
+pub struct SqueezeExcite {
+    /// `[channels][reduced]`.
+    pub(crate) reduce_weights: Vec<f32>,
+    pub(crate) reduce_bias: Vec<f32>,
+    /// `[reduced][channels]`.
+    pub(crate) expand_weights: Vec<f32>,
+    pub(crate) expand_bias: Vec<f32>,
+}
+
+impl SqueezeExcite {
+    fn gate(&self, x: &Image) -> Vec<f32> {
+        let mut mean = vec![0.0; x.channels];
+        kernels::mean_over_pixels(&x.data, x.height * x.width, &mut mean);
+        let mut reduced = vec![0.0; self.reduce_bias.len()];
+        kernels::vector_matmul(&mean, &self.reduce_weights, &self.reduce_bias, &mut reduced);
+        reduced.iter_mut().for_each(|v| *v = v.max(0.0));
+        let mut gate = vec![0.0; x.channels];
+        kernels::vector_matmul(&reduced, &self.expand_weights, &self.expand_bias, &mut gate);
+        // PyTorch's hardsigmoid: relu6(x + 3) / 6.
+        gate.iter_mut()
+            .for_each(|g| *g = (*g + 3.0).clamp(0.0, 6.0) / 6.0);
+        gate
+    }
+}
+
+/// One separable convolution of Xception: depthwise (no bias, optional ReLU on its input),
+/// then pointwise with the following BatchNorm folded in.
+pub struct Separable {
+    pub(crate) depthwise: Depthwise,
+    pub(crate) pointwise: Pointwise,
+}
+
+/// A splittable piece of a backbone.
+pub enum Unit {
+    /// A dense convolution + BN + activation (MobileNetV3's stem, Xception's `conv1`/`conv2`).
+    Conv(DenseConv),
+    /// A 1x1 convolution + BN + activation (MobileNetV3's last block).
+    Pointwise(Pointwise),
+    /// MobileNetV3's inverted residual (and, without `expand`, its depthwise-separable block).
+    InvertedResidual {
+        /// 1x1 expansion + BN + activation.
+        expand: Option<Pointwise>,
+        /// Depthwise + BN + activation.
+        depthwise: Depthwise,
+        /// Squeeze-excitation on the depthwise output.
+        squeeze_excite: Option<SqueezeExcite>,
+        /// 1x1 projection + BN.
+        project: Pointwise,
+        /// Add the block's input.
+        skip: bool,
+    },
+    /// Xception's block: separable convolutions, an optional max-pool, and a shortcut.
+    XceptionBlock {
+        /// The separable convolutions in order; ReLUs are folded into their neighbours.
+        reps: Vec<Separable>,
+        /// Stride of the closing 3x3 max-pool (1: none).
+        pool_stride: usize,
+        /// The projecting shortcut (1x1 strided + BN); `None`: the identity.
+        skip: Option<Pointwise>,
+    },
+    /// Xception's exit convolutions: separable + BN + ReLU.
+    Separable(Separable),
+}
+
+impl Unit {
+    /// Output height, width and channels for an input of `(h, w)`.
+    pub fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
+        match self {
+            Unit::Conv(conv) => conv.output_shape((h, w)),
+            Unit::Pointwise(pw) => pw.output_shape((h, w)),
+            Unit::InvertedResidual {
+                depthwise, project, ..
+            } => {
+                let (h, w, _) = depthwise.output_shape((h, w));
+                project.output_shape((h, w))
+            }
+            Unit::XceptionBlock {
+                reps, pool_stride, ..
+            } => {
+                let channels = reps.last().map_or(0, |r| r.pointwise.out_channels);
+                if *pool_stride > 1 {
+                    let size = |x| kernels::output_size(x, 3, *pool_stride, 1);
+                    (size(h), size(w), channels)
+                } else {
+                    (h, w, channels)
+                }
+            }
+            Unit::Separable(sep) => sep.pointwise.output_shape((h, w)),
+        }
+    }
+
+    /// Run the unit on one image. `threads`: let the matrix products use the thread pool
+    /// (when there are fewer images than threads).
+    pub fn forward(&self, x: Image, threads: bool) -> Image {
+        match self {
+            Unit::Conv(conv) => conv.forward(&x, threads),
+            Unit::Pointwise(pw) => pw.forward(&x, None, None, threads),
+            Unit::InvertedResidual {
+                expand,
+                depthwise,
+                squeeze_excite,
+                project,
+                skip,
+            } => {
+                let expanded = expand
+                    .as_ref()
+                    .map(|pw| pw.forward(&x, None, None, threads));
+                let mut mid = depthwise.forward(expanded.as_ref().unwrap_or(&x));
+                drop(expanded);
+                let gate = squeeze_excite.as_ref().map(|se| se.gate(&mid));
+                let residual = skip.then_some(&x.data[..]);
+                match gate {
+                    // Scale whichever is smaller: the activations (pixels × channels) or the
+                    // projection weights (channels × outputs).
+                    Some(gate) if mid.height * mid.width > project.out_channels => {
+                        project.forward(&mid, residual, Some(&gate), threads)
+                    }
+                    Some(gate) => {
+                        kernels::scale_channels(&mut mid.data, &gate);
+                        project.forward(&mid, residual, None, threads)
+                    }
+                    None => project.forward(&mid, residual, None, threads),
+                }
+            }
+            Unit::XceptionBlock {
+                reps,
+                pool_stride,
+                skip,
+            } => {
+                let shortcut = skip.as_ref().map(|pw| pw.forward(&x, None, None, threads));
+                let last = reps.len() - 1;
+                let mut y: Option<Image> = None;
+                for (i, rep) in reps.iter().enumerate() {
+                    let input = y.as_ref().unwrap_or(&x);
+                    let mid = rep.depthwise.forward(input);
+                    // Without a pool, the identity shortcut is added by the last product.
+                    let residual = (i == last && *pool_stride == 1 && shortcut.is_none())
+                        .then_some(&x.data[..]);
+                    y = Some(rep.pointwise.forward(&mid, residual, None, threads));
+                }
+                let mut y = y.expect("an Xception block has separable convolutions");
+                if *pool_stride > 1 {
+                    let (ho, wo, c) = self.output_shape((x.height, x.width));
+                    let mut pooled = Buffer::new(ho * wo * c);
+                    kernels::max_pool(&y.data, y.shape(), 3, *pool_stride, 1, &mut pooled);
+                    y = Image {
+                        data: pooled,
+                        height: ho,
+                        width: wo,
+                        channels: c,
+                    };
+                }
+                match shortcut {
+                    Some(shortcut) => kernels::add_into(&mut y.data, &shortcut.data),
+                    None if *pool_stride > 1 => kernels::add_into(&mut y.data, &x.data),
+                    None => {}
+                }
+                y
+            }
+            Unit::Separable(sep) => {
+                let mid = sep.depthwise.forward(&x);
+                sep.pointwise.forward(&mid, None, None, threads)
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! [`FrozenPrefix`]: the first units of a backbone that a training phase (or inference) does
+//! not train, run once per batch without autodiff. On the CPU it is the folded channels-last
+//! network of [`crate::folded`]; on other devices the backbone's own modules in inference
+//! mode.
+
+use std::ops::Range;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+use crate::backbone::Backbone;
+use crate::folded::FoldedBackbone;
+use crate::head::global_average_pool;
+use crate::registry::Normalization;
+
+/// The frozen first `units` units of a backbone. See the module docs.
+pub struct FrozenPrefix {
+    units: usize,
+    total: usize,
+    runner: Runner,
+}
+
+enum Runner {
+    Folded(FoldedBackbone),
+    Modules(Box<Backbone>),
+}
+
+/// Whether `device` is the CPU, where the folded network runs.
+pub fn is_cpu(device: &Device) -> bool {
+    device.clone().inner() == Device::flex()
+}
+
+impl FrozenPrefix {
+    /// The first `units` units of `backbone` (its current weights), to run on `device`.
+    pub fn new(backbone: &Backbone, units: usize, device: &Device) -> Self {
+        let total = backbone.unit_count();
+        let units = units.min(total);
+        let runner = if is_cpu(device) {
+            Runner::Folded(FoldedBackbone::new(backbone, units))
+        } else {
+            Runner::Modules(Box::new(backbone.valid()))
+        };
+        Self {
+            units,
+            total,
+            runner,
+        }
+    }
+
+    /// The whole backbone, for inference.
+    pub fn whole(backbone: &Backbone, device: &Device) -> Self {
+        Self::new(backbone, backbone.unit_count(), device)
+    }
+
+    /// How many units run here; the trainable rest starts at this unit.
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
+    /// The units this prefix leaves to the trainable model.
+    pub fn rest(&self) -> Range<usize> {
+        self.units..self.total
+    }
+
+    /// Whether the prefix is the whole backbone.
+    pub fn is_whole(&self) -> bool {
+        self.units == self.total
+    }
+
+    /// The activations after the prefix `[batch, channels, h, w]` for pixels
+    /// `[batch, 3, height, width]` in `0..=255` (no autodiff).
+    pub fn features(&self, pixels: Tensor<4>, normalization: &Normalization) -> Tensor<4> {
+        match &self.runner {
+            Runner::Folded(folded) => {
+                let device = pixels.device();
+                folded.forward(pixels, normalization).to_tensor(&device)
+            }
+            Runner::Modules(backbone) => {
+                backbone.forward_units(normalization.apply(pixels), 0..self.units)
+            }
+        }
+    }
+
+    /// The pooled features `[batch, channels]` of a prefix that is the whole backbone.
+    pub fn pooled(&self, pixels: Tensor<4>, normalization: &Normalization) -> Tensor<2> {
+        assert!(self.is_whole(), "pooled features need the whole backbone");
+        match &self.runner {
+            Runner::Folded(folded) => folded.pooled(pixels, normalization),
+            Runner::Modules(_) => global_average_pool(self.features(pixels, normalization)),
+        }
+    }
+}
