@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use crate::backbone::Backbone;
-use crate::folded::FoldedBackbone;
+use crate::folded::{FeatureMap, FoldedBackbone};
 use crate::head::global_average_pool;
 use crate::registry::Normalization;
 
@@ -78,6 +78,19 @@ impl FrozenPrefix {
             Runner::Modules(backbone) => {
                 backbone.forward_units(normalization.apply(pixels), 0..self.units)
             }
+        }
+    }
+
+    /// The activations after the prefix, channels-last, where the prefix runs folded (on the
+    /// CPU); `None` elsewhere.
+    pub fn feature_map(
+        &self,
+        pixels: Tensor<4>,
+        normalization: &Normalization,
+    ) -> Option<FeatureMap> {
+        match &self.runner {
+            Runner::Folded(folded) => Some(folded.forward(pixels, normalization)),
+            Runner::Modules(_) => None,
         }
     }
 

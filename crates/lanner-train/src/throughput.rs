@@ -10,13 +10,13 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
-use lanner_models::{FrozenPrefix, ModelEntry};
+use lanner_models::ModelEntry;
 
 use crate::classifier::Classifier;
-use crate::freeze::{frozen_units, parameter_counts, prepare};
+use crate::freeze::{parameter_counts, prepare};
 use crate::optimizer::OptimizerConfig;
 use crate::recipe::{BatchNormMode, Phase, PhaseName, Trainable};
-use crate::trainer::{DropoutDraw, StepInput, training_step};
+use crate::trainer::{BackbonePlan, DropoutDraw, StepInput, training_step};
 
 /// Which step to time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,8 +148,7 @@ pub fn measure(
             let model = Classifier::new(config.entry, config.classes, 0.2, &autodiff);
             let model = prepare(model, config.entry, &phase)?;
             let (trainable, total) = parameter_counts(&model);
-            let units = frozen_units(&model, config.entry, phase.trainable)?;
-            let frozen = (units > 0).then(|| FrozenPrefix::new(&model.backbone, units, device));
+            let plan = BackbonePlan::for_phase(&model, config.entry, &phase, device)?;
             let mut optimizer = phase.optimizer.init();
             let mut model = Some(model);
             let timing = time_steps(config, started, |step| {
@@ -157,7 +156,7 @@ pub fn measure(
                     model
                         .take()
                         .expect("the model is put back after every step"),
-                    frozen.as_ref(),
+                    &plan,
                     &mut optimizer,
                     StepInput {
                         pixels: batch(device),

@@ -12,6 +12,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader};
+use lanner_models::folded::TrainableUnits;
+use lanner_models::frozen::is_cpu;
 use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool};
 
 use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
@@ -23,7 +25,7 @@ use crate::freeze::{frozen_units, parameter_counts, prepare};
 use crate::hyperparameters::Hyperparameters;
 use crate::metrics::MetricsAccumulator;
 use crate::optimizer::{Optimizer, parameter_ids, parameter_names};
-use crate::recipe::Recipe;
+use crate::recipe::{BatchNormMode, Phase, Recipe};
 use crate::report::{EpochRecord, Reporter, write_metrics_jsonl};
 
 /// Everything a training run needs.
@@ -182,11 +184,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 )
                 .map_err(TrainError::Incompatible)?;
         }
-        // The backbone's units that the phase does not train (all of them in phase 1, those
-        // below the fine-tune layer in phase 2) run without autodiff, folded on the CPU.
-        let frozen_units = frozen_units(&model, entry, phase.trainable)?;
-        let frozen =
-            (frozen_units > 0).then(|| FrozenPrefix::new(&model.backbone, frozen_units, &device));
+        let plan = BackbonePlan::for_phase(&model, entry, phase, &device)?;
 
         let mut stop_phase = false;
         while state.position.epoch_in_phase < phase.epochs && !stop_phase {
@@ -212,7 +210,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 let pixels = batch.into_images_tensor(&device);
                 let (updated, logits) = training_step(
                     model,
-                    frozen.as_ref(),
+                    &plan,
                     &mut optimizer,
                     StepInput {
                         pixels,
@@ -411,13 +409,42 @@ pub struct StepInput<'a> {
     pub dropout: DropoutDraw,
 }
 
-/// One optimizer step of the recipe on one batch: forward (the `frozen` prefix of the
-/// backbone without autodiff, the rest with it), the class-weighted loss, backward and the
-/// optimizer's update. Returns the updated model and the batch's logits, read back to the host
+/// How a phase runs the backbone: the units it does not train (all of them in phase 1, those
+/// below the fine-tune layer in phase 2) without autodiff, folded on the CPU; the rest with
+/// burn's autodiff, or on the CPU with the folded kernels' own gradients where they cover the
+/// model (MobileNetV3 with frozen BatchNorm statistics, as the seed's phase 2).
+pub struct BackbonePlan {
+    frozen: FrozenPrefix,
+    folded_training: bool,
+}
+
+impl BackbonePlan {
+    /// The plan for `phase` of `model` (its current weights) on `device`.
+    pub fn for_phase(
+        model: &Classifier,
+        entry: &ModelEntry,
+        phase: &Phase,
+        device: &Device,
+    ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
+        let units = frozen_units(model, entry, phase.trainable)?;
+        let frozen = FrozenPrefix::new(&model.backbone, units, device);
+        let folded_training = !frozen.is_whole()
+            && is_cpu(device)
+            && phase.batch_norm == BatchNormMode::Frozen
+            && TrainableUnits::supports(&model.backbone);
+        Ok(Self {
+            frozen,
+            folded_training,
+        })
+    }
+}
+
+/// One optimizer step of the recipe on one batch: forward (see [`BackbonePlan`]), the
+/// class-weighted loss, backward and the optimizer's update. Returns the updated model and the batch's logits, read back to the host
 /// (which also waits for the device to finish the step).
 pub fn training_step(
     model: Classifier,
-    frozen: Option<&FrozenPrefix>,
+    plan: &BackbonePlan,
     optimizer: &mut Optimizer,
     input: StepInput<'_>,
     autodiff: &Device,
@@ -430,13 +457,24 @@ pub fn training_step(
         dropout,
     } = input;
     let size = labels.len();
-    let pooled = match frozen {
-        Some(prefix) if prefix.is_whole() => prefix.pooled(pixels, normalization).autodiff(),
-        Some(prefix) => {
-            let features = prefix.features(pixels, normalization).autodiff();
-            global_average_pool(model.backbone.forward_units(features, prefix.rest()))
-        }
-        None => model.pooled_features(pixels.autodiff(), normalization),
+    let frozen = &plan.frozen;
+    let mut folded = None;
+    let pooled = if frozen.is_whole() {
+        frozen.pooled(pixels, normalization).autodiff()
+    } else if plan.folded_training {
+        let input = frozen
+            .feature_map(pixels, normalization)
+            .expect("folded training runs on the CPU");
+        let units = TrainableUnits::new(&model.backbone, frozen.rest());
+        let (pooled, activations) = units.forward(&input);
+        let channels = pooled.len() / size;
+        let pooled = Tensor::<2>::from_data(TensorData::new(pooled, [size, channels]), autodiff)
+            .require_grad();
+        folded = Some((units, activations, pooled.clone()));
+        pooled
+    } else {
+        let features = frozen.features(pixels, normalization).autodiff();
+        global_average_pool(model.backbone.forward_units(features, frozen.rest()))
     };
     let [_, channels] = pooled.dims();
     let mask = dropout_mask(
@@ -449,7 +487,26 @@ pub fn training_step(
     );
     let logits = model.logits(pooled, mask);
     let loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let gradients = loss.backward();
+    let d_pooled = folded.as_ref().map(|(_, _, pooled)| {
+        pooled
+            .grad(&gradients)
+            .expect("the pooled features require a gradient")
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 gradients")
+    });
+    let mut grads = GradientsParams::from_grads(gradients, &model);
+    if let (Some((units, activations, _)), Some(d_pooled)) = (folded, d_pooled) {
+        let device = autodiff.clone().inner();
+        for gradient in units.backward(activations, &d_pooled) {
+            match gradient.values.shape().len() {
+                1 => grads.register::<1>(gradient.id, Tensor::from_data(gradient.values, &device)),
+                4 => grads.register::<4>(gradient.id, Tensor::from_data(gradient.values, &device)),
+                n => unreachable!("a {n}-dimensional backbone parameter"),
+            }
+        }
+    }
     let model = optimizer.step(model, grads);
     let logits: Vec<f32> = logits
         .inner()

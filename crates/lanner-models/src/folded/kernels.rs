@@ -122,6 +122,54 @@ pub fn matmul(
     }
 }
 
+/// `dst[m × n] (+)= A · B` where `A` is `m × k` and `B` is `k × n`, each given as a pointer
+/// with (row, column) strides: transposed operands without copies. `accumulate` adds to `dst`
+/// (row-major, contiguous).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    dst: &mut [f32],
+    accumulate: bool,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= m * n);
+    assert!(a.len() >= last(m, k, a_rs, a_cs) && b.len() >= last(k, n, b_rs, b_cs));
+    // SAFETY: every element the strides address is inside the slices (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
 /// A depthwise convolution's shape and folded parameters.
 #[derive(Clone, Copy)]
 pub struct DepthwiseShape<'a> {

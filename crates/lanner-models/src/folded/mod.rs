@@ -18,6 +18,7 @@
 mod buffers;
 mod from_burn;
 mod kernels;
+mod training;
 mod units;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -26,6 +27,7 @@ use rayon::prelude::*;
 use crate::Normalization;
 use crate::backbone::Backbone;
 use buffers::Buffer;
+pub use training::{Activations, ParamGradient, TrainableUnits};
 use units::{Image, Unit};
 
 /// The first units of a backbone, folded for CPU inference. See the module docs.

@@ -1,10 +1,10 @@
 //! The folded network against the burn modules it was folded from, on random weights with
 //! random BatchNorm statistics (so that folding changes every weight).
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::FoldedBackbone;
+use super::{FoldedBackbone, TrainableUnits};
 use crate::backbone::Backbone;
 use crate::registry::{IMAGENET, INCEPTION, Normalization};
 use crate::{MobileNetV3Config, MobileNetV3Size, XceptionConfig};
@@ -37,7 +37,16 @@ impl ModuleMapper for Perturb {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         param.map(|t| {
             let shape = t.dims();
-            t * self.tensor(shape, 0.7, 1.3) + self.tensor(shape, -0.02, 0.02)
+            let require_grad = t.is_require_grad();
+            let device = t.device();
+            let scale = self.tensor(shape, 0.7, 1.3).to_device(&device);
+            let shift = self.tensor(shape, -0.02, 0.02).to_device(&device);
+            let value = (t * scale + shift).detach();
+            if require_grad {
+                value.require_grad()
+            } else {
+                value
+            }
         })
     }
 }
@@ -147,5 +156,99 @@ fn units_split_the_forward_pass_and_own_every_tensor() {
         }
         assert!(seen.iter().all(|s| *s), "{seen:?}");
         assert_eq!(backbone.unit_of("classifier.weight"), None);
+    }
+}
+
+/// Every parameter's gradient (by id) after `loss.backward()`.
+struct GradientsOf<'a>(&'a burn::tensor::Gradients, Vec<(ParamId, Vec<f32>)>);
+
+impl ModuleVisitor for GradientsOf<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = param.val().grad(self.0) {
+            let values = grad
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap();
+            self.1.push((param.id, values));
+        }
+    }
+}
+
+#[test]
+fn trainable_units_give_autodiffs_gradients() {
+    let device = Device::flex();
+    let autodiff = device.clone().autodiff();
+    let model = MobileNetV3Config::new(MobileNetV3Size::Small)
+        .with_width_multiplier(0.5)
+        .with_frozen_batch_norm(true)
+        .init(&autodiff)
+        .map(&mut Perturb(SEED));
+    let backbone = Backbone::MobileNetV3(model);
+    let all = backbone.unit_count();
+    let images = pixels(2, 64, 12);
+    for start in [0, 4] {
+        let input = FoldedBackbone::new(&backbone, start).forward(images.clone(), &IMAGENET);
+        let trainable = TrainableUnits::new(&backbone, start..all);
+        let (pooled, activations) = trainable.forward(&input);
+        let weights = Perturb(13).tensor([2, pooled.len() / 2], -1.0, 1.0);
+        let d_pooled = weights
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let ours = trainable.backward(activations, &d_pooled);
+
+        // burn: the same units with autodiff, loss = Σ pooled · weights.
+        let x = input.to_tensor(&autodiff);
+        let burn_pooled = crate::global_average_pool(backbone.forward_units(x, start..all));
+        let pooled_error = relative_error(
+            Tensor::<2>::from_data(
+                TensorData::new(pooled.clone(), [2, pooled.len() / 2]),
+                &device,
+            )
+            .unsqueeze_dim(2),
+            burn_pooled.clone().inner().unsqueeze_dim(2),
+        );
+        assert!(
+            pooled_error <= 1e-4,
+            "from unit {start}: pooled features {pooled_error}"
+        );
+        let loss = (burn_pooled * weights.autodiff()).sum();
+        let grads = loss.backward();
+        let mut visitor = GradientsOf(&grads, Vec::new());
+        backbone.visit(&mut visitor);
+        let want: std::collections::HashMap<ParamId, Vec<f32>> = visitor.1.into_iter().collect();
+        assert!(!ours.is_empty());
+        for gradient in &ours {
+            let got = gradient.values.clone().try_into_vec::<f32>().unwrap();
+            let want = &want[&gradient.id];
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let error = got
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                error <= 1e-4 * scale.max(1e-6),
+                "from unit {start}: gradient {:?} {:?} off by {error} (scale {scale})",
+                gradient.id,
+                gradient.values.shape()
+            );
+        }
+        // Every parameter of the trained units got one (all require gradients here).
+        let first_block = start.max(1) - 1;
+        let expected = burn::store::ModuleSnapshot::collect(
+            &backbone,
+            None,
+            Some(Box::new(burn::store::BurnToPyTorchAdapter)),
+            true,
+        )
+        .into_iter()
+        .filter(|t| !crate::batch_norm::is_running_statistic(&t.name))
+        .filter(|t| backbone.unit_of(&t.name).is_some_and(|u| u >= start))
+        .count();
+        let _ = first_block;
+        assert_eq!(ours.len(), expected, "from unit {start}");
     }
 }
