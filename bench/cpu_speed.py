@@ -10,7 +10,8 @@ Rows (the seed's recipe):
 - fine-tune-100: phase 2 with the seed's --fine-tune-layer 100, RMSprop 1e-5: Keras layers
   base.layers[100:] train (MobileNetV3-Large: from expanded_conv_9, timm `blocks.3.3`;
   Xception: from block11_sepconv2, timm `block11.rep.4`), the rest frozen;
-- full: every backbone parameter trains (RMSprop 1e-5);
+- full: every backbone parameter trains (RMSprop 1e-5), BatchNorm still on its running
+  statistics (Lanner: `--step fine-tune --fine-tune-layer 0`);
 - inference: the forward pass only.
 Every model: backbone (random weights) with BatchNorm in inference mode (the seed's
 `base(x, training=False)`) -> global average pooling -> Dropout(0.1) -> Dense(1), binary
@@ -22,8 +23,8 @@ loading on any side).
 - PyTorch: `timm.create_model("mobilenetv3_large_100" | "legacy_xception", num_classes=0,
   global_pool="")` and `forward_features`, backbone in `eval()`, `torch.set_num_threads`;
   frozen rows under `torch.no_grad()` for the backbone, inference under `inference_mode()`.
-- Lanner: `lanner bench --arch A --step frozen --step fine-tune --step full --step inference
-  --json` (the same steps through the trainer's `training_step`), RAYON_NUM_THREADS = --threads.
+- Lanner: `lanner bench --arch A --step frozen|fine-tune|inference --json` (the same steps
+  through the trainer's `training_step`), RAYON_NUM_THREADS = --threads.
 
 Each framework and row runs in its own process, one after the other: --warmup untimed steps,
 then --steps timed ones; images/s = 32 x steps / their time. Prints the machine line, versions,
@@ -173,8 +174,12 @@ def child(args, which, model, row, steps, channels_last=False):
 
 def lanner(args, model, row, steps):
     size = MODELS[model][0]
+    # "full" as the peers run it: every layer trains, BatchNorm on its running statistics (the
+    # seed's phase 2 with --fine-tune-layer 0). `lanner bench --step full` is --from-scratch,
+    # BatchNorm in training mode, which no peer row here runs.
+    step, layer = ("fine-tune", "0") if row == "full" else (row, "100")
     cmd = [os.path.abspath(args.lanner), "bench", "--arch", model, "--image-size", str(size),
-           "--batch-size", str(BATCH), "--step", row, "--fine-tune-layer", "100", "--steps", str(steps),
+           "--batch-size", str(BATCH), "--step", step, "--fine-tune-layer", layer, "--steps", str(steps),
            "--warmup", str(args.warmup), "--device", "cpu", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(args.threads))
     if proc.returncode != 0:
