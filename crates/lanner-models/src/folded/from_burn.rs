@@ -15,7 +15,7 @@ use crate::mobilenet_v3::blocks::Block;
 use crate::xception::Xception;
 use crate::xception::blocks::{RepLayer, XceptionBlock};
 
-fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+pub(super) fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
     tensor
         .into_data()
         .convert::<f32>()
@@ -79,7 +79,7 @@ fn fold(conv: &Conv2d, bn: Option<&BatchNorm2d>) -> Folded {
     }
 }
 
-fn act(activation: Activation) -> Act {
+pub(super) fn act(activation: Activation) -> Act {
     match activation {
         Activation::Relu => Act::Relu,
         Activation::HardSwish => Act::HardSwish,

@@ -5,7 +5,7 @@
 //! The loops are written once, generically, and compiled for AVX-512, AVX2+FMA and the
 //! baseline; the fastest the CPU has is picked at run time.
 
-use gemm::Parallelism;
+pub use gemm::Parallelism;
 
 /// The non-linearity applied after a (folded) convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,50 +90,31 @@ pub fn matmul(
     n: usize,
     threads: bool,
 ) {
-    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let parallelism = if threads {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
     };
-    // SAFETY: the three slices hold the m×n, m×k and k×n row-major matrices (checked above).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    matmul_strided(
+        dst,
+        accumulate,
+        (a, k, 1),
+        (b, n, 1),
+        (m, k, n),
+        parallelism,
+    );
 }
 
-/// `dst[m × n] (+)= A · B` where `A` is `m × k` and `B` is `k × n`, each given as a pointer
+/// `dst[m × n] (+)= A · B` where `A` is `m × k` and `B` is `k × n`, each given as a slice
 /// with (row, column) strides: transposed operands without copies. `accumulate` adds to `dst`
 /// (row-major, contiguous).
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_strided(
     dst: &mut [f32],
     accumulate: bool,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k, n): (usize, usize, usize),
+    parallelism: Parallelism,
 ) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         if rows == 0 || cols == 0 {
@@ -165,7 +146,7 @@ pub fn matmul_strided(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -18,28 +18,13 @@ use rayon::prelude::*;
 
 use super::FeatureMap;
 use super::buffers::Buffer;
-use super::kernels::{self, Act};
+use super::from_burn::{act, values};
+use super::kernels::{self, Act, Parallelism};
 use super::units::Image;
-use crate::activation::Activation;
 use crate::backbone::Backbone;
 use crate::batch_norm::BatchNorm2d;
 use crate::mobilenet_v3::blocks::Block;
 use crate::squeeze_excite::SqueezeExcite;
-
-fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32")
-}
-
-fn act(activation: Activation) -> Act {
-    match activation {
-        Activation::Relu => Act::Relu,
-        Activation::HardSwish => Act::HardSwish,
-    }
-}
 
 /// How an accumulator's values become a parameter's gradient in burn's layout.
 #[derive(Clone, Copy)]
@@ -349,21 +334,19 @@ impl ConvBn {
                     true,
                     (&x.data, 1, k),
                     (d_pre, c, 1),
-                    k,
-                    pixels,
-                    c,
+                    (k, pixels, c),
+                    Parallelism::None,
                 );
                 need_input.then(|| {
                     let mut dx = Buffer::new(pixels * k);
-                    // ∂x[p × k] = ∂pre · folledᵀ.
+                    // ∂x[p × k] = ∂pre · foldedᵀ.
                     kernels::matmul_strided(
                         &mut dx,
                         false,
                         (d_pre, c, 1),
                         (&self.folded, 1, c),
-                        pixels,
-                        c,
-                        k,
+                        (pixels, c, k),
+                        Parallelism::None,
                     );
                     dx
                 })
@@ -382,9 +365,8 @@ impl ConvBn {
                     true,
                     (&patches, 1, self.rows),
                     (d_pre, c, 1),
-                    self.rows,
-                    pixels,
-                    c,
+                    (self.rows, pixels, c),
+                    Parallelism::None,
                 );
                 None
             }
