@@ -184,12 +184,34 @@ fn trainable_units_give_autodiffs_gradients() {
         .with_frozen_batch_norm(true)
         .init(&autodiff)
         .map(&mut Perturb(SEED));
-    let backbone = Backbone::MobileNetV3(model);
+    check_gradients(&Backbone::MobileNetV3(model), 64, &IMAGENET, &[0, 4]);
+}
+
+#[test]
+fn trainable_xception_units_give_autodiffs_gradients() {
+    let autodiff = Device::flex().autodiff();
+    let model = XceptionConfig::new()
+        .with_frozen_batch_norm(true)
+        .init(&autodiff)
+        .map(&mut Perturb(SEED));
+    // From the stem (dense convolutions' input gradients), from block 1 (no leading ReLU),
+    // from block 11 (the seed's fine-tune-layer 100) and the exit convolutions alone.
+    check_gradients(&Backbone::Xception(model), 71, &INCEPTION, &[0, 2, 12, 14]);
+}
+
+fn check_gradients(
+    backbone: &Backbone,
+    size: usize,
+    normalization: &Normalization,
+    starts: &[usize],
+) {
+    let device = Device::flex();
+    let autodiff = device.clone().autodiff();
     let all = backbone.unit_count();
-    let images = pixels(2, 64, 12);
-    for start in [0, 4] {
-        let input = FoldedBackbone::new(&backbone, start).forward(images.clone(), &IMAGENET);
-        let trainable = TrainableUnits::new(&backbone, start..all);
+    let images = pixels(2, size, 12);
+    for &start in starts {
+        let input = FoldedBackbone::new(backbone, start).forward(images.clone(), normalization);
+        let trainable = TrainableUnits::new(backbone, start..all);
         let (pooled, activations) = trainable.forward(&input);
         let weights = Perturb(13).tensor([2, pooled.len() / 2], -1.0, 1.0);
         let d_pooled = weights
@@ -239,7 +261,7 @@ fn trainable_units_give_autodiffs_gradients() {
         // Every parameter of the trained units got one (all require gradients here).
         let first_block = start.max(1) - 1;
         let expected = burn::store::ModuleSnapshot::collect(
-            &backbone,
+            backbone,
             None,
             Some(Box::new(burn::store::BurnToPyTorchAdapter)),
             true,

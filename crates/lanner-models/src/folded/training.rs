@@ -25,6 +25,8 @@ use crate::backbone::Backbone;
 use crate::batch_norm::BatchNorm2d;
 use crate::mobilenet_v3::blocks::Block;
 use crate::squeeze_excite::SqueezeExcite;
+use crate::xception::Xception;
+use crate::xception::blocks::{RepLayer, XceptionBlock};
 
 /// How an accumulator's values become a parameter's gradient in burn's layout.
 #[derive(Clone, Copy)]
@@ -91,7 +93,9 @@ impl Sums {
 
 #[derive(Clone, Copy)]
 enum Kind {
-    Pointwise,
+    Pointwise {
+        stride: usize,
+    },
     Depthwise {
         kernel: usize,
         stride: usize,
@@ -105,7 +109,8 @@ enum Kind {
     },
 }
 
-/// A convolution and the BatchNorm after it (frozen statistics), trainable.
+/// A convolution and the BatchNorm after it (frozen statistics), trainable; without a
+/// BatchNorm (Xception's depthwise half of a separable convolution) the scale is 1.
 struct ConvBn {
     kind: Kind,
     /// The weights `[rows][cols]`: 1x1 `[in][out]`, depthwise `[k·k][c]`, dense
@@ -119,17 +124,23 @@ struct ConvBn {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
     act: Act,
+    /// ReLU on the input as it is read (depthwise only; Xception).
+    input_relu: bool,
     /// Accumulators: `G` (`rows × cols`) and `Σ ∂pre` (`cols`).
     g: usize,
     sum: usize,
     weight: usize,
-    gamma: usize,
-    beta: usize,
+    /// The BatchNorm's γ and β, if there is one.
+    gamma: Option<usize>,
+    beta: Option<usize>,
 }
 
 impl ConvBn {
-    fn new(conv: &Conv2d, bn: &BatchNorm2d, act: Act, plan: &mut Plan) -> Self {
-        assert!(conv.bias.is_none(), "MobileNetV3 convolutions have no bias");
+    fn new(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act, plan: &mut Plan) -> Self {
+        assert!(
+            conv.bias.is_none(),
+            "the backbones' convolutions have no bias"
+        );
         let [cout, in_per_group, k, _] = conv.weight.val().dims();
         let raw = values(conv.weight.val());
         let pad = match conv.padding {
@@ -145,15 +156,12 @@ impl ConvBn {
                     w[t * cout + c] = raw[c * taps + t];
                 }
             }
-            (
-                Kind::Depthwise {
-                    kernel: k,
-                    stride,
-                    pad,
-                },
-                taps,
-                w,
-            )
+            let kind = Kind::Depthwise {
+                kernel: k,
+                stride,
+                pad,
+            };
+            (kind, taps, w)
         } else if k == 1 {
             let cin = in_per_group;
             let mut w = vec![0.0; cin * cout];
@@ -162,7 +170,7 @@ impl ConvBn {
                     w[i * cout + o] = raw[o * cin + i];
                 }
             }
-            (Kind::Pointwise, cin, w)
+            (Kind::Pointwise { stride }, cin, w)
         } else {
             let cin = in_per_group;
             let mut w = vec![0.0; taps * cin * cout];
@@ -173,27 +181,35 @@ impl ConvBn {
                     }
                 }
             }
-            (
-                Kind::Dense {
-                    kernel: k,
-                    stride,
-                    pad,
-                    cin,
-                },
-                taps * cin,
-                w,
-            )
+            let kind = Kind::Dense {
+                kernel: k,
+                stride,
+                pad,
+                cin,
+            };
+            (kind, taps * cin, w)
         };
-        let gamma = values(bn.weight.val());
-        let beta = values(bn.bias.val());
-        let mean = values(bn.running_mean.value());
-        let var = values(bn.running_var.value());
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| (1.0 / (*v as f64 + bn.epsilon).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
-        let bias: Vec<f32> = (0..cout).map(|c| beta[c] - mean[c] * scale[c]).collect();
+        let (scale, mean, inv_std, bias) = match bn {
+            Some(bn) => {
+                let gamma = values(bn.weight.val());
+                let beta = values(bn.bias.val());
+                let mean = values(bn.running_mean.value());
+                let var = values(bn.running_var.value());
+                let inv_std: Vec<f32> = var
+                    .iter()
+                    .map(|v| (1.0 / (*v as f64 + bn.epsilon).sqrt()) as f32)
+                    .collect();
+                let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+                let bias: Vec<f32> = (0..cout).map(|c| beta[c] - mean[c] * scale[c]).collect();
+                (scale, mean, inv_std, bias)
+            }
+            None => (
+                vec![1.0; cout],
+                vec![0.0; cout],
+                vec![1.0; cout],
+                vec![0.0; cout],
+            ),
+        };
         let mut folded = w.clone();
         for row in folded.chunks_exact_mut(cout) {
             row.iter_mut().zip(&scale).for_each(|(x, s)| *x *= s);
@@ -209,17 +225,23 @@ impl ConvBn {
             mean,
             inv_std,
             act,
+            input_relu: false,
             g: plan.accumulator(rows * cout),
             sum: plan.accumulator(cout),
             weight: plan.slot(&conv.weight),
-            gamma: plan.slot(&bn.weight),
-            beta: plan.slot(&bn.bias),
+            gamma: bn.map(|bn| plan.slot(&bn.weight)),
+            beta: bn.map(|bn| plan.slot(&bn.bias)),
         }
+    }
+
+    fn with_input_relu(mut self, input_relu: bool) -> Self {
+        self.input_relu = input_relu;
+        self
     }
 
     fn output_shape(&self, x: &Image) -> (usize, usize) {
         match self.kind {
-            Kind::Pointwise => (x.height, x.width),
+            Kind::Pointwise { stride } => (x.height.div_ceil(stride), x.width.div_ceil(stride)),
             Kind::Depthwise {
                 kernel,
                 stride,
@@ -237,25 +259,31 @@ impl ConvBn {
         }
     }
 
+    /// The input of a strided 1x1 convolution: every `stride`-th pixel.
+    fn subsampled(&self, x: &Image, stride: usize) -> Buffer {
+        let (h, w) = self.output_shape(x);
+        let mut buffer = Buffer::new(h * w * x.channels);
+        kernels::subsample(&x.data, shape(x), stride, &mut buffer);
+        buffer
+    }
+
     /// The pre-activation output (BatchNorm applied), plus `residual` when given.
     fn forward(&self, x: &Image, residual: Option<&[f32]>) -> Image {
         let (h, w) = self.output_shape(x);
         let c = self.cols;
         let mut out = Buffer::new(h * w * c);
         match self.kind {
-            Kind::Pointwise => {
+            Kind::Pointwise { stride } => {
                 kernels::fill_rows(&mut out, &self.bias, residual);
+                let subsampled;
+                let input: &[f32] = if stride > 1 {
+                    subsampled = self.subsampled(x, stride);
+                    &subsampled
+                } else {
+                    &x.data
+                };
                 let m = h * w;
-                kernels::matmul(
-                    &mut out,
-                    true,
-                    &x.data,
-                    &self.folded,
-                    m,
-                    self.rows,
-                    c,
-                    false,
-                );
+                kernels::matmul(&mut out, true, input, &self.folded, m, self.rows, c, false);
             }
             Kind::Dense {
                 kernel,
@@ -266,16 +294,8 @@ impl ConvBn {
                 let mut patches = Buffer::new(h * w * self.rows);
                 kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
                 kernels::fill_rows(&mut out, &self.bias, residual);
-                kernels::matmul(
-                    &mut out,
-                    true,
-                    &patches,
-                    &self.folded,
-                    h * w,
-                    self.rows,
-                    c,
-                    false,
-                );
+                let (m, k) = (h * w, self.rows);
+                kernels::matmul(&mut out, true, &patches, &self.folded, m, k, c, false);
             }
             Kind::Depthwise {
                 kernel,
@@ -290,7 +310,7 @@ impl ConvBn {
                     weights: &self.folded,
                     bias: &self.bias,
                     act: Act::Identity,
-                    input_relu: false,
+                    input_relu: self.input_relu,
                 };
                 kernels::depthwise(&dw, &x.data, &mut out);
                 assert!(residual.is_none());
@@ -318,7 +338,8 @@ impl ConvBn {
         activation_backward(d_out, &pre.data, self.act);
         let d_pre: &[f32] = d_out;
         let c = self.cols;
-        let pixels = pre.height * pre.width;
+        let (ho, wo) = self.output_shape(x);
+        let pixels = ho * wo;
         {
             let sum = &mut sums.0[self.sum];
             for row in d_pre.chunks_exact(c) {
@@ -326,28 +347,46 @@ impl ConvBn {
             }
         }
         match self.kind {
-            Kind::Pointwise => {
+            Kind::Pointwise { stride } => {
                 let k = self.rows;
-                // G[k × c] += xᵀ · ∂pre.
+                let subsampled;
+                let input: &[f32] = if stride > 1 {
+                    subsampled = self.subsampled(x, stride);
+                    &subsampled
+                } else {
+                    &x.data
+                };
+                // G[k × c] += inputᵀ · ∂pre.
                 kernels::matmul_strided(
                     &mut sums.0[self.g],
                     true,
-                    (&x.data, 1, k),
+                    (input, 1, k),
                     (d_pre, c, 1),
                     (k, pixels, c),
                     Parallelism::None,
                 );
                 need_input.then(|| {
-                    let mut dx = Buffer::new(pixels * k);
-                    // ∂x[p × k] = ∂pre · foldedᵀ.
+                    // ∂input[p × k] = ∂pre · foldedᵀ, then back to the strided positions.
+                    let mut d_input = Buffer::new(pixels * k);
                     kernels::matmul_strided(
-                        &mut dx,
+                        &mut d_input,
                         false,
                         (d_pre, c, 1),
                         (&self.folded, 1, c),
                         (pixels, c, k),
                         Parallelism::None,
                     );
+                    if stride == 1 {
+                        return d_input;
+                    }
+                    let mut dx = Buffer::new(x.data.len());
+                    dx.fill(0.0);
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let at = (oy * stride * x.width + ox * stride) * k;
+                            dx[at..at + k].copy_from_slice(&d_input[(oy * wo + ox) * k..][..k]);
+                        }
+                    }
                     dx
                 })
             }
@@ -355,9 +394,8 @@ impl ConvBn {
                 kernel,
                 stride,
                 pad,
-                ..
+                cin,
             } => {
-                assert!(!need_input, "a dense convolution is the first unit");
                 let mut patches = Buffer::new(pixels * self.rows);
                 kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
                 kernels::matmul_strided(
@@ -368,7 +406,44 @@ impl ConvBn {
                     (self.rows, pixels, c),
                     Parallelism::None,
                 );
-                None
+                need_input.then(|| {
+                    // ∂patches = ∂pre · foldedᵀ, each patch element added back to its pixel.
+                    kernels::matmul_strided(
+                        &mut patches,
+                        false,
+                        (d_pre, c, 1),
+                        (&self.folded, 1, c),
+                        (pixels, c, self.rows),
+                        Parallelism::None,
+                    );
+                    let mut dx = Buffer::new(x.data.len());
+                    dx.fill(0.0);
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let row = &patches[(oy * wo + ox) * self.rows..][..self.rows];
+                            for ky in 0..kernel {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                for kx in 0..kernel {
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= x.height as isize
+                                        || ix >= x.width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let at = (iy as usize * x.width + ix as usize) * cin;
+                                    let src = &row[(ky * kernel + kx) * cin..][..cin];
+                                    dx[at..at + cin]
+                                        .iter_mut()
+                                        .zip(src)
+                                        .for_each(|(d, s)| *d += s);
+                                }
+                            }
+                        }
+                    }
+                    dx
+                })
             }
             Kind::Depthwise {
                 kernel,
@@ -382,11 +457,11 @@ impl ConvBn {
                 });
                 let g = &mut sums.0[self.g];
                 let (h, w) = (x.height, x.width);
-                for oy in 0..pre.height {
+                for oy in 0..ho {
                     let iy0 = (oy * stride) as isize - pad as isize;
-                    for ox in 0..pre.width {
+                    for ox in 0..wo {
                         let ix0 = (ox * stride) as isize - pad as isize;
-                        let dp = &d_pre[(oy * pre.width + ox) * c..][..c];
+                        let dp = &d_pre[(oy * wo + ox) * c..][..c];
                         for ky in 0..kernel {
                             let iy = iy0 + ky as isize;
                             if iy < 0 || iy >= h as isize {
@@ -401,8 +476,14 @@ impl ConvBn {
                                 let at = (iy as usize * w + ix as usize) * c;
                                 let xin = &x.data[at..at + c];
                                 let gt = &mut g[tap * c..][..c];
-                                for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
-                                    *gv += d * xv;
+                                if self.input_relu {
+                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
+                                        *gv += d * xv.max(0.0);
+                                    }
+                                } else {
+                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
+                                        *gv += d * xv;
+                                    }
                                 }
                                 if let Some(dx) = dx.as_mut() {
                                     let wt = &self.folded[tap * c..][..c];
@@ -415,12 +496,17 @@ impl ConvBn {
                         }
                     }
                 }
+                if self.input_relu
+                    && let Some(dx) = dx.as_mut()
+                {
+                    activation_backward(dx, &x.data, Act::Relu);
+                }
                 dx
             }
         }
     }
 
-    /// The three gradients from the summed `G` and `Σ ∂pre`.
+    /// The gradients from the summed `G` and `Σ ∂pre`.
     fn gradients(&self, sums: &Sums, out: &mut Vec<(usize, Vec<f32>, Layout)>) {
         let (g, sum) = (&sums.0[self.g], &sums.0[self.sum]);
         let c = self.cols;
@@ -428,17 +514,8 @@ impl ConvBn {
             .chunks_exact(c)
             .flat_map(|row| row.iter().zip(&self.scale).map(|(x, s)| x * s))
             .collect();
-        let mut dgamma = vec![0.0f32; c];
-        for (grow, wrow) in g.chunks_exact(c).zip(self.w.chunks_exact(c)) {
-            for ((d, gv), wv) in dgamma.iter_mut().zip(grow).zip(wrow) {
-                *d += gv * wv;
-            }
-        }
-        for ch in 0..c {
-            dgamma[ch] = (dgamma[ch] - self.mean[ch] * sum[ch]) * self.inv_std[ch];
-        }
         let layout = match self.kind {
-            Kind::Pointwise | Kind::Depthwise { .. } => Layout::Transposed {
+            Kind::Pointwise { .. } | Kind::Depthwise { .. } => Layout::Transposed {
                 rows: self.rows,
                 cols: c,
             },
@@ -449,8 +526,19 @@ impl ConvBn {
             },
         };
         out.push((self.weight, dw, layout));
-        out.push((self.gamma, dgamma, Layout::Same));
-        out.push((self.beta, sum.clone(), Layout::Same));
+        if let (Some(gamma), Some(beta)) = (self.gamma, self.beta) {
+            let mut dgamma = vec![0.0f32; c];
+            for (grow, wrow) in g.chunks_exact(c).zip(self.w.chunks_exact(c)) {
+                for ((d, gv), wv) in dgamma.iter_mut().zip(grow).zip(wrow) {
+                    *d += gv * wv;
+                }
+            }
+            for ch in 0..c {
+                dgamma[ch] = (dgamma[ch] - self.mean[ch] * sum[ch]) * self.inv_std[ch];
+            }
+            out.push((gamma, dgamma, Layout::Same));
+            out.push((beta, sum.clone(), Layout::Same));
+        }
     }
 }
 
@@ -640,6 +728,90 @@ enum TrainUnit {
         skip: bool,
     },
     Last(ConvBn),
+    /// Xception's block: separable convolutions (a depthwise half without BatchNorm, a 1x1
+    /// half with one), an optional 3x3 max-pool, and the shortcut.
+    XceptionBlock {
+        reps: Vec<(ConvBn, ConvBn)>,
+        pool_stride: usize,
+        skip: Option<ConvBn>,
+    },
+    /// Xception's exit convolutions: separable + BatchNorm + ReLU.
+    Separable(ConvBn, ConvBn),
+}
+
+/// What one separable convolution kept.
+struct RepTape {
+    depthwise: Image,
+    pre: Image,
+    /// After the activation; `None` when there is none (then it is `pre`).
+    output: Option<Image>,
+}
+
+impl RepTape {
+    fn output(&self) -> &Image {
+        self.output.as_ref().unwrap_or(&self.pre)
+    }
+}
+
+fn separable_forward(depthwise: &ConvBn, pointwise: &ConvBn, x: &Image) -> RepTape {
+    let dw = depthwise.forward(x, None);
+    let pre = pointwise.forward(&dw, None);
+    let output = (pointwise.act != Act::Identity).then(|| activated(&pre, pointwise.act));
+    RepTape {
+        depthwise: dw,
+        pre,
+        output,
+    }
+}
+
+/// The gradient of a separable convolution's input from that of its output.
+fn separable_backward(
+    (depthwise, pointwise): (&ConvBn, &ConvBn),
+    x: &Image,
+    tape: &RepTape,
+    d_out: &mut [f32],
+    sums: &mut Sums,
+    need_input: bool,
+) -> Option<Buffer> {
+    let mut d_dw = pointwise
+        .backward(&tape.depthwise, &tape.pre, d_out, sums, true)
+        .expect("asked for");
+    depthwise.backward(x, &tape.depthwise, &mut d_dw, sums, need_input)
+}
+
+/// The gradient of a 3x3 max-pool's input: each output's gradient goes to the first largest
+/// input of its window (PyTorch's choice).
+fn max_pool_backward(x: &Image, stride: usize, d_out: &[f32], (ho, wo): (usize, usize)) -> Buffer {
+    let c = x.channels;
+    let mut dx = Buffer::new(x.data.len());
+    dx.fill(0.0);
+    for oy in 0..ho {
+        let iy0 = (oy * stride) as isize - 1;
+        for ox in 0..wo {
+            let ix0 = (ox * stride) as isize - 1;
+            for ch in 0..c {
+                let mut best = (f32::NEG_INFINITY, usize::MAX);
+                for ky in 0..3 {
+                    let iy = iy0 + ky;
+                    if iy < 0 || iy >= x.height as isize {
+                        continue;
+                    }
+                    for kx in 0..3 {
+                        let ix = ix0 + kx;
+                        if ix < 0 || ix >= x.width as isize {
+                            continue;
+                        }
+                        let at = (iy as usize * x.width + ix as usize) * c + ch;
+                        if x.data[at] > best.0 || best.1 == usize::MAX {
+                            best = (x.data[at], at);
+                        }
+                    }
+                }
+                dx[best.1] += d_out[(oy * wo + ox) * c + ch];
+            }
+        }
+    }
+    dx
 }
 
 /// What one unit kept of one image for its backward pass.
@@ -654,6 +826,26 @@ struct Tape {
     gated: Option<Image>,
     /// The unit's output before its activation (stem, last unit).
     pre: Option<Image>,
+    /// Xception: each separable convolution's values, and the projecting shortcut's output.
+    reps: Vec<RepTape>,
+    shortcut: Option<Image>,
+}
+
+impl Tape {
+    fn of(input: Image) -> Self {
+        Tape {
+            input,
+            expand_pre: None,
+            expanded: None,
+            depthwise_pre: empty(),
+            depthwise: empty(),
+            gate: None,
+            gated: None,
+            pre: None,
+            reps: Vec::new(),
+            shortcut: None,
+        }
+    }
 }
 
 impl TrainUnit {
@@ -663,14 +855,52 @@ impl TrainUnit {
                 let pre = conv.forward(&x, None);
                 let out = activated(&pre, conv.act);
                 let tape = Tape {
-                    input: x,
-                    expand_pre: None,
-                    expanded: None,
-                    depthwise_pre: empty(),
-                    depthwise: empty(),
-                    gate: None,
-                    gated: None,
                     pre: Some(pre),
+                    ..Tape::of(x)
+                };
+                (out, tape)
+            }
+            TrainUnit::XceptionBlock {
+                reps,
+                pool_stride,
+                skip,
+            } => {
+                let shortcut = skip.as_ref().map(|conv| conv.forward(&x, None));
+                let mut tapes: Vec<RepTape> = Vec::with_capacity(reps.len());
+                for (depthwise, pointwise) in reps {
+                    let input = tapes.last().map_or(&x, RepTape::output);
+                    let tape = separable_forward(depthwise, pointwise, input);
+                    tapes.push(tape);
+                }
+                let last = tapes.last().expect("an Xception block has reps").output();
+                let mut out = if *pool_stride > 1 {
+                    let ho = kernels::output_size(last.height, 3, *pool_stride, 1);
+                    let wo = kernels::output_size(last.width, 3, *pool_stride, 1);
+                    let mut pooled = Buffer::new(ho * wo * last.channels);
+                    kernels::max_pool(&last.data, shape(last), 3, *pool_stride, 1, &mut pooled);
+                    Image {
+                        data: pooled,
+                        height: ho,
+                        width: wo,
+                        channels: last.channels,
+                    }
+                } else {
+                    activated(last, Act::Identity)
+                };
+                kernels::add_into(&mut out.data, &shortcut.as_ref().unwrap_or(&x).data);
+                let tape = Tape {
+                    reps: tapes,
+                    shortcut,
+                    ..Tape::of(x)
+                };
+                (out, tape)
+            }
+            TrainUnit::Separable(depthwise, pointwise) => {
+                let rep = separable_forward(depthwise, pointwise, &x);
+                let out = activated(rep.output(), Act::Identity);
+                let tape = Tape {
+                    reps: vec![rep],
+                    ..Tape::of(x)
                 };
                 (out, tape)
             }
@@ -706,14 +936,13 @@ impl TrainUnit {
                 let residual = skip.then_some(&x.data[..]);
                 let out = project.forward(gated.as_ref().unwrap_or(&dw), residual);
                 let tape = Tape {
-                    input: x,
                     expand_pre,
                     expanded,
                     depthwise_pre,
                     depthwise: dw,
                     gate: gate_tape,
                     gated,
-                    pre: None,
+                    ..Tape::of(x)
                 };
                 (out, tape)
             }
@@ -733,6 +962,54 @@ impl TrainUnit {
                 let pre = tape.pre.as_ref().expect("kept");
                 conv.backward(&tape.input, pre, &mut d_out, sums, need_input)
             }
+            TrainUnit::XceptionBlock {
+                reps,
+                pool_stride,
+                skip,
+            } => {
+                let mut d_shortcut = Buffer::from_slice(&d_out);
+                let last = tape.reps.last().expect("kept").output();
+                let mut d = if *pool_stride > 1 {
+                    let ho = kernels::output_size(last.height, 3, *pool_stride, 1);
+                    let wo = kernels::output_size(last.width, 3, *pool_stride, 1);
+                    max_pool_backward(last, *pool_stride, &d_out, (ho, wo))
+                } else {
+                    d_out
+                };
+                for (i, (convs, rep)) in reps.iter().zip(&tape.reps).enumerate().rev() {
+                    let input = if i == 0 {
+                        &tape.input
+                    } else {
+                        tape.reps[i - 1].output()
+                    };
+                    let need = i > 0 || need_input;
+                    match separable_backward((&convs.0, &convs.1), input, rep, &mut d, sums, need) {
+                        Some(next) => d = next,
+                        None => break,
+                    }
+                }
+                let d_skip = match (skip, &tape.shortcut) {
+                    (Some(conv), Some(pre)) => {
+                        conv.backward(&tape.input, pre, &mut d_shortcut, sums, need_input)
+                    }
+                    _ => Some(d_shortcut),
+                };
+                if !need_input {
+                    return None;
+                }
+                if let Some(d_skip) = d_skip {
+                    kernels::add_into(&mut d, &d_skip);
+                }
+                Some(d)
+            }
+            TrainUnit::Separable(depthwise, pointwise) => separable_backward(
+                (depthwise, pointwise),
+                &tape.input,
+                &tape.reps[0],
+                &mut d_out,
+                sums,
+                need_input,
+            ),
             TrainUnit::Inverted {
                 expand,
                 depthwise,
@@ -798,6 +1075,19 @@ impl TrainUnit {
     fn gradients(&self, sums: &Sums, out: &mut Vec<(usize, Vec<f32>, Layout)>) {
         match self {
             TrainUnit::Stem(conv) | TrainUnit::Last(conv) => conv.gradients(sums, out),
+            TrainUnit::XceptionBlock { reps, skip, .. } => {
+                for (depthwise, pointwise) in reps {
+                    depthwise.gradients(sums, out);
+                    pointwise.gradients(sums, out);
+                }
+                if let Some(conv) = skip {
+                    conv.gradients(sums, out);
+                }
+            }
+            TrainUnit::Separable(depthwise, pointwise) => {
+                depthwise.gradients(sums, out);
+                pointwise.gradients(sums, out);
+            }
             TrainUnit::Inverted {
                 expand,
                 depthwise,
@@ -853,22 +1143,23 @@ pub struct Activations {
 }
 
 impl TrainableUnits {
-    /// Whether `backbone` can be trained this way (MobileNetV3; Xception trains with burn).
+    /// Whether `backbone` can be trained this way (both architectures of the registry).
     pub fn supports(backbone: &Backbone) -> bool {
-        matches!(backbone, Backbone::MobileNetV3(_))
+        matches!(backbone, Backbone::MobileNetV3(_) | Backbone::Xception(_))
     }
 
-    /// Units `units` of `backbone`. Panics unless [`TrainableUnits::supports`] says yes.
+    /// Units `units` of `backbone` (see [`Backbone::unit_count`]).
     pub fn new(backbone: &Backbone, units: Range<usize>) -> Self {
-        let Backbone::MobileNetV3(model) = backbone else {
-            panic!("only MobileNetV3 trains on the folded kernels")
+        let model = match backbone {
+            Backbone::MobileNetV3(model) => model,
+            Backbone::Xception(model) => return Self::xception(model, units),
         };
         let mut plan = Plan::default();
         let mut out = Vec::new();
         if units.contains(&0) {
             out.push(TrainUnit::Stem(ConvBn::new(
                 &model.conv_stem,
-                &model.bn1,
+                Some(&model.bn1),
                 Act::HardSwish,
                 &mut plan,
             )));
@@ -879,31 +1170,74 @@ impl TrainableUnits {
             out.push(match block {
                 Block::DepthwiseSeparable(b) => TrainUnit::Inverted {
                     expand: None,
-                    depthwise: ConvBn::new(&b.conv_dw, &b.bn1, act(b.activation), &mut plan),
+                    depthwise: ConvBn::new(&b.conv_dw, Some(&b.bn1), act(b.activation), &mut plan),
                     gate: b.se.as_ref().map(|se| Gate::new(se, &mut plan)),
-                    project: ConvBn::new(&b.conv_pw, &b.bn2, Act::Identity, &mut plan),
+                    project: ConvBn::new(&b.conv_pw, Some(&b.bn2), Act::Identity, &mut plan),
                     skip: b.has_skip,
                 },
                 Block::InvertedResidual(b) => TrainUnit::Inverted {
                     expand: Some(ConvBn::new(
                         &b.conv_pw,
-                        &b.bn1,
+                        Some(&b.bn1),
                         act(b.activation),
                         &mut plan,
                     )),
-                    depthwise: ConvBn::new(&b.conv_dw, &b.bn2, act(b.activation), &mut plan),
+                    depthwise: ConvBn::new(&b.conv_dw, Some(&b.bn2), act(b.activation), &mut plan),
                     gate: b.se.as_ref().map(|se| Gate::new(se, &mut plan)),
-                    project: ConvBn::new(&b.conv_pwl, &b.bn3, Act::Identity, &mut plan),
+                    project: ConvBn::new(&b.conv_pwl, Some(&b.bn3), Act::Identity, &mut plan),
                     skip: b.has_skip,
                 },
-                Block::ConvBnAct(b) => {
-                    TrainUnit::Last(ConvBn::new(&b.conv, &b.bn1, act(b.activation), &mut plan))
-                }
+                Block::ConvBnAct(b) => TrainUnit::Last(ConvBn::new(
+                    &b.conv,
+                    Some(&b.bn1),
+                    act(b.activation),
+                    &mut plan,
+                )),
             });
         }
         Self {
             units: out,
             first: units.start,
+            plan,
+        }
+    }
+
+    fn xception(model: &Xception, units: Range<usize>) -> Self {
+        let mut plan = Plan::default();
+        let mut out = Vec::new();
+        let start = units.start;
+        for unit in units {
+            out.push(match unit {
+                0 => TrainUnit::Stem(ConvBn::new(
+                    &model.conv1,
+                    Some(&model.bn1),
+                    Act::Relu,
+                    &mut plan,
+                )),
+                1 => TrainUnit::Stem(ConvBn::new(
+                    &model.conv2,
+                    Some(&model.bn2),
+                    Act::Relu,
+                    &mut plan,
+                )),
+                2..=13 => xception_block(model.blocks()[unit - 2], &mut plan),
+                14 | 15 => {
+                    let (conv, bn) = if unit == 14 {
+                        (&model.conv3, &model.bn3)
+                    } else {
+                        (&model.conv4, &model.bn4)
+                    };
+                    TrainUnit::Separable(
+                        ConvBn::new(&conv.conv1, None, Act::Identity, &mut plan),
+                        ConvBn::new(&conv.pointwise, Some(bn), Act::Relu, &mut plan),
+                    )
+                }
+                _ => panic!("Xception has {} units", crate::xception::UNITS),
+            });
+        }
+        Self {
+            units: out,
+            first: start,
             plan,
         }
     }
@@ -1034,5 +1368,48 @@ impl TrainableUnits {
     /// The first unit these train.
     pub fn first_unit(&self) -> usize {
         self.first
+    }
+}
+
+/// An Xception block's trainable form: ReLUs after a BatchNorm become that 1x1 half's
+/// activation; the block's leading ReLU is applied as the first depthwise reads its input
+/// (the shortcut takes the input before it).
+fn xception_block(block: &XceptionBlock, plan: &mut Plan) -> TrainUnit {
+    let mut reps: Vec<(ConvBn, ConvBn)> = Vec::new();
+    let mut pending_relu = false;
+    let mut pool_stride = 1;
+    let mut layers = block.rep.iter().peekable();
+    while let Some(layer) = layers.next() {
+        match layer {
+            RepLayer::Relu(_) => match reps.last_mut() {
+                Some(previous) => previous.1.act = Act::Relu,
+                None => pending_relu = true,
+            },
+            RepLayer::SeparableConv(sep) => {
+                let bn = match layers.peek() {
+                    Some(RepLayer::BatchNorm(bn)) => {
+                        layers.next();
+                        Some(bn)
+                    }
+                    _ => None,
+                };
+                let depthwise = ConvBn::new(&sep.conv1, None, Act::Identity, plan)
+                    .with_input_relu(pending_relu);
+                let pointwise = ConvBn::new(&sep.pointwise, bn, Act::Identity, plan);
+                reps.push((depthwise, pointwise));
+                pending_relu = false;
+            }
+            RepLayer::BatchNorm(_) => panic!("an Xception BatchNorm follows a separable conv"),
+            RepLayer::MaxPool(pool) => pool_stride = pool.stride[0],
+        }
+    }
+    let skip = block
+        .skip
+        .as_ref()
+        .map(|conv| ConvBn::new(conv, block.skipbn.as_ref(), Act::Identity, plan));
+    TrainUnit::XceptionBlock {
+        reps,
+        pool_stride,
+        skip,
     }
 }
