@@ -412,7 +412,7 @@ pub struct StepInput<'a> {
 /// How a phase runs the backbone: the units it does not train (all of them in phase 1, those
 /// below the fine-tune layer in phase 2) without autodiff, folded on the CPU; the rest with
 /// burn's autodiff, or on the CPU with the folded kernels' own gradients where they cover the
-/// model (MobileNetV3 with frozen BatchNorm statistics, as the seed's phase 2).
+/// model (BatchNorm statistics frozen, as in the seed's phase 2).
 pub struct BackbonePlan {
     frozen: FrozenPrefix,
     folded_training: bool,

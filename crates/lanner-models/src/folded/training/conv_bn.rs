@@ -1,0 +1,496 @@
+//! A convolution and the BatchNorm after it, trained with frozen statistics: forward, backward
+//! and the gradients of its weight, γ and β.
+
+use burn::nn::conv::Conv2d;
+
+use super::super::buffers::Buffer;
+use super::super::from_burn::values;
+use super::super::kernels::{self, Act, Parallelism};
+use super::super::units::Image;
+use super::{Layout, Plan, Sums};
+use crate::batch_norm::BatchNorm2d;
+
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
+    Pointwise {
+        stride: usize,
+    },
+    Depthwise {
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
+    Dense {
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        cin: usize,
+    },
+}
+
+/// A convolution and the BatchNorm after it (frozen statistics), trainable; without a
+/// BatchNorm (Xception's depthwise half of a separable convolution) the scale is 1.
+pub(super) struct ConvBn {
+    kind: Kind,
+    /// The weights `[rows][cols]`: 1x1 `[in][out]`, depthwise `[k·k][c]`, dense
+    /// `[(tap, in)][out]`; `cols` is the output channels.
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+    folded: Vec<f32>,
+    bias: Vec<f32>,
+    scale: Vec<f32>,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    pub(super) act: Act,
+    /// ReLU on the input as it is read (depthwise only; Xception).
+    input_relu: bool,
+    /// Accumulators: `G` (`rows × cols`) and `Σ ∂pre` (`cols`).
+    g: usize,
+    sum: usize,
+    weight: usize,
+    /// The BatchNorm's γ and β, if there is one.
+    gamma: Option<usize>,
+    beta: Option<usize>,
+}
+
+impl ConvBn {
+    pub(super) fn new(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act, plan: &mut Plan) -> Self {
+        assert!(
+            conv.bias.is_none(),
+            "the backbones' convolutions have no bias"
+        );
+        let [cout, in_per_group, k, _] = conv.weight.val().dims();
+        let raw = values(conv.weight.val());
+        let pad = match conv.padding {
+            burn::nn::PaddingConfig2d::Explicit(p, ..) => p,
+            _ => 0,
+        };
+        let stride = conv.stride[0];
+        let taps = k * k;
+        let (kind, rows, w) = if conv.groups > 1 {
+            let mut w = vec![0.0; taps * cout];
+            for c in 0..cout {
+                for t in 0..taps {
+                    w[t * cout + c] = raw[c * taps + t];
+                }
+            }
+            let kind = Kind::Depthwise {
+                kernel: k,
+                stride,
+                pad,
+            };
+            (kind, taps, w)
+        } else if k == 1 {
+            let cin = in_per_group;
+            let mut w = vec![0.0; cin * cout];
+            for o in 0..cout {
+                for i in 0..cin {
+                    w[i * cout + o] = raw[o * cin + i];
+                }
+            }
+            (Kind::Pointwise { stride }, cin, w)
+        } else {
+            let cin = in_per_group;
+            let mut w = vec![0.0; taps * cin * cout];
+            for o in 0..cout {
+                for i in 0..cin {
+                    for t in 0..taps {
+                        w[(t * cin + i) * cout + o] = raw[(o * cin + i) * taps + t];
+                    }
+                }
+            }
+            let kind = Kind::Dense {
+                kernel: k,
+                stride,
+                pad,
+                cin,
+            };
+            (kind, taps * cin, w)
+        };
+        let (scale, mean, inv_std, bias) = match bn {
+            Some(bn) => {
+                let gamma = values(bn.weight.val());
+                let beta = values(bn.bias.val());
+                let mean = values(bn.running_mean.value());
+                let var = values(bn.running_var.value());
+                let inv_std: Vec<f32> = var
+                    .iter()
+                    .map(|v| (1.0 / (*v as f64 + bn.epsilon).sqrt()) as f32)
+                    .collect();
+                let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+                let bias: Vec<f32> = (0..cout).map(|c| beta[c] - mean[c] * scale[c]).collect();
+                (scale, mean, inv_std, bias)
+            }
+            None => (
+                vec![1.0; cout],
+                vec![0.0; cout],
+                vec![1.0; cout],
+                vec![0.0; cout],
+            ),
+        };
+        let mut folded = w.clone();
+        for row in folded.chunks_exact_mut(cout) {
+            row.iter_mut().zip(&scale).for_each(|(x, s)| *x *= s);
+        }
+        Self {
+            kind,
+            rows,
+            cols: cout,
+            w,
+            folded,
+            bias,
+            scale,
+            mean,
+            inv_std,
+            act,
+            input_relu: false,
+            g: plan.accumulator(rows * cout),
+            sum: plan.accumulator(cout),
+            weight: plan.slot(&conv.weight),
+            gamma: bn.map(|bn| plan.slot(&bn.weight)),
+            beta: bn.map(|bn| plan.slot(&bn.bias)),
+        }
+    }
+
+    pub(super) fn with_input_relu(mut self, input_relu: bool) -> Self {
+        self.input_relu = input_relu;
+        self
+    }
+
+    pub(super) fn output_shape(&self, x: &Image) -> (usize, usize) {
+        match self.kind {
+            Kind::Pointwise { stride } => (x.height.div_ceil(stride), x.width.div_ceil(stride)),
+            Kind::Depthwise {
+                kernel,
+                stride,
+                pad,
+            }
+            | Kind::Dense {
+                kernel,
+                stride,
+                pad,
+                ..
+            } => (
+                kernels::output_size(x.height, kernel, stride, pad),
+                kernels::output_size(x.width, kernel, stride, pad),
+            ),
+        }
+    }
+
+    /// The input of a strided 1x1 convolution: every `stride`-th pixel.
+    pub(super) fn subsampled(&self, x: &Image, stride: usize) -> Buffer {
+        let (h, w) = self.output_shape(x);
+        let mut buffer = Buffer::new(h * w * x.channels);
+        kernels::subsample(&x.data, shape(x), stride, &mut buffer);
+        buffer
+    }
+
+    /// The pre-activation output (BatchNorm applied), plus `residual` when given.
+    pub(super) fn forward(&self, x: &Image, residual: Option<&[f32]>) -> Image {
+        let (h, w) = self.output_shape(x);
+        let c = self.cols;
+        let mut out = Buffer::new(h * w * c);
+        match self.kind {
+            Kind::Pointwise { stride } => {
+                kernels::fill_rows(&mut out, &self.bias, residual);
+                let subsampled;
+                let input: &[f32] = if stride > 1 {
+                    subsampled = self.subsampled(x, stride);
+                    &subsampled
+                } else {
+                    &x.data
+                };
+                let m = h * w;
+                kernels::matmul(&mut out, true, input, &self.folded, m, self.rows, c, false);
+            }
+            Kind::Dense {
+                kernel,
+                stride,
+                pad,
+                ..
+            } => {
+                let mut patches = Buffer::new(h * w * self.rows);
+                kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
+                kernels::fill_rows(&mut out, &self.bias, residual);
+                let (m, k) = (h * w, self.rows);
+                kernels::matmul(&mut out, true, &patches, &self.folded, m, k, c, false);
+            }
+            Kind::Depthwise {
+                kernel,
+                stride,
+                pad,
+            } => {
+                let dw = kernels::DepthwiseShape {
+                    input: shape(x),
+                    kernel,
+                    stride,
+                    pad,
+                    weights: &self.folded,
+                    bias: &self.bias,
+                    act: Act::Identity,
+                    input_relu: self.input_relu,
+                };
+                kernels::depthwise(&dw, &x.data, &mut out);
+                assert!(residual.is_none());
+            }
+        }
+        Image {
+            data: out,
+            height: h,
+            width: w,
+            channels: c,
+        }
+    }
+
+    /// Turns `d_out` (the gradient of the activation's output) into that of the
+    /// pre-activation, adds this image's `G` and `Σ ∂pre` to `sums`, and returns the gradient
+    /// of the input when `need_input`.
+    pub(super) fn backward(
+        &self,
+        x: &Image,
+        pre: &Image,
+        d_out: &mut [f32],
+        sums: &mut Sums,
+        need_input: bool,
+    ) -> Option<Buffer> {
+        activation_backward(d_out, &pre.data, self.act);
+        let d_pre: &[f32] = d_out;
+        let c = self.cols;
+        let (ho, wo) = self.output_shape(x);
+        let pixels = ho * wo;
+        {
+            let sum = &mut sums.0[self.sum];
+            for row in d_pre.chunks_exact(c) {
+                sum.iter_mut().zip(row).for_each(|(s, d)| *s += d);
+            }
+        }
+        match self.kind {
+            Kind::Pointwise { stride } => {
+                let k = self.rows;
+                let subsampled;
+                let input: &[f32] = if stride > 1 {
+                    subsampled = self.subsampled(x, stride);
+                    &subsampled
+                } else {
+                    &x.data
+                };
+                // G[k × c] += inputᵀ · ∂pre.
+                kernels::matmul_strided(
+                    &mut sums.0[self.g],
+                    true,
+                    (input, 1, k),
+                    (d_pre, c, 1),
+                    (k, pixels, c),
+                    Parallelism::None,
+                );
+                need_input.then(|| {
+                    // ∂input[p × k] = ∂pre · foldedᵀ, then back to the strided positions.
+                    let mut d_input = Buffer::new(pixels * k);
+                    kernels::matmul_strided(
+                        &mut d_input,
+                        false,
+                        (d_pre, c, 1),
+                        (&self.folded, 1, c),
+                        (pixels, c, k),
+                        Parallelism::None,
+                    );
+                    if stride == 1 {
+                        return d_input;
+                    }
+                    let mut dx = Buffer::new(x.data.len());
+                    dx.fill(0.0);
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let at = (oy * stride * x.width + ox * stride) * k;
+                            dx[at..at + k].copy_from_slice(&d_input[(oy * wo + ox) * k..][..k]);
+                        }
+                    }
+                    dx
+                })
+            }
+            Kind::Dense {
+                kernel,
+                stride,
+                pad,
+                cin,
+            } => {
+                let mut patches = Buffer::new(pixels * self.rows);
+                kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
+                kernels::matmul_strided(
+                    &mut sums.0[self.g],
+                    true,
+                    (&patches, 1, self.rows),
+                    (d_pre, c, 1),
+                    (self.rows, pixels, c),
+                    Parallelism::None,
+                );
+                need_input.then(|| {
+                    // ∂patches = ∂pre · foldedᵀ, each patch element added back to its pixel.
+                    kernels::matmul_strided(
+                        &mut patches,
+                        false,
+                        (d_pre, c, 1),
+                        (&self.folded, 1, c),
+                        (pixels, c, self.rows),
+                        Parallelism::None,
+                    );
+                    let mut dx = Buffer::new(x.data.len());
+                    dx.fill(0.0);
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let row = &patches[(oy * wo + ox) * self.rows..][..self.rows];
+                            for ky in 0..kernel {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                for kx in 0..kernel {
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= x.height as isize
+                                        || ix >= x.width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let at = (iy as usize * x.width + ix as usize) * cin;
+                                    let src = &row[(ky * kernel + kx) * cin..][..cin];
+                                    dx[at..at + cin]
+                                        .iter_mut()
+                                        .zip(src)
+                                        .for_each(|(d, s)| *d += s);
+                                }
+                            }
+                        }
+                    }
+                    dx
+                })
+            }
+            Kind::Depthwise {
+                kernel,
+                stride,
+                pad,
+            } => {
+                let mut dx = need_input.then(|| {
+                    let mut b = Buffer::new(x.data.len());
+                    b.fill(0.0);
+                    b
+                });
+                let g = &mut sums.0[self.g];
+                let (h, w) = (x.height, x.width);
+                for oy in 0..ho {
+                    let iy0 = (oy * stride) as isize - pad as isize;
+                    for ox in 0..wo {
+                        let ix0 = (ox * stride) as isize - pad as isize;
+                        let dp = &d_pre[(oy * wo + ox) * c..][..c];
+                        for ky in 0..kernel {
+                            let iy = iy0 + ky as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..kernel {
+                                let ix = ix0 + kx as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let tap = ky * kernel + kx;
+                                let at = (iy as usize * w + ix as usize) * c;
+                                let xin = &x.data[at..at + c];
+                                let gt = &mut g[tap * c..][..c];
+                                if self.input_relu {
+                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
+                                        *gv += d * xv.max(0.0);
+                                    }
+                                } else {
+                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
+                                        *gv += d * xv;
+                                    }
+                                }
+                                if let Some(dx) = dx.as_mut() {
+                                    let wt = &self.folded[tap * c..][..c];
+                                    let dxs = &mut dx[at..at + c];
+                                    for ((o, d), wv) in dxs.iter_mut().zip(dp).zip(wt) {
+                                        *o += d * wv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if self.input_relu
+                    && let Some(dx) = dx.as_mut()
+                {
+                    activation_backward(dx, &x.data, Act::Relu);
+                }
+                dx
+            }
+        }
+    }
+
+    /// The gradients from the summed `G` and `Σ ∂pre`.
+    pub(super) fn gradients(&self, sums: &Sums, out: &mut Vec<(usize, Vec<f32>, Layout)>) {
+        let (g, sum) = (&sums.0[self.g], &sums.0[self.sum]);
+        let c = self.cols;
+        let dw: Vec<f32> = g
+            .chunks_exact(c)
+            .flat_map(|row| row.iter().zip(&self.scale).map(|(x, s)| x * s))
+            .collect();
+        let layout = match self.kind {
+            Kind::Pointwise { .. } | Kind::Depthwise { .. } => Layout::Transposed {
+                rows: self.rows,
+                cols: c,
+            },
+            Kind::Dense { kernel, cin, .. } => Layout::Dense {
+                taps: kernel * kernel,
+                cin,
+                cout: c,
+            },
+        };
+        out.push((self.weight, dw, layout));
+        if let (Some(gamma), Some(beta)) = (self.gamma, self.beta) {
+            let mut dgamma = vec![0.0f32; c];
+            for (grow, wrow) in g.chunks_exact(c).zip(self.w.chunks_exact(c)) {
+                for ((d, gv), wv) in dgamma.iter_mut().zip(grow).zip(wrow) {
+                    *d += gv * wv;
+                }
+            }
+            for ch in 0..c {
+                dgamma[ch] = (dgamma[ch] - self.mean[ch] * sum[ch]) * self.inv_std[ch];
+            }
+            out.push((gamma, dgamma, Layout::Same));
+            out.push((beta, sum.clone(), Layout::Same));
+        }
+    }
+}
+
+pub(super) fn shape(x: &Image) -> (usize, usize, usize) {
+    (x.height, x.width, x.channels)
+}
+
+pub(super) fn activation_backward(d: &mut [f32], pre: &[f32], act: Act) {
+    match act {
+        Act::Identity => {}
+        Act::Relu => d
+            .iter_mut()
+            .zip(pre)
+            .for_each(|(d, p)| *d = if *p > 0.0 { *d } else { 0.0 }),
+        Act::HardSwish => d.iter_mut().zip(pre).for_each(|(d, p)| {
+            *d *= if *p <= -3.0 {
+                0.0
+            } else if *p >= 3.0 {
+                1.0
+            } else {
+                (2.0 * p + 3.0) / 6.0
+            }
+        }),
+    }
+}
+
+pub(super) fn activated(pre: &Image, act: Act) -> Image {
+    let mut data = Buffer::from_slice(&pre.data);
+    kernels::activate(&mut data, act);
+    Image {
+        data,
+        height: pre.height,
+        width: pre.width,
+        channels: pre.channels,
+    }
+}

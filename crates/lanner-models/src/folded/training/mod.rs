@@ -1,0 +1,394 @@
+//! Training a backbone's trainable units on the CPU without burn's autodiff: the same folded,
+//! channels-last kernels forward (keeping what the backward pass needs), then hand-written
+//! gradients, accumulated per thread and handed to the optimizer as burn gradients.
+//!
+//! It covers what the recipe's phase 2 trains: every BatchNorm with frozen statistics (the
+//! seed's `training=False`), so a convolution and its BatchNorm are one affine map
+//! `pre = s · (x ⊛ w − μ) + β` with `s = γ / √(σ² + ε)`. For its gradients:
+//! `∂w = G · s`, `∂γ = (Σ G ∘ w − μ · Σ ∂pre) / √(σ² + ε)`, `∂β = Σ ∂pre`, where
+//! `G = xᵀ · ∂pre` (1x1), the patch products (dense) or the per-tap correlation (depthwise) —
+//! all linear in `∂pre`, so `G` and `Σ ∂pre` are what each image adds to its thread's sums.
+
+use std::ops::Range;
+
+use burn::module::{Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+mod blocks;
+mod conv_bn;
+mod gate;
+
+use blocks::{Tape, TrainUnit};
+use conv_bn::ConvBn;
+use gate::Gate;
+
+use super::FeatureMap;
+use super::buffers::Buffer;
+use super::from_burn::act;
+use super::kernels::{self, Act};
+use super::units::Image;
+use crate::backbone::Backbone;
+use crate::mobilenet_v3::blocks::Block;
+use crate::xception::Xception;
+use crate::xception::blocks::{RepLayer, XceptionBlock};
+
+/// How an accumulator's values become a parameter's gradient in burn's layout.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// Already in burn's layout (vectors).
+    Same,
+    /// `[rows][cols]` here, `[cols][rows]` in burn (1x1 and squeeze-excitation weights,
+    /// depthwise weights `[k·k][c]` → `[c][1][k][k]`).
+    Transposed { rows: usize, cols: usize },
+    /// `[(tap, in)][out]` here, `[out][in][tap]` in burn (dense kernels).
+    Dense {
+        taps: usize,
+        cin: usize,
+        cout: usize,
+    },
+}
+
+/// A parameter that receives a gradient.
+struct Slot {
+    id: ParamId,
+    shape: Vec<usize>,
+    trainable: bool,
+}
+
+/// Sizes of the per-thread accumulators, and the parameters they feed.
+#[derive(Default)]
+struct Plan {
+    sizes: Vec<usize>,
+    slots: Vec<Slot>,
+}
+
+impl Plan {
+    fn accumulator(&mut self, size: usize) -> usize {
+        self.sizes.push(size);
+        self.sizes.len() - 1
+    }
+
+    fn slot<const D: usize>(&mut self, param: &Param<Tensor<D>>) -> usize {
+        let value = param.val();
+        self.slots.push(Slot {
+            id: param.id,
+            shape: value.dims().to_vec(),
+            trainable: value.is_require_grad(),
+        });
+        self.slots.len() - 1
+    }
+}
+
+/// Per-thread sums of every image's contributions.
+struct Sums(Vec<Vec<f32>>);
+
+impl Sums {
+    fn new(sizes: &[usize]) -> Self {
+        Self(sizes.iter().map(|&n| vec![0.0; n]).collect())
+    }
+
+    fn add(mut self, other: Sums) -> Self {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        self
+    }
+}
+
+/// The gradient of one parameter.
+pub struct ParamGradient {
+    /// The parameter.
+    pub id: ParamId,
+    /// Its gradient, shaped as the parameter.
+    pub values: TensorData,
+}
+
+/// The trainable units of a backbone whose BatchNorms use frozen statistics, with their
+/// current weights: a forward pass that keeps what the backward pass needs, and gradients
+/// for every parameter that requires one. Built again after every optimizer step.
+pub struct TrainableUnits {
+    units: Vec<TrainUnit>,
+    first: usize,
+    plan: Plan,
+}
+
+/// One image's pooled features, tapes and last feature-map size.
+type ImageResult = (Vec<f32>, Vec<Tape>, (usize, usize));
+
+/// What [`TrainableUnits::forward`] kept for [`TrainableUnits::backward`].
+pub struct Activations {
+    tapes: Vec<(Vec<Tape>, (usize, usize))>,
+}
+
+impl TrainableUnits {
+    /// Whether `backbone` can be trained this way (both architectures of the registry).
+    pub fn supports(backbone: &Backbone) -> bool {
+        matches!(backbone, Backbone::MobileNetV3(_) | Backbone::Xception(_))
+    }
+
+    /// Units `units` of `backbone` (see [`Backbone::unit_count`]).
+    pub fn new(backbone: &Backbone, units: Range<usize>) -> Self {
+        let model = match backbone {
+            Backbone::MobileNetV3(model) => model,
+            Backbone::Xception(model) => return Self::xception(model, units),
+        };
+        let mut plan = Plan::default();
+        let mut out = Vec::new();
+        if units.contains(&0) {
+            out.push(TrainUnit::Stem(ConvBn::new(
+                &model.conv_stem,
+                Some(&model.bn1),
+                Act::HardSwish,
+                &mut plan,
+            )));
+        }
+        let first_block = units.start.max(1) - 1;
+        let count = units.end.saturating_sub(1).saturating_sub(first_block);
+        for block in model.blocks.iter().flatten().skip(first_block).take(count) {
+            out.push(match block {
+                Block::DepthwiseSeparable(b) => TrainUnit::Inverted {
+                    expand: None,
+                    depthwise: ConvBn::new(&b.conv_dw, Some(&b.bn1), act(b.activation), &mut plan),
+                    gate: b.se.as_ref().map(|se| Gate::new(se, &mut plan)),
+                    project: ConvBn::new(&b.conv_pw, Some(&b.bn2), Act::Identity, &mut plan),
+                    skip: b.has_skip,
+                },
+                Block::InvertedResidual(b) => TrainUnit::Inverted {
+                    expand: Some(ConvBn::new(
+                        &b.conv_pw,
+                        Some(&b.bn1),
+                        act(b.activation),
+                        &mut plan,
+                    )),
+                    depthwise: ConvBn::new(&b.conv_dw, Some(&b.bn2), act(b.activation), &mut plan),
+                    gate: b.se.as_ref().map(|se| Gate::new(se, &mut plan)),
+                    project: ConvBn::new(&b.conv_pwl, Some(&b.bn3), Act::Identity, &mut plan),
+                    skip: b.has_skip,
+                },
+                Block::ConvBnAct(b) => TrainUnit::Last(ConvBn::new(
+                    &b.conv,
+                    Some(&b.bn1),
+                    act(b.activation),
+                    &mut plan,
+                )),
+            });
+        }
+        Self {
+            units: out,
+            first: units.start,
+            plan,
+        }
+    }
+
+    fn xception(model: &Xception, units: Range<usize>) -> Self {
+        let mut plan = Plan::default();
+        let mut out = Vec::new();
+        let start = units.start;
+        for unit in units {
+            out.push(match unit {
+                0 => TrainUnit::Stem(ConvBn::new(
+                    &model.conv1,
+                    Some(&model.bn1),
+                    Act::Relu,
+                    &mut plan,
+                )),
+                1 => TrainUnit::Stem(ConvBn::new(
+                    &model.conv2,
+                    Some(&model.bn2),
+                    Act::Relu,
+                    &mut plan,
+                )),
+                2..=13 => xception_block(model.blocks()[unit - 2], &mut plan),
+                14 | 15 => {
+                    let (conv, bn) = if unit == 14 {
+                        (&model.conv3, &model.bn3)
+                    } else {
+                        (&model.conv4, &model.bn4)
+                    };
+                    TrainUnit::Separable(
+                        ConvBn::new(&conv.conv1, None, Act::Identity, &mut plan),
+                        ConvBn::new(&conv.pointwise, Some(bn), Act::Relu, &mut plan),
+                    )
+                }
+                _ => panic!("Xception has {} units", crate::xception::UNITS),
+            });
+        }
+        Self {
+            units: out,
+            first: start,
+            plan,
+        }
+    }
+
+    /// The pooled features `[batch][channels]` of `input` (the frozen prefix's output, or the
+    /// normalised images when these units start at the stem), and what the backward pass needs.
+    pub fn forward(&self, input: &FeatureMap) -> (Vec<f32>, Activations) {
+        let per_image = input.height * input.width * input.channels;
+        let results: Vec<ImageResult> = input
+            .values
+            .par_chunks(per_image)
+            .map(|values| {
+                let mut x = Image {
+                    data: Buffer::from_slice(values),
+                    height: input.height,
+                    width: input.width,
+                    channels: input.channels,
+                };
+                let mut tapes = Vec::with_capacity(self.units.len());
+                for unit in &self.units {
+                    let (out, tape) = unit.forward(x);
+                    tapes.push(tape);
+                    x = out;
+                }
+                let mut pooled = vec![0.0; x.channels];
+                kernels::mean_over_pixels(&x.data, x.height * x.width, &mut pooled);
+                (pooled, tapes, (x.height, x.width))
+            })
+            .collect();
+        let mut pooled = Vec::new();
+        let mut tapes = Vec::new();
+        for (p, t, shape) in results {
+            pooled.extend(p);
+            tapes.push((t, shape));
+        }
+        (pooled, Activations { tapes })
+    }
+
+    /// The gradient of every trainable parameter of these units, in burn's layout, given the
+    /// gradient of the loss with respect to the pooled features (`[batch][channels]`).
+    pub fn backward(&self, activations: Activations, d_pooled: &[f32]) -> Vec<ParamGradient> {
+        let images = activations.tapes.len().max(1);
+        let channels = d_pooled.len() / images;
+        // One accumulator per group of images (each is the size of the parameters), and fixed
+        // groups added in order: the same sums, bit for bit, on every run with these threads.
+        let per_group = images.div_ceil(rayon::current_num_threads());
+        let mut work: Vec<_> = activations
+            .tapes
+            .into_iter()
+            .zip(d_pooled.chunks(channels))
+            .collect();
+        let mut groups = Vec::new();
+        while !work.is_empty() {
+            let rest = work.split_off(work.len().min(per_group));
+            groups.push(std::mem::replace(&mut work, rest));
+        }
+        let sums = groups
+            .into_par_iter()
+            .map(|group| {
+                let mut sums = Sums::new(&self.plan.sizes);
+                for ((tapes, (h, w)), dp) in group {
+                    self.backward_image(&tapes, (h, w), dp, &mut sums);
+                }
+                sums
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(Sums::add)
+            .unwrap_or_else(|| Sums::new(&self.plan.sizes));
+        let mut gradients = Vec::new();
+        for unit in &self.units {
+            unit.gradients(&sums, &mut gradients);
+        }
+        let mut out = Vec::new();
+        for (slot, values, layout) in gradients {
+            let slot = &self.plan.slots[slot];
+            if !slot.trainable {
+                continue;
+            }
+            let values = match layout {
+                Layout::Same => values,
+                Layout::Transposed { rows, cols } => {
+                    let mut t = vec![0.0; values.len()];
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            t[c * rows + r] = values[r * cols + c];
+                        }
+                    }
+                    t
+                }
+                Layout::Dense { taps, cin, cout } => {
+                    let mut t = vec![0.0; values.len()];
+                    for tap in 0..taps {
+                        for i in 0..cin {
+                            for o in 0..cout {
+                                t[(o * cin + i) * taps + tap] = values[(tap * cin + i) * cout + o];
+                            }
+                        }
+                    }
+                    t
+                }
+            };
+            out.push(ParamGradient {
+                id: slot.id,
+                values: TensorData::new(values, slot.shape.clone()),
+            });
+        }
+        out
+    }
+
+    /// Adds one image's contributions to `sums`, from the gradient of its pooled features.
+    fn backward_image(&self, tapes: &[Tape], (h, w): (usize, usize), dp: &[f32], sums: &mut Sums) {
+        let channels = dp.len();
+        let mut d = Buffer::new(h * w * channels);
+        let share: Vec<f32> = dp.iter().map(|v| v / (h * w) as f32).collect();
+        for row in d.chunks_exact_mut(channels) {
+            row.copy_from_slice(&share);
+        }
+        for (i, (unit, tape)) in self.units.iter().zip(tapes).enumerate().rev() {
+            // The first unit's input gradient is not needed: nothing before it trains.
+            match unit.backward(tape, d, sums, i > 0) {
+                Some(next) => d = next,
+                None => break,
+            }
+        }
+    }
+
+    /// The first unit these train.
+    pub fn first_unit(&self) -> usize {
+        self.first
+    }
+}
+
+/// An Xception block's trainable form: ReLUs after a BatchNorm become that 1x1 half's
+/// activation; the block's leading ReLU is applied as the first depthwise reads its input
+/// (the shortcut takes the input before it).
+fn xception_block(block: &XceptionBlock, plan: &mut Plan) -> TrainUnit {
+    let mut reps: Vec<(ConvBn, ConvBn)> = Vec::new();
+    let mut pending_relu = false;
+    let mut pool_stride = 1;
+    let mut layers = block.rep.iter().peekable();
+    while let Some(layer) = layers.next() {
+        match layer {
+            RepLayer::Relu(_) => match reps.last_mut() {
+                Some(previous) => previous.1.act = Act::Relu,
+                None => pending_relu = true,
+            },
+            RepLayer::SeparableConv(sep) => {
+                let bn = match layers.peek() {
+                    Some(RepLayer::BatchNorm(bn)) => {
+                        layers.next();
+                        Some(bn)
+                    }
+                    _ => None,
+                };
+                let depthwise = ConvBn::new(&sep.conv1, None, Act::Identity, plan)
+                    .with_input_relu(pending_relu);
+                let pointwise = ConvBn::new(&sep.pointwise, bn, Act::Identity, plan);
+                reps.push((depthwise, pointwise));
+                pending_relu = false;
+            }
+            RepLayer::BatchNorm(_) => panic!("an Xception BatchNorm follows a separable conv"),
+            RepLayer::MaxPool(pool) => pool_stride = pool.stride[0],
+        }
+    }
+    let skip = block
+        .skip
+        .as_ref()
+        .map(|conv| ConvBn::new(conv, block.skipbn.as_ref(), Act::Identity, plan));
+    TrainUnit::XceptionBlock {
+        reps,
+        pool_stride,
+        skip,
+    }
+}
