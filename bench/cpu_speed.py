@@ -38,6 +38,7 @@ import sys
 import time
 
 from machine import machine
+from train_throughput import thread_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANNER = os.path.join(ROOT, "target", "release", "lanner")
@@ -50,13 +51,6 @@ MODELS = {
     "mobilenet_v3_large": (224, "mobilenetv3_large_100", "blocks.3.3."),
     "xception": (299, "legacy_xception", "block11.rep.4."),
 }
-
-
-def thread_env(threads):
-    n = str(threads)
-    return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
-                TF_NUM_INTRAOP_THREADS=n, TF_NUM_INTEROP_THREADS=str(min(2, threads)),
-                RAYON_NUM_THREADS=n, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def timed(step, warmup, steps):

@@ -86,17 +86,27 @@ pub(super) fn act(activation: Activation) -> Act {
     }
 }
 
+/// Burn's convolution weights `[out][in / groups][k][k]` laid out channels-last, as
+/// `[(tap, in)][out]`: a 1x1 convolution's `[in][out]`, a depthwise one's `[k·k][c]` (one input
+/// per group), a dense one's patch rows.
+pub(super) fn channels_last(raw: &[f32], [out, in_per_group, k, _]: [usize; 4]) -> Vec<f32> {
+    let taps = k * k;
+    let mut weights = vec![0.0; raw.len()];
+    for o in 0..out {
+        for i in 0..in_per_group {
+            for t in 0..taps {
+                weights[(t * in_per_group + i) * out + o] = raw[(o * in_per_group + i) * taps + t];
+            }
+        }
+    }
+    weights
+}
+
 fn pointwise(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> Pointwise {
     let f = fold(conv, bn);
     assert_eq!(f.kernel, 1);
     let (cin, cout) = (f.in_per_group, f.out_channels);
-    // [out][in] → [in][out].
-    let mut weights = vec![0.0; cin * cout];
-    for o in 0..cout {
-        for i in 0..cin {
-            weights[i * cout + o] = f.weights[o * cin + i];
-        }
-    }
+    let weights = channels_last(&f.weights, [cout, cin, 1, 1]);
     Pointwise {
         in_channels: cin,
         out_channels: cout,
@@ -110,14 +120,8 @@ fn pointwise(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> Pointwise {
 fn depthwise(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act, input_relu: bool) -> Depthwise {
     let f = fold(conv, bn);
     assert_eq!(f.in_per_group, 1, "a depthwise convolution");
-    let (c, kk) = (f.out_channels, f.kernel * f.kernel);
-    // [c][k·k] → [k·k][c].
-    let mut weights = vec![0.0; kk * c];
-    for ch in 0..c {
-        for t in 0..kk {
-            weights[t * c + ch] = f.weights[ch * kk + t];
-        }
-    }
+    let c = f.out_channels;
+    let weights = channels_last(&f.weights, [c, 1, f.kernel, f.kernel]);
     Depthwise {
         channels: c,
         kernel: f.kernel,
@@ -134,15 +138,7 @@ fn dense(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> DenseConv {
     let f = fold(conv, bn);
     let (cin, cout, k) = (f.in_per_group, f.out_channels, f.kernel);
     assert_eq!(conv.groups, 1, "a dense convolution");
-    // [out][in][ky][kx] → [(ky, kx, in)][out].
-    let mut weights = vec![0.0; k * k * cin * cout];
-    for o in 0..cout {
-        for i in 0..cin {
-            for t in 0..k * k {
-                weights[(t * cin + i) * cout + o] = f.weights[(o * cin + i) * k * k + t];
-            }
-        }
-    }
+    let weights = channels_last(&f.weights, [cout, cin, k, k]);
     DenseConv {
         in_channels: cin,
         out_channels: cout,
@@ -218,31 +214,46 @@ pub(crate) fn xception(model: &Xception, units: usize) -> Vec<Unit> {
     out
 }
 
-fn xception_block(block: &XceptionBlock) -> Unit {
-    // rep: [ReLU] sep BN (ReLU sep BN)* [MaxPool]. A ReLU right after a BN is folded into
-    // that product; the block's leading ReLU is applied as the depthwise reads its input
-    // (the shortcut takes the input before it).
-    let mut reps: Vec<Separable> = Vec::new();
+/// One separable convolution of an Xception block's `rep`, with the ReLUs around it placed.
+pub(super) struct SeparableLayers<'a> {
+    pub(super) depthwise: &'a Conv2d,
+    pub(super) pointwise: &'a Conv2d,
+    /// The BatchNorm after the pointwise half.
+    pub(super) batch_norm: Option<&'a BatchNorm2d>,
+    /// The block's leading ReLU, applied as the depthwise half reads its input (the shortcut
+    /// takes the input before it).
+    pub(super) input_relu: bool,
+    /// A ReLU right after the BatchNorm (the next separable convolution's leading one).
+    pub(super) output_relu: bool,
+}
+
+/// The separable convolutions of `block`'s `rep` (`[ReLU] sep BN (ReLU sep BN)* [MaxPool]`) and
+/// the stride of its closing max-pool (1: none).
+pub(super) fn xception_rep(block: &XceptionBlock) -> (Vec<SeparableLayers<'_>>, usize) {
+    let mut reps: Vec<SeparableLayers<'_>> = Vec::new();
     let mut pending_relu = false;
     let mut pool_stride = 1;
     let mut layers = block.rep.iter().peekable();
     while let Some(layer) = layers.next() {
         match layer {
             RepLayer::Relu(_) => match reps.last_mut() {
-                Some(previous) => previous.pointwise.act = Act::Relu,
+                Some(previous) => previous.output_relu = true,
                 None => pending_relu = true,
             },
             RepLayer::SeparableConv(sep) => {
-                let bn = match layers.peek() {
+                let batch_norm = match layers.peek() {
                     Some(RepLayer::BatchNorm(bn)) => {
                         layers.next();
                         Some(bn)
                     }
                     _ => None,
                 };
-                reps.push(Separable {
-                    depthwise: depthwise(&sep.conv1, None, Act::Identity, pending_relu),
-                    pointwise: pointwise(&sep.pointwise, bn, Act::Identity),
+                reps.push(SeparableLayers {
+                    depthwise: &sep.conv1,
+                    pointwise: &sep.pointwise,
+                    batch_norm,
+                    input_relu: pending_relu,
+                    output_relu: false,
                 });
                 pending_relu = false;
             }
@@ -257,6 +268,23 @@ fn xception_block(block: &XceptionBlock) -> Unit {
             }
         }
     }
+    (reps, pool_stride)
+}
+
+/// The ReLU after a separable convolution, as its pointwise half's activation.
+pub(super) fn relu_if(relu: bool) -> Act {
+    if relu { Act::Relu } else { Act::Identity }
+}
+
+fn xception_block(block: &XceptionBlock) -> Unit {
+    let (layers, pool_stride) = xception_rep(block);
+    let reps = layers
+        .iter()
+        .map(|l| Separable {
+            depthwise: depthwise(l.depthwise, None, Act::Identity, l.input_relu),
+            pointwise: pointwise(l.pointwise, l.batch_norm, relu_if(l.output_relu)),
+        })
+        .collect();
     let skip = block
         .skip
         .as_ref()

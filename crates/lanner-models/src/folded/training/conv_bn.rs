@@ -4,7 +4,7 @@
 use burn::nn::conv::Conv2d;
 
 use super::super::buffers::Buffer;
-use super::super::from_burn::values;
+use super::super::from_burn::{channels_last, values};
 use super::super::kernels::{self, Act, Parallelism};
 use super::super::units::Image;
 use super::{Layout, Plan, Sums};
@@ -68,45 +68,25 @@ impl ConvBn {
         };
         let stride = conv.stride[0];
         let taps = k * k;
-        let (kind, rows, w) = if conv.groups > 1 {
-            let mut w = vec![0.0; taps * cout];
-            for c in 0..cout {
-                for t in 0..taps {
-                    w[t * cout + c] = raw[c * taps + t];
-                }
-            }
+        let w = channels_last(&raw, [cout, in_per_group, k, k]);
+        let (kind, rows) = if conv.groups > 1 {
             let kind = Kind::Depthwise {
                 kernel: k,
                 stride,
                 pad,
             };
-            (kind, taps, w)
+            (kind, taps)
         } else if k == 1 {
-            let cin = in_per_group;
-            let mut w = vec![0.0; cin * cout];
-            for o in 0..cout {
-                for i in 0..cin {
-                    w[i * cout + o] = raw[o * cin + i];
-                }
-            }
-            (Kind::Pointwise { stride }, cin, w)
+            (Kind::Pointwise { stride }, in_per_group)
         } else {
             let cin = in_per_group;
-            let mut w = vec![0.0; taps * cin * cout];
-            for o in 0..cout {
-                for i in 0..cin {
-                    for t in 0..taps {
-                        w[(t * cin + i) * cout + o] = raw[(o * cin + i) * taps + t];
-                    }
-                }
-            }
             let kind = Kind::Dense {
                 kernel: k,
                 stride,
                 pad,
                 cin,
             };
-            (kind, taps * cin, w)
+            (kind, taps * cin)
         };
         let (scale, mean, inv_std, bias) = match bn {
             Some(bn) => {

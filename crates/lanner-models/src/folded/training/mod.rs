@@ -25,13 +25,13 @@ use gate::Gate;
 
 use super::FeatureMap;
 use super::buffers::Buffer;
-use super::from_burn::act;
+use super::from_burn::{act, relu_if, xception_rep};
 use super::kernels::{self, Act};
 use super::units::Image;
 use crate::backbone::Backbone;
 use crate::mobilenet_v3::blocks::Block;
 use crate::xception::Xception;
-use crate::xception::blocks::{RepLayer, XceptionBlock};
+use crate::xception::blocks::XceptionBlock;
 
 /// How an accumulator's values become a parameter's gradient in burn's layout.
 #[derive(Clone, Copy)]
@@ -350,38 +350,18 @@ impl TrainableUnits {
     }
 }
 
-/// An Xception block's trainable form: ReLUs after a BatchNorm become that 1x1 half's
-/// activation; the block's leading ReLU is applied as the first depthwise reads its input
-/// (the shortcut takes the input before it).
+/// An Xception block's trainable form (see [`xception_rep`] for where its ReLUs go).
 fn xception_block(block: &XceptionBlock, plan: &mut Plan) -> TrainUnit {
-    let mut reps: Vec<(ConvBn, ConvBn)> = Vec::new();
-    let mut pending_relu = false;
-    let mut pool_stride = 1;
-    let mut layers = block.rep.iter().peekable();
-    while let Some(layer) = layers.next() {
-        match layer {
-            RepLayer::Relu(_) => match reps.last_mut() {
-                Some(previous) => previous.1.act = Act::Relu,
-                None => pending_relu = true,
-            },
-            RepLayer::SeparableConv(sep) => {
-                let bn = match layers.peek() {
-                    Some(RepLayer::BatchNorm(bn)) => {
-                        layers.next();
-                        Some(bn)
-                    }
-                    _ => None,
-                };
-                let depthwise = ConvBn::new(&sep.conv1, None, Act::Identity, plan)
-                    .with_input_relu(pending_relu);
-                let pointwise = ConvBn::new(&sep.pointwise, bn, Act::Identity, plan);
-                reps.push((depthwise, pointwise));
-                pending_relu = false;
-            }
-            RepLayer::BatchNorm(_) => panic!("an Xception BatchNorm follows a separable conv"),
-            RepLayer::MaxPool(pool) => pool_stride = pool.stride[0],
-        }
-    }
+    let (layers, pool_stride) = xception_rep(block);
+    let reps = layers
+        .iter()
+        .map(|l| {
+            let depthwise =
+                ConvBn::new(l.depthwise, None, Act::Identity, plan).with_input_relu(l.input_relu);
+            let pointwise = ConvBn::new(l.pointwise, l.batch_norm, relu_if(l.output_relu), plan);
+            (depthwise, pointwise)
+        })
+        .collect();
     let skip = block
         .skip
         .as_ref()
