@@ -1,16 +1,52 @@
 //! Scratch buffers that outlive a forward pass: each thread keeps the buffers it used, so a
 //! second image (or batch) reuses memory the first one already touched instead of asking the
 //! kernel for fresh pages (page faults and TLB shootdowns were a fifth of a pass's time).
+//!
+//! A training step keeps hundreds of buffers alive until its backward pass, so the pool holds
+//! up to [`KEEP_BYTES`] per thread (memory the step used anyway), found by size in a map.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 
-thread_local! {
-    static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+/// Idle buffers by capacity, and their total size in floats.
+#[derive(Default)]
+struct Pool {
+    by_len: BTreeMap<usize, Vec<Vec<f32>>>,
+    floats: usize,
 }
 
-/// At most this many idle buffers stay with a thread; the network needs a handful at once.
-const KEEP: usize = 16;
+thread_local! {
+    static FREE: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// At most this many bytes of idle buffers stay with a thread.
+const KEEP_BYTES: usize = 1 << 30;
+
+impl Pool {
+    /// The smallest idle buffer of at least `len` floats, else the largest (it grows once).
+    fn take(&mut self, len: usize) -> Option<Vec<f32>> {
+        let key = match self.by_len.range(len..).next() {
+            Some((&key, _)) => key,
+            None => *self.by_len.keys().next_back()?,
+        };
+        let list = self.by_len.get_mut(&key).expect("present");
+        let data = list.pop().expect("lists are never empty");
+        if list.is_empty() {
+            self.by_len.remove(&key);
+        }
+        self.floats -= data.len();
+        Some(data)
+    }
+
+    fn give(&mut self, data: Vec<f32>) {
+        if (self.floats + data.len()) * size_of::<f32>() > KEEP_BYTES {
+            return;
+        }
+        self.floats += data.len();
+        self.by_len.entry(data.len()).or_default().push(data);
+    }
+}
 
 /// A buffer of `len` floats from the thread's pool, given back when dropped. Its contents are
 /// whatever the last user left (always initialised); kernels overwrite what they read.
@@ -22,28 +58,19 @@ pub struct Buffer {
 impl Buffer {
     /// A buffer of `len` floats.
     pub fn new(len: usize) -> Self {
-        let reused = FREE.with(|free| {
-            let mut free = free.borrow_mut();
-            // The smallest idle buffer that fits, else the largest (it grows once).
-            let fits = free
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.len() >= len)
-                .min_by_key(|(_, b)| b.len())
-                .map(|(i, _)| i);
-            let pick = fits.or_else(|| {
-                free.iter()
-                    .enumerate()
-                    .max_by_key(|(_, b)| b.len())
-                    .map(|(i, _)| i)
-            });
-            pick.map(|i| free.swap_remove(i))
-        });
+        let reused = FREE.with(|free| free.borrow_mut().take(len));
         let mut data = reused.unwrap_or_default();
         if data.len() < len {
             data.resize(len, 0.0);
         }
         Self { data, len }
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros(len: usize) -> Self {
+        let mut buffer = Self::new(len);
+        buffer.fill(0.0);
+        buffer
     }
 
     /// A buffer holding a copy of `values`.
@@ -70,19 +97,9 @@ impl DerefMut for Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let data = std::mem::take(&mut self.data);
-        if data.is_empty() {
-            return;
+        if !data.is_empty() {
+            FREE.with(|free| free.borrow_mut().give(data));
         }
-        FREE.with(|free| {
-            let mut free = free.borrow_mut();
-            if free.len() < KEEP {
-                free.push(data);
-            } else if let Some(smallest) = free.iter_mut().min_by_key(|b| b.len())
-                && smallest.len() < data.len()
-            {
-                *smallest = data;
-            }
-        });
     }
 }
 
@@ -100,5 +117,6 @@ mod tests {
         assert_eq!(second.len(), 800);
         let third = Buffer::from_slice(&[1.0, 2.0]);
         assert_eq!(&third[..], &[1.0, 2.0]);
+        assert!(Buffer::zeros(3000).iter().all(|v| *v == 0.0));
     }
 }

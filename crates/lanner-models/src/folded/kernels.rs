@@ -65,7 +65,25 @@ macro_rules! dispatch {
     };
 }
 
+pub mod backward;
+
 dispatch!(activate(values: &mut [f32], act: Act) => activate_generic);
+
+dispatch!(activate_into(dst: &mut [f32], src: &[f32], act: Act) => activate_into_generic);
+
+/// `dst = act(src)`, in one pass.
+#[inline(always)]
+fn activate_into_generic<const FMA: bool>(dst: &mut [f32], src: &[f32], act: Act) {
+    assert_eq!(dst.len(), src.len());
+    match act {
+        Act::Identity => dst.copy_from_slice(src),
+        Act::Relu => dst.iter_mut().zip(src).for_each(|(d, v)| *d = v.max(0.0)),
+        Act::HardSwish => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, v)| *d = *v * (*v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
+    }
+}
 
 #[inline(always)]
 fn activate_generic<const FMA: bool>(values: &mut [f32], act: Act) {
@@ -344,6 +362,52 @@ mod x86 {
         }
     }
 
+    /// Output pixels one call of [`row_of_pixels`] computes.
+    const P: usize = 4;
+
+    /// `P` neighbouring output pixels of a stride-1, `K × K` convolution whose windows lie
+    /// inside the image's columns, one vector of channels from `c0`: each input vector of a
+    /// kernel row is loaded once and serves up to `K` outputs, each weight vector `P`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_of_pixels<const K: usize>(
+        shape: &DepthwiseShape<'_>,
+        input: *const f32,
+        iy0: isize,
+        rows: std::ops::Range<usize>,
+        ix0: isize,
+        c0: usize,
+        dst: *mut f32,
+    ) {
+        unsafe {
+            let (_, w, c) = shape.input;
+            let zero = _mm256_setzero_ps();
+            let bias = _mm256_loadu_ps(shape.bias.as_ptr().add(c0));
+            let mut acc = [bias; P];
+            // P + K - 1 ≤ 8 input columns (K ≤ 5).
+            let mut xs = [zero; 8];
+            for ky in rows {
+                let row = input.add(((iy0 + ky as isize) as usize * w + ix0 as usize) * c + c0);
+                for (j, x) in xs.iter_mut().enumerate().take(P + K - 1) {
+                    *x = _mm256_loadu_ps(row.add(j * c));
+                    if shape.input_relu {
+                        *x = _mm256_max_ps(*x, zero);
+                    }
+                }
+                let weights = shape.weights.as_ptr().add(ky * K * c + c0);
+                for kx in 0..K {
+                    let wv = _mm256_loadu_ps(weights.add(kx * c));
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xs[p + kx], wv, *a);
+                    }
+                }
+            }
+            for (p, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(p * c + c0), activate(*a, shape.act));
+            }
+        }
+    }
+
     /// See [`super::depthwise`]; the caller checked the slices' lengths.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
@@ -352,11 +416,44 @@ mod x86 {
         let ho = output_size(h, k, stride, pad);
         let wo = output_size(w, k, stride, pad);
         let input_ptr = input.as_ptr();
+        let vectors = c / L * L;
         for oy in 0..ho {
             let iy0 = (oy * stride) as isize - pad as isize;
             let rows = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
-            for ox in 0..wo {
+            let mut ox = 0;
+            while ox < wo {
                 let ix0 = (ox * stride) as isize - pad as isize;
+                // P outputs at once where their windows lie inside the columns.
+                let inside = ix0 >= 0 && ix0 as usize + P - 1 + k <= w && ox + P <= wo;
+                if stride == 1 && (k == 3 || k == 5) && inside {
+                    let dst = out[(oy * wo + ox) * c..][..P * c].as_mut_ptr();
+                    // SAFETY: the P windows lie inside the image; writes stay inside these
+                    // P pixels' outputs.
+                    unsafe {
+                        for c0 in (0..vectors).step_by(L) {
+                            let at = (iy0, rows.clone(), ix0, c0, dst);
+                            if k == 3 {
+                                row_of_pixels::<3>(shape, input_ptr, at.0, at.1, at.2, at.3, at.4);
+                            } else {
+                                row_of_pixels::<5>(shape, input_ptr, at.0, at.1, at.2, at.3, at.4);
+                            }
+                        }
+                    }
+                    for p in 0..P {
+                        let columns = 0..k;
+                        channel_tail(
+                            shape,
+                            input,
+                            (oy, ox + p),
+                            (iy0, ix0 + p as isize),
+                            (&rows, &columns),
+                            vectors,
+                            out,
+                        );
+                    }
+                    ox += P;
+                    continue;
+                }
                 let columns = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
                 let origin = (iy0, ix0);
                 let dst = out[(oy * wo + ox) * c..][..c].as_mut_ptr();
@@ -389,27 +486,44 @@ mod x86 {
                         c0 += L;
                     }
                 }
-                for ch in c0..c {
-                    let mut acc = shape.bias[ch];
-                    for ky in rows.clone() {
-                        for kx in columns.clone() {
-                            let at = ((iy0 + ky as isize) as usize * w
-                                + (ix0 + kx as isize) as usize)
-                                * c
-                                + ch;
-                            let x = if shape.input_relu {
-                                input[at].max(0.0)
-                            } else {
-                                input[at]
-                            };
-                            acc = x.mul_add(shape.weights[(ky * k + kx) * c + ch], acc);
-                        }
-                    }
-                    let mut v = [acc];
-                    super::activate_impl(&mut v, shape.act);
-                    out[(oy * wo + ox) * c + ch] = v[0];
+                channel_tail(shape, input, (oy, ox), origin, (&rows, &columns), c0, out);
+                ox += 1;
+            }
+        }
+    }
+
+    /// Channels from `c0` on of output pixel `(oy, ox)`, one at a time (fewer than a vector).
+    #[inline(always)]
+    fn channel_tail(
+        shape: &DepthwiseShape<'_>,
+        input: &[f32],
+        (oy, ox): (usize, usize),
+        (iy0, ix0): (isize, isize),
+        (rows, columns): (&std::ops::Range<usize>, &std::ops::Range<usize>),
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let (h, w, c) = shape.input;
+        let k = shape.kernel;
+        let wo = output_size(w, k, shape.stride, shape.pad);
+        debug_assert!(oy < output_size(h, k, shape.stride, shape.pad) && ox < wo);
+        for ch in c0..c {
+            let mut acc = shape.bias[ch];
+            for ky in rows.clone() {
+                for kx in columns.clone() {
+                    let at =
+                        ((iy0 + ky as isize) as usize * w + (ix0 + kx as isize) as usize) * c + ch;
+                    let x = if shape.input_relu {
+                        input[at].max(0.0)
+                    } else {
+                        input[at]
+                    };
+                    acc = x.mul_add(shape.weights[(ky * k + kx) * c + ch], acc);
                 }
             }
+            let mut v = [acc];
+            super::activate_impl(&mut v, shape.act);
+            out[(oy * wo + ox) * c + ch] = v[0];
         }
     }
 }
@@ -518,6 +632,20 @@ fn mean_generic<const FMA: bool>(input: &[f32], pixels: usize, out: &mut [f32]) 
 
 dispatch!(scale_channels(values: &mut [f32], gate: &[f32]) => scale_generic);
 
+dispatch!(scale_channels_into(dst: &mut [f32], src: &[f32], gate: &[f32]) => scale_into_generic);
+
+/// `dst = src` scaled channel by channel (see [`scale_channels`]).
+#[inline(always)]
+fn scale_into_generic<const FMA: bool>(dst: &mut [f32], src: &[f32], gate: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let n = gate.len();
+    for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+        for ((d, s), g) in d.iter_mut().zip(s).zip(gate) {
+            *d = *s * *g;
+        }
+    }
+}
+
 /// Multiplies every pixel of `values` (`[pixels][c]`) by `gate` (`[c]`), channel by channel.
 #[inline(always)]
 fn scale_generic<const FMA: bool>(values: &mut [f32], gate: &[f32]) {
@@ -557,13 +685,28 @@ fn add_generic<const FMA: bool>(dst: &mut [f32], other: &[f32]) {
     }
 }
 
+dispatch!(vector_matmul(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) => vector_matmul_generic);
+
 /// `y[n] = bias[n] + x[k] · w[k][n]`: a dense layer on one vector.
-pub fn vector_matmul(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+#[inline(always)]
+fn vector_matmul_generic<const FMA: bool>(x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
     let n = bias.len();
     y.copy_from_slice(bias);
     for (xi, row) in x.iter().zip(w.chunks_exact(n)) {
         for (yj, wj) in y.iter_mut().zip(row) {
-            *yj += *xi * *wj;
+            *yj = fma::<FMA>(*xi, *wj, *yj);
+        }
+    }
+}
+
+dispatch!(add_outer(g: &mut [f32], a: &[f32], b: &[f32]) => add_outer_generic);
+
+/// `g[i][j] += a[i] · b[j]`.
+#[inline(always)]
+fn add_outer_generic<const FMA: bool>(g: &mut [f32], a: &[f32], b: &[f32]) {
+    for (row, ai) in g.chunks_exact_mut(b.len()).zip(a) {
+        for (gv, bj) in row.iter_mut().zip(b) {
+            *gv = fma::<FMA>(*ai, *bj, *gv);
         }
     }
 }
@@ -617,6 +760,9 @@ mod tests {
             (8, 8, 72, 5, 2),
             (5, 6, 3, 3, 2),
             (4, 4, 33, 3, 1),
+            // Wide enough for the several-pixels path, with a channel tail.
+            (9, 14, 36, 3, 1),
+            (10, 13, 44, 5, 1),
         ] {
             for (act, input_relu) in [
                 (Act::HardSwish, false),

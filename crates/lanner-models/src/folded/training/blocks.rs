@@ -3,7 +3,7 @@
 //! and backward.
 
 use super::super::buffers::Buffer;
-use super::super::kernels::{self, Act};
+use super::super::kernels::{self, Act, backward};
 use super::super::units::Image;
 use super::conv_bn::{ConvBn, activated, shape};
 use super::gate::{Gate, GateTape};
@@ -81,8 +81,7 @@ pub(super) fn max_pool_backward(
     (ho, wo): (usize, usize),
 ) -> Buffer {
     let c = x.channels;
-    let mut dx = Buffer::new(x.data.len());
-    dx.fill(0.0);
+    let mut dx = Buffer::zeros(x.data.len());
     for oy in 0..ho {
         let iy0 = (oy * stride) as isize - 1;
         for ox in 0..wo {
@@ -222,8 +221,8 @@ impl TrainUnit {
                 let dw = activated(&depthwise_pre, depthwise.act);
                 let gate_tape = gate.as_ref().map(|g| g.forward(&dw));
                 let gated = gate_tape.as_ref().map(|t| {
-                    let mut data = Buffer::from_slice(&dw.data);
-                    kernels::scale_channels(&mut data, &t.gate);
+                    let mut data = Buffer::new(dw.data.len());
+                    kernels::scale_channels_into(&mut data, &dw.data, &t.gate);
                     Image {
                         data,
                         height: dw.height,
@@ -265,14 +264,17 @@ impl TrainUnit {
                 pool_stride,
                 skip,
             } => {
-                let mut d_shortcut = Buffer::from_slice(&d_out);
                 let last = tape.reps.last().expect("kept").output();
-                let mut d = if *pool_stride > 1 {
+                // The shortcut's gradient is `d_out`; the main path's is changed in place.
+                let (mut d, mut d_shortcut) = if *pool_stride > 1 {
                     let ho = kernels::output_size(last.height, 3, *pool_stride, 1);
                     let wo = kernels::output_size(last.width, 3, *pool_stride, 1);
-                    max_pool_backward(last, *pool_stride, &d_out, (ho, wo))
+                    (
+                        max_pool_backward(last, *pool_stride, &d_out, (ho, wo)),
+                        d_out,
+                    )
                 } else {
-                    d_out
+                    (Buffer::from_slice(&d_out), d_out)
                 };
                 for (i, (convs, rep)) in reps.iter().zip(&tape.reps).enumerate().rev() {
                     let input = if i == 0 {
@@ -317,30 +319,22 @@ impl TrainUnit {
             } => {
                 // The projection has no activation: its pre-activation is its output.
                 let projected_input = tape.gated.as_ref().unwrap_or(&tape.depthwise);
-                let residual_grad = skip.then(|| Buffer::from_slice(&d_out));
+                // With no activation the backward pass leaves `d_out` as it is: the residual's
+                // gradient.
+                debug_assert_eq!(project.act, Act::Identity);
                 let mut d_mid = project
                     .backward(projected_input, projected_input, &mut d_out, sums, true)
                     .expect("asked for");
+                let residual_grad = skip.then_some(d_out);
                 if let (Some(gate), Some(gate_tape)) = (gate, &tape.gate) {
                     let c = tape.depthwise.channels;
                     let pixels = tape.depthwise.height * tape.depthwise.width;
                     let mut d_gate = vec![0.0f32; c];
-                    for (dm, x) in d_mid
-                        .chunks_exact(c)
-                        .zip(tape.depthwise.data.chunks_exact(c))
-                    {
-                        d_gate
-                            .iter_mut()
-                            .zip(dm)
-                            .zip(x)
-                            .for_each(|((g, d), x)| *g += d * x);
-                    }
+                    backward::add_column_dots(&mut d_gate, &d_mid, &tape.depthwise.data);
                     kernels::scale_channels(&mut d_mid, &gate_tape.gate);
                     let d_mean = gate.backward(gate_tape, &d_gate, sums);
                     let share: Vec<f32> = d_mean.iter().map(|d| d / pixels as f32).collect();
-                    for row in d_mid.chunks_exact_mut(c) {
-                        row.iter_mut().zip(&share).for_each(|(d, s)| *d += s);
-                    }
+                    backward::add_to_rows(&mut d_mid, &share);
                 }
                 let dw_input = tape.expanded.as_ref().unwrap_or(&tape.input);
                 let need_dw_input = expand.is_some() || need_input;

@@ -5,6 +5,7 @@ use burn::nn::conv::Conv2d;
 
 use super::super::buffers::Buffer;
 use super::super::from_burn::{channels_last, values};
+use super::super::kernels::backward::{self, activation_backward};
 use super::super::kernels::{self, Act, Parallelism};
 use super::super::units::Image;
 use super::{Layout, Plan, Sums};
@@ -38,6 +39,8 @@ pub(super) struct ConvBn {
     cols: usize,
     w: Vec<f32>,
     folded: Vec<f32>,
+    /// Depthwise: `folded` with its taps in reverse order (the kernel turned round).
+    turned: Vec<f32>,
     bias: Vec<f32>,
     scale: Vec<f32>,
     mean: Vec<f32>,
@@ -113,12 +116,17 @@ impl ConvBn {
         for row in folded.chunks_exact_mut(cout) {
             row.iter_mut().zip(&scale).for_each(|(x, s)| *x *= s);
         }
+        let turned = match kind {
+            Kind::Depthwise { .. } => folded.chunks_exact(cout).rev().flatten().copied().collect(),
+            _ => Vec::new(),
+        };
         Self {
             kind,
             rows,
             cols: cout,
             w,
             folded,
+            turned,
             bias,
             scale,
             mean,
@@ -239,12 +247,7 @@ impl ConvBn {
         let c = self.cols;
         let (ho, wo) = self.output_shape(x);
         let pixels = ho * wo;
-        {
-            let sum = &mut sums.0[self.sum];
-            for row in d_pre.chunks_exact(c) {
-                sum.iter_mut().zip(row).for_each(|(s, d)| *s += d);
-            }
-        }
+        backward::add_column_sums(&mut sums.0[self.sum], d_pre);
         match self.kind {
             Kind::Pointwise { stride } => {
                 let k = self.rows;
@@ -278,8 +281,7 @@ impl ConvBn {
                     if stride == 1 {
                         return d_input;
                     }
-                    let mut dx = Buffer::new(x.data.len());
-                    dx.fill(0.0);
+                    let mut dx = Buffer::zeros(x.data.len());
                     for oy in 0..ho {
                         for ox in 0..wo {
                             let at = (oy * stride * x.width + ox * stride) * k;
@@ -315,8 +317,7 @@ impl ConvBn {
                         (pixels, c, self.rows),
                         Parallelism::None,
                     );
-                    let mut dx = Buffer::new(x.data.len());
-                    dx.fill(0.0);
+                    let mut dx = Buffer::zeros(x.data.len());
                     for oy in 0..ho {
                         for ox in 0..wo {
                             let row = &patches[(oy * wo + ox) * self.rows..][..self.rows];
@@ -349,52 +350,40 @@ impl ConvBn {
                 stride,
                 pad,
             } => {
+                let dw = kernels::DepthwiseShape {
+                    input: shape(x),
+                    kernel,
+                    stride,
+                    pad,
+                    weights: &self.folded,
+                    bias: &[],
+                    act: Act::Identity,
+                    input_relu: self.input_relu,
+                };
+                backward::depthwise_weight_gradient(&dw, &x.data, d_pre, &mut sums.0[self.g]);
                 let mut dx = need_input.then(|| {
-                    let mut b = Buffer::new(x.data.len());
-                    b.fill(0.0);
-                    b
-                });
-                let g = &mut sums.0[self.g];
-                let (h, w) = (x.height, x.width);
-                for oy in 0..ho {
-                    let iy0 = (oy * stride) as isize - pad as isize;
-                    for ox in 0..wo {
-                        let ix0 = (ox * stride) as isize - pad as isize;
-                        let dp = &d_pre[(oy * wo + ox) * c..][..c];
-                        for ky in 0..kernel {
-                            let iy = iy0 + ky as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..kernel {
-                                let ix = ix0 + kx as isize;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let tap = ky * kernel + kx;
-                                let at = (iy as usize * w + ix as usize) * c;
-                                let xin = &x.data[at..at + c];
-                                let gt = &mut g[tap * c..][..c];
-                                if self.input_relu {
-                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
-                                        *gv += d * xv.max(0.0);
-                                    }
-                                } else {
-                                    for ((gv, d), xv) in gt.iter_mut().zip(dp).zip(xin) {
-                                        *gv += d * xv;
-                                    }
-                                }
-                                if let Some(dx) = dx.as_mut() {
-                                    let wt = &self.folded[tap * c..][..c];
-                                    let dxs = &mut dx[at..at + c];
-                                    for ((o, d), wv) in dxs.iter_mut().zip(dp).zip(wt) {
-                                        *o += d * wv;
-                                    }
-                                }
-                            }
-                        }
+                    if stride > 1 {
+                        let mut dx = Buffer::zeros(x.data.len());
+                        backward::depthwise_input_gradient(&dw, d_pre, &mut dx);
+                        return dx;
                     }
-                }
+                    // With stride 1 the input's gradient is ∂pre convolved with the kernel
+                    // turned round, padded so that it comes out at the input's size.
+                    let mut dx = Buffer::new(x.data.len());
+                    let zeros = vec![0.0; c];
+                    let turned = kernels::DepthwiseShape {
+                        input: (ho, wo, c),
+                        kernel,
+                        stride: 1,
+                        pad: kernel - 1 - pad,
+                        weights: &self.turned,
+                        bias: &zeros,
+                        act: Act::Identity,
+                        input_relu: false,
+                    };
+                    kernels::depthwise(&turned, d_pre, &mut dx);
+                    dx
+                });
                 if self.input_relu
                     && let Some(dx) = dx.as_mut()
                 {
@@ -445,28 +434,9 @@ pub(super) fn shape(x: &Image) -> (usize, usize, usize) {
     (x.height, x.width, x.channels)
 }
 
-pub(super) fn activation_backward(d: &mut [f32], pre: &[f32], act: Act) {
-    match act {
-        Act::Identity => {}
-        Act::Relu => d
-            .iter_mut()
-            .zip(pre)
-            .for_each(|(d, p)| *d = if *p > 0.0 { *d } else { 0.0 }),
-        Act::HardSwish => d.iter_mut().zip(pre).for_each(|(d, p)| {
-            *d *= if *p <= -3.0 {
-                0.0
-            } else if *p >= 3.0 {
-                1.0
-            } else {
-                (2.0 * p + 3.0) / 6.0
-            }
-        }),
-    }
-}
-
 pub(super) fn activated(pre: &Image, act: Act) -> Image {
-    let mut data = Buffer::from_slice(&pre.data);
-    kernels::activate(&mut data, act);
+    let mut data = Buffer::new(pre.data.len());
+    kernels::activate_into(&mut data, &pre.data, act);
     Image {
         data,
         height: pre.height,

@@ -17,6 +17,9 @@ pub(super) struct Gate {
     reduce_b: Vec<f32>,
     expand_w: Vec<f32>,
     expand_b: Vec<f32>,
+    /// The weights the other way round (`[r][c]`, `[c][r]`), for the backward products.
+    reduce_w_t: Vec<f32>,
+    expand_w_t: Vec<f32>,
     /// Accumulators (also the gradients, in the same layouts) and slots.
     acc: [usize; 4],
     slots: [usize; 4],
@@ -55,6 +58,8 @@ impl Gate {
             reduce_b: bias(&se.conv_reduce),
             expand_w: transpose(&se.conv_expand),
             expand_b: bias(&se.conv_expand),
+            reduce_w_t: values(se.conv_reduce.weight.val()),
+            expand_w_t: values(se.conv_expand.weight.val()),
             acc: [
                 plan.accumulator(channels * reduced),
                 plan.accumulator(reduced),
@@ -98,36 +103,21 @@ impl Gate {
             .zip(&tape.pre)
             .map(|(d, p)| if *p > -3.0 && *p < 3.0 { d / 6.0 } else { 0.0 })
             .collect();
+        // The expanding 1x1: ∂W = reducedᵀ · ∂pre, ∂reduced = ∂pre · Wᵀ (through its ReLU).
+        kernels::add_outer(&mut sums.0[self.acc[2]], &tape.reduced, &d_pre);
         let mut d_reduced = vec![0.0f32; r];
-        for (j, dr) in d_reduced.iter_mut().enumerate() {
-            let row = &self.expand_w[j * c..][..c];
-            let g = &mut sums.0[self.acc[2]][j * c..][..c];
-            let mut acc = 0.0;
-            for ((gv, w), d) in g.iter_mut().zip(row).zip(&d_pre) {
-                *gv += tape.reduced[j] * d;
-                acc += w * d;
+        kernels::vector_matmul(&d_pre, &self.expand_w_t, &vec![0.0; r], &mut d_reduced);
+        for (d, v) in d_reduced.iter_mut().zip(&tape.reduced) {
+            if *v <= 0.0 {
+                *d = 0.0;
             }
-            *dr = if tape.reduced[j] > 0.0 { acc } else { 0.0 };
         }
-        sums.0[self.acc[3]]
-            .iter_mut()
-            .zip(&d_pre)
-            .for_each(|(s, d)| *s += d);
-        sums.0[self.acc[1]]
-            .iter_mut()
-            .zip(&d_reduced)
-            .for_each(|(s, d)| *s += d);
+        kernels::backward::add_column_sums(&mut sums.0[self.acc[3]], &d_pre);
+        kernels::backward::add_column_sums(&mut sums.0[self.acc[1]], &d_reduced);
+        // The reducing 1x1, likewise.
+        kernels::add_outer(&mut sums.0[self.acc[0]], &tape.mean, &d_reduced);
         let mut d_mean = vec![0.0f32; c];
-        for (i, dm) in d_mean.iter_mut().enumerate() {
-            let row = &self.reduce_w[i * r..][..r];
-            let g = &mut sums.0[self.acc[0]][i * r..][..r];
-            let mut acc = 0.0;
-            for ((gv, w), d) in g.iter_mut().zip(row).zip(&d_reduced) {
-                *gv += tape.mean[i] * d;
-                acc += w * d;
-            }
-            *dm = acc;
-        }
+        kernels::vector_matmul(&d_reduced, &self.reduce_w_t, &vec![0.0; c], &mut d_mean);
         d_mean
     }
 

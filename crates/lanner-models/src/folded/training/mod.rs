@@ -10,6 +10,7 @@
 //! all linear in `∂pre`, so `G` and `Σ ∂pre` are what each image adds to its thread's sums.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use burn::module::{Param, ParamId};
 use burn::tensor::{Tensor, TensorData};
@@ -83,16 +84,45 @@ impl Plan {
 /// Per-thread sums of every image's contributions.
 struct Sums(Vec<Vec<f32>>);
 
+/// Sums of finished steps, kept for the next step: as large as the trainable parameters, they
+/// would otherwise be fresh pages (page faults) every step.
+static SPARE_SUMS: Mutex<Vec<Sums>> = Mutex::new(Vec::new());
+
+/// Spare sums kept at most; one per thread is what a step uses.
+const SPARES: usize = 8;
+
 impl Sums {
-    fn new(sizes: &[usize]) -> Self {
-        Self(sizes.iter().map(|&n| vec![0.0; n]).collect())
+    /// Zeroed sums of these sizes, reusing a finished step's when their sizes match.
+    fn zeroed(sizes: &[usize]) -> Self {
+        let spare = {
+            let mut spares = SPARE_SUMS.lock().unwrap_or_else(|e| e.into_inner());
+            let matching = spares
+                .iter()
+                .position(|s| s.0.iter().map(Vec::len).eq(sizes.iter().copied()));
+            matching.map(|i| spares.swap_remove(i))
+        };
+        match spare {
+            Some(mut sums) => {
+                sums.0.iter_mut().for_each(|v| v.fill(0.0));
+                sums
+            }
+            None => Self(sizes.iter().map(|&n| vec![0.0; n]).collect()),
+        }
     }
 
     fn add(mut self, other: Sums) -> Self {
-        for (a, b) in self.0.iter_mut().zip(other.0) {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            kernels::add_into(a, b);
         }
+        other.recycle();
         self
+    }
+
+    fn recycle(self) {
+        let mut spares = SPARE_SUMS.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < SPARES {
+            spares.push(self);
+        }
     }
 }
 
@@ -276,7 +306,7 @@ impl TrainableUnits {
         let sums = groups
             .into_par_iter()
             .map(|group| {
-                let mut sums = Sums::new(&self.plan.sizes);
+                let mut sums = Sums::zeroed(&self.plan.sizes);
                 for ((tapes, (h, w)), dp) in group {
                     self.backward_image(&tapes, (h, w), dp, &mut sums);
                 }
@@ -285,11 +315,12 @@ impl TrainableUnits {
             .collect::<Vec<_>>()
             .into_iter()
             .reduce(Sums::add)
-            .unwrap_or_else(|| Sums::new(&self.plan.sizes));
+            .unwrap_or_else(|| Sums::zeroed(&self.plan.sizes));
         let mut gradients = Vec::new();
         for unit in &self.units {
             unit.gradients(&sums, &mut gradients);
         }
+        sums.recycle();
         let mut out = Vec::new();
         for (slot, values, layout) in gradients {
             let slot = &self.plan.slots[slot];
