@@ -296,3 +296,36 @@ fn check_gradients(
         assert_eq!(ours.len(), expected, "from unit {start}");
     }
 }
+
+#[test]
+fn frozen_layers_of_the_first_trained_block_change_no_other_gradient() {
+    let autodiff = Device::flex().autodiff();
+    let model = XceptionConfig::new()
+        .with_frozen_batch_norm(true)
+        .init(&autodiff)
+        .map(&mut Perturb(SEED));
+    // The seed's fine-tune-layer 100: block 11's first separable convolution and its
+    // BatchNorm (timm `block11.rep.1`, `rep.2`) stay frozen; its backward pass is skipped.
+    let mut partial = model.clone();
+    for i in [1, 2] {
+        partial.block11.rep[i] = partial.block11.rep[i].clone().no_grad();
+    }
+    let block11 = 12;
+    let input = FoldedBackbone::new(&Backbone::Xception(model.clone()), block11)
+        .forward(pixels(2, 71, 12), &INCEPTION);
+    let gradients = |model| {
+        let backbone = Backbone::Xception(model);
+        let trainable = TrainableUnits::new(&backbone, block11..backbone.unit_count());
+        let (pooled, activations) = trainable.forward(&input);
+        let d_pooled: Vec<f32> = (0..pooled.len()).map(|i| (i % 7) as f32 - 3.0).collect();
+        trainable.backward(activations, &d_pooled)
+    };
+    let all = gradients(model);
+    let some = gradients(partial);
+    // Two weights and the BatchNorm's γ and β get none.
+    assert_eq!(some.len(), all.len() - 4);
+    for gradient in &some {
+        let same = all.iter().find(|g| g.id == gradient.id).expect("trained in both");
+        assert_eq!(gradient.values, same.values, "{:?}", gradient.id);
+    }
+}

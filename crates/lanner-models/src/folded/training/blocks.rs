@@ -73,7 +73,8 @@ pub(super) fn separable_backward(
 }
 
 /// The gradient of a 3x3 max-pool's input: each output's gradient goes to the first largest
-/// input of its window (PyTorch's choice).
+/// input of its window (PyTorch's choice). The windows are searched a pixel's channels at a
+/// time.
 pub(super) fn max_pool_backward(
     x: &Image,
     stride: usize,
@@ -82,29 +83,44 @@ pub(super) fn max_pool_backward(
 ) -> Buffer {
     let c = x.channels;
     let mut dx = Buffer::zeros(x.data.len());
+    let (mut best, mut best_at) = (vec![0.0f32; c], vec![0usize; c]);
     for oy in 0..ho {
         let iy0 = (oy * stride) as isize - 1;
         for ox in 0..wo {
             let ix0 = (ox * stride) as isize - 1;
-            for ch in 0..c {
-                let mut best = (f32::NEG_INFINITY, usize::MAX);
-                for ky in 0..3 {
-                    let iy = iy0 + ky;
-                    if iy < 0 || iy >= x.height as isize {
+            let mut first = true;
+            for ky in 0..3 {
+                let iy = iy0 + ky;
+                if iy < 0 || iy >= x.height as isize {
+                    continue;
+                }
+                for kx in 0..3 {
+                    let ix = ix0 + kx;
+                    if ix < 0 || ix >= x.width as isize {
                         continue;
                     }
-                    for kx in 0..3 {
-                        let ix = ix0 + kx;
-                        if ix < 0 || ix >= x.width as isize {
-                            continue;
-                        }
-                        let at = (iy as usize * x.width + ix as usize) * c + ch;
-                        if x.data[at] > best.0 || best.1 == usize::MAX {
-                            best = (x.data[at], at);
+                    let at = (iy as usize * x.width + ix as usize) * c;
+                    let values = &x.data[at..at + c];
+                    if first {
+                        best.copy_from_slice(values);
+                        best_at
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|(ch, b)| *b = at + ch);
+                        first = false;
+                        continue;
+                    }
+                    for (ch, v) in values.iter().enumerate() {
+                        if *v > best[ch] {
+                            best[ch] = *v;
+                            best_at[ch] = at + ch;
                         }
                     }
                 }
-                dx[best.1] += d_out[(oy * wo + ox) * c + ch];
+            }
+            let d = &d_out[(oy * wo + ox) * c..][..c];
+            for (at, g) in best_at.iter().zip(d) {
+                dx[*at] += *g;
             }
         }
     }
@@ -276,13 +292,22 @@ impl TrainUnit {
                 } else {
                     (Buffer::from_slice(&d_out), d_out)
                 };
-                for (i, (convs, rep)) in reps.iter().zip(&tape.reps).enumerate().rev() {
+                // Below the first trainable separable convolution only the input's gradient is
+                // needed, and only when something before this block trains.
+                let first = match need_input {
+                    true => 0,
+                    false => reps
+                        .iter()
+                        .position(|(d, p)| d.trainable || p.trainable)
+                        .unwrap_or(reps.len()),
+                };
+                for (i, (convs, rep)) in reps.iter().zip(&tape.reps).enumerate().skip(first).rev() {
                     let input = if i == 0 {
                         &tape.input
                     } else {
                         tape.reps[i - 1].output()
                     };
-                    let need = i > 0 || need_input;
+                    let need = i > first || need_input;
                     match separable_backward((&convs.0, &convs.1), input, rep, &mut d, sums, need) {
                         Some(next) => d = next,
                         None => break,

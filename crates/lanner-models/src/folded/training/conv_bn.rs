@@ -55,6 +55,9 @@ pub(super) struct ConvBn {
     /// The BatchNorm's γ and β, if there is one.
     gamma: Option<usize>,
     beta: Option<usize>,
+    /// Whether any of its parameters trains (else the backward pass only carries the
+    /// gradient through to its input).
+    pub(super) trainable: bool,
 }
 
 impl ConvBn {
@@ -120,6 +123,13 @@ impl ConvBn {
             Kind::Depthwise { .. } => folded.chunks_exact(cout).rev().flatten().copied().collect(),
             _ => Vec::new(),
         };
+        let weight = plan.slot(&conv.weight);
+        let gamma = bn.map(|bn| plan.slot(&bn.weight));
+        let beta = bn.map(|bn| plan.slot(&bn.bias));
+        let trainable = [Some(weight), gamma, beta]
+            .into_iter()
+            .flatten()
+            .any(|slot| plan.slots[slot].trainable);
         Self {
             kind,
             rows,
@@ -135,9 +145,10 @@ impl ConvBn {
             input_relu: false,
             g: plan.accumulator(rows * cout),
             sum: plan.accumulator(cout),
-            weight: plan.slot(&conv.weight),
-            gamma: bn.map(|bn| plan.slot(&bn.weight)),
-            beta: bn.map(|bn| plan.slot(&bn.bias)),
+            weight,
+            gamma,
+            beta,
+            trainable,
         }
     }
 
@@ -247,7 +258,9 @@ impl ConvBn {
         let c = self.cols;
         let (ho, wo) = self.output_shape(x);
         let pixels = ho * wo;
-        backward::add_column_sums(&mut sums.0[self.sum], d_pre);
+        if self.trainable {
+            backward::add_column_sums(&mut sums.values[self.sum], d_pre);
+        }
         match self.kind {
             Kind::Pointwise { stride } => {
                 let k = self.rows;
@@ -259,14 +272,9 @@ impl ConvBn {
                     &x.data
                 };
                 // G[k × c] += inputᵀ · ∂pre.
-                kernels::matmul_strided(
-                    &mut sums.0[self.g],
-                    true,
-                    (input, 1, k),
-                    (d_pre, c, 1),
-                    (k, pixels, c),
-                    Parallelism::None,
-                );
+                if self.trainable {
+                    sums.add_product(self.g, (input, k), (d_pre, c));
+                }
                 need_input.then(|| {
                     // ∂input[p × k] = ∂pre · foldedᵀ, then back to the strided positions.
                     let mut d_input = Buffer::new(pixels * k);
@@ -299,14 +307,9 @@ impl ConvBn {
             } => {
                 let mut patches = Buffer::new(pixels * self.rows);
                 kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
-                kernels::matmul_strided(
-                    &mut sums.0[self.g],
-                    true,
-                    (&patches, 1, self.rows),
-                    (d_pre, c, 1),
-                    (self.rows, pixels, c),
-                    Parallelism::None,
-                );
+                if self.trainable {
+                    sums.add_product(self.g, (&patches, self.rows), (d_pre, c));
+                }
                 need_input.then(|| {
                     // ∂patches = ∂pre · foldedᵀ, each patch element added back to its pixel.
                     kernels::matmul_strided(
@@ -360,7 +363,14 @@ impl ConvBn {
                     act: Act::Identity,
                     input_relu: self.input_relu,
                 };
-                backward::depthwise_weight_gradient(&dw, &x.data, d_pre, &mut sums.0[self.g]);
+                if self.trainable {
+                    backward::depthwise_weight_gradient(
+                        &dw,
+                        &x.data,
+                        d_pre,
+                        &mut sums.values[self.g],
+                    );
+                }
                 let mut dx = need_input.then(|| {
                     if stride > 1 {
                         let mut dx = Buffer::zeros(x.data.len());
@@ -396,7 +406,7 @@ impl ConvBn {
 
     /// The gradients from the summed `G` and `Σ ∂pre`.
     pub(super) fn gradients(&self, sums: &Sums, out: &mut Vec<(usize, Vec<f32>, Layout)>) {
-        let (g, sum) = (&sums.0[self.g], &sums.0[self.sum]);
+        let (g, sum) = (&sums.values[self.g], &sums.values[self.sum]);
         let c = self.cols;
         let dw: Vec<f32> = g
             .chunks_exact(c)

@@ -104,7 +104,7 @@ impl Gate {
             .map(|(d, p)| if *p > -3.0 && *p < 3.0 { d / 6.0 } else { 0.0 })
             .collect();
         // The expanding 1x1: ∂W = reducedᵀ · ∂pre, ∂reduced = ∂pre · Wᵀ (through its ReLU).
-        kernels::add_outer(&mut sums.0[self.acc[2]], &tape.reduced, &d_pre);
+        kernels::add_outer(&mut sums.values[self.acc[2]], &tape.reduced, &d_pre);
         let mut d_reduced = vec![0.0f32; r];
         kernels::vector_matmul(&d_pre, &self.expand_w_t, &vec![0.0; r], &mut d_reduced);
         for (d, v) in d_reduced.iter_mut().zip(&tape.reduced) {
@@ -112,10 +112,10 @@ impl Gate {
                 *d = 0.0;
             }
         }
-        kernels::backward::add_column_sums(&mut sums.0[self.acc[3]], &d_pre);
-        kernels::backward::add_column_sums(&mut sums.0[self.acc[1]], &d_reduced);
+        kernels::backward::add_column_sums(&mut sums.values[self.acc[3]], &d_pre);
+        kernels::backward::add_column_sums(&mut sums.values[self.acc[1]], &d_reduced);
         // The reducing 1x1, likewise.
-        kernels::add_outer(&mut sums.0[self.acc[0]], &tape.mean, &d_reduced);
+        kernels::add_outer(&mut sums.values[self.acc[0]], &tape.mean, &d_reduced);
         let mut d_mean = vec![0.0f32; c];
         kernels::vector_matmul(&d_reduced, &self.reduce_w_t, &vec![0.0; c], &mut d_mean);
         d_mean
@@ -125,15 +125,23 @@ impl Gate {
         let (c, r) = (self.channels, self.reduced);
         out.push((
             self.slots[0],
-            sums.0[self.acc[0]].clone(),
+            sums.values[self.acc[0]].clone(),
             Layout::Transposed { rows: c, cols: r },
         ));
-        out.push((self.slots[1], sums.0[self.acc[1]].clone(), Layout::Same));
+        out.push((
+            self.slots[1],
+            sums.values[self.acc[1]].clone(),
+            Layout::Same,
+        ));
         out.push((
             self.slots[2],
-            sums.0[self.acc[2]].clone(),
+            sums.values[self.acc[2]].clone(),
             Layout::Transposed { rows: r, cols: c },
         ));
-        out.push((self.slots[3], sums.0[self.acc[3]].clone(), Layout::Same));
+        out.push((
+            self.slots[3],
+            sums.values[self.acc[3]].clone(),
+            Layout::Same,
+        ));
     }
 }

@@ -9,6 +9,7 @@
 //! `G = xᵀ · ∂pre` (1x1), the patch products (dense) or the per-tap correlation (depthwise) —
 //! all linear in `∂pre`, so `G` and `Σ ∂pre` are what each image adds to its thread's sums.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -27,7 +28,7 @@ use gate::Gate;
 use super::FeatureMap;
 use super::buffers::Buffer;
 use super::from_burn::{act, relu_if, xception_rep};
-use super::kernels::{self, Act};
+use super::kernels::{self, Act, Parallelism};
 use super::units::Image;
 use crate::backbone::Backbone;
 use crate::mobilenet_v3::blocks::Block;
@@ -82,7 +83,27 @@ impl Plan {
 }
 
 /// Per-thread sums of every image's contributions.
-struct Sums(Vec<Vec<f32>>);
+struct Sums {
+    values: Vec<Vec<f32>>,
+    /// Products `G += aᵀ · b` put aside, by accumulator.
+    staged: BTreeMap<usize, Staged>,
+}
+
+/// The rows of a product `G += aᵀ · b` put aside to be multiplied in one go: a 1x1 or dense
+/// convolution's inputs and output gradients from several images, so that one product runs
+/// over all their pixels instead of reading and writing all of `G` once per image (`G` is as
+/// large as the layer's weights; Xception's exit layers have 10x10 pixels and 3M weights).
+#[derive(Default)]
+struct Staged {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rows: usize,
+    a_cols: usize,
+    b_cols: usize,
+}
+
+/// Rows put aside before the product runs.
+const STAGED_ROWS: usize = 1024;
 
 /// Sums of finished steps, kept for the next step: as large as the trainable parameters, they
 /// would otherwise be fresh pages (page faults) every step.
@@ -98,20 +119,68 @@ impl Sums {
             let mut spares = SPARE_SUMS.lock().unwrap_or_else(|e| e.into_inner());
             let matching = spares
                 .iter()
-                .position(|s| s.0.iter().map(Vec::len).eq(sizes.iter().copied()));
+                .position(|s| s.values.iter().map(Vec::len).eq(sizes.iter().copied()));
             matching.map(|i| spares.swap_remove(i))
         };
         match spare {
             Some(mut sums) => {
-                sums.0.iter_mut().for_each(|v| v.fill(0.0));
+                sums.values.iter_mut().for_each(|v| v.fill(0.0));
                 sums
             }
-            None => Self(sizes.iter().map(|&n| vec![0.0; n]).collect()),
+            None => Self {
+                values: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+                staged: BTreeMap::new(),
+            },
+        }
+    }
+
+    /// Adds `aᵀ · b` to accumulator `acc` (`a` is `[rows][a_cols]`, `b` `[rows][b_cols]`),
+    /// now or with the next rows.
+    fn add_product(
+        &mut self,
+        acc: usize,
+        (a, a_cols): (&[f32], usize),
+        (b, b_cols): (&[f32], usize),
+    ) {
+        let staged = self.staged.entry(acc).or_default();
+        staged.a.extend_from_slice(a);
+        staged.b.extend_from_slice(b);
+        staged.rows += a.len() / a_cols;
+        (staged.a_cols, staged.b_cols) = (a_cols, b_cols);
+        if staged.rows >= STAGED_ROWS {
+            self.flush(acc);
+        }
+    }
+
+    /// Runs the product put aside for `acc`.
+    fn flush(&mut self, acc: usize) {
+        let Sums { values, staged } = self;
+        let Some(s) = staged.get_mut(&acc).filter(|s| s.rows > 0) else {
+            return;
+        };
+        kernels::matmul_strided(
+            &mut values[acc],
+            true,
+            (&s.a, 1, s.a_cols),
+            (&s.b, s.b_cols, 1),
+            (s.a_cols, s.rows, s.b_cols),
+            Parallelism::None,
+        );
+        s.a.clear();
+        s.b.clear();
+        s.rows = 0;
+    }
+
+    /// Runs every product put aside.
+    fn flush_all(&mut self) {
+        let pending: Vec<usize> = self.staged.keys().copied().collect();
+        for acc in pending {
+            self.flush(acc);
         }
     }
 
     fn add(mut self, other: Sums) -> Self {
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
+        for (a, b) in self.values.iter_mut().zip(&other.values) {
             kernels::add_into(a, b);
         }
         other.recycle();
@@ -310,6 +379,7 @@ impl TrainableUnits {
                 for ((tapes, (h, w)), dp) in group {
                     self.backward_image(&tapes, (h, w), dp, &mut sums);
                 }
+                sums.flush_all();
                 sums
             })
             .collect::<Vec<_>>()
