@@ -49,11 +49,19 @@ fn main() {
     });
     let mut chw = vec![0.0f32; size * size * 3];
     time("layout HWC->CHW", 200, || {
-        transform_to_chw(&hwc, size, size, SampleTransform::default(), &mut chw)
+        transform_to_chw(
+            &hwc,
+            PIXEL_STRIDE,
+            size,
+            size,
+            SampleTransform::default(),
+            &mut chw,
+        )
     });
     time("flip", 200, || {
         transform_to_chw(
             &hwc,
+            PIXEL_STRIDE,
             size,
             size,
             SampleTransform {
@@ -66,6 +74,7 @@ fn main() {
     time("rotate 0.3 rad", 200, || {
         transform_to_chw(
             &hwc,
+            PIXEL_STRIDE,
             size,
             size,
             SampleTransform {
@@ -78,6 +87,7 @@ fn main() {
     time("flip + rotate 1.2 rad", 200, || {
         transform_to_chw(
             &hwc,
+            PIXEL_STRIDE,
             size,
             size,
             SampleTransform {

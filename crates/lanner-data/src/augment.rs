@@ -45,24 +45,33 @@ pub struct SampleTransform {
     pub angle: f32,
 }
 
-/// Applies `transform` to a resized image (`src`, interleaved RGBX as
-/// [`resize_bilinear`](crate::resize::resize_bilinear) writes it) and writes planar RGB
-/// (CHW) into `out`. With no transform this is a plain layout change.
+/// Applies `transform` to a resized image and writes planar RGB (CHW) into `out`. With no
+/// transform this is a plain layout change.
+///
+/// `src` holds `height × width` interleaved pixels of `stride` floats: 4 (RGBX, as
+/// [`resize_bilinear`](crate::resize::resize_bilinear) writes it) or 3 (RGB, as the loader's
+/// cache keeps it), followed by at least `4 - stride` more floats (the vector code reads four
+/// floats per pixel).
 pub fn transform_to_chw(
     src: &[f32],
+    stride: usize,
     height: usize,
     width: usize,
     transform: SampleTransform,
     out: &mut [f32],
 ) {
-    assert_eq!(src.len(), height * width * PIXEL_STRIDE);
+    assert!(
+        stride == 3 || stride == PIXEL_STRIDE,
+        "3 or 4 floats per pixel"
+    );
+    assert!(src.len() >= height * width * stride + (PIXEL_STRIDE - stride));
     assert_eq!(out.len(), height * width * 3);
     let plane = height * width;
     let column = |x: usize| if transform.flip { width - 1 - x } else { x };
     if transform.angle == 0.0 {
         for y in 0..height {
             for x in 0..width {
-                let s = (y * width + column(x)) * PIXEL_STRIDE;
+                let s = (y * width + column(x)) * stride;
                 let d = y * width + x;
                 out[d] = src[s];
                 out[plane + d] = src[s + 1];
@@ -74,6 +83,7 @@ pub fn transform_to_chw(
     let m = RotationMatrix::new(transform.angle, height, width);
     let rotation = Rotation {
         src,
+        stride,
         m,
         height,
         width,
@@ -106,6 +116,7 @@ pub fn transform_to_chw(
 fn rotate_row(rotation: &Rotation, y: usize, out: RowOut) {
     let Rotation {
         src,
+        stride,
         m,
         height,
         width,
@@ -131,7 +142,7 @@ fn rotate_row(rotation: &Rotation, y: usize, out: RowOut) {
         } else {
             (x0, x1)
         };
-        let at = |row: usize, col: usize| &src[(row * width + col) * PIXEL_STRIDE..][..3];
+        let at = |row: usize, col: usize| &src[(row * width + col) * stride..][..3];
         let (tl, tr, bl, br) = (at(y0, c0), at(y0, c1), at(y1, c0), at(y1, c1));
         let mix = |c: usize| {
             let top = wx0 * tl[c] + wx1 * tr[c];
@@ -155,21 +166,23 @@ mod sse2 {
     pub(super) fn rotate_row(rotation: &Rotation, y: usize, out: RowOut) {
         let Rotation {
             src,
+            stride: pixel_stride,
             m,
             height,
             width,
             flip,
         } = *rotation;
         // Offsets are computed exactly in f32, which holds integers up to 2^24.
-        if height * width * PIXEL_STRIDE >= 1 << 24 {
+        if height * width * pixel_stride >= 1 << 24 {
             return super::rotate_row(rotation, y, out);
         }
         let RowOut { red, green, blue } = out;
-        assert_eq!(src.len(), height * width * PIXEL_STRIDE);
+        assert!(src.len() >= height * width * pixel_stride + (PIXEL_STRIDE - pixel_stride));
         let yf = y as f32;
         // SAFETY: SSE2 is always available on x86-64. Loads from `src` use offsets built from
         // coordinates clamped to [0, width - 1] × [0, height - 1] (NaN clamps to 0), so each
-        // 4-float load lies inside the `height × width × 4` slice asserted above.
+        // 4-float load starts at most at `(height × width − 1) × stride` and lies inside the
+        // slice, whose length was asserted above.
         unsafe {
             let (max_x, max_y) = (
                 _mm_set1_ps(width as f32 - 1.0),
@@ -177,7 +190,7 @@ mod sse2 {
             );
             let (zero, one) = (_mm_setzero_ps(), _mm_set1_ps(1.0));
             let (row_x, row_y) = (_mm_set1_ps(m.a1 * yf), _mm_set1_ps(m.b1 * yf));
-            let (stride, row_len) = (_mm_set1_ps(PIXEL_STRIDE as f32), _mm_set1_ps(width as f32));
+            let (stride, row_len) = (_mm_set1_ps(pixel_stride as f32), _mm_set1_ps(width as f32));
             let mut x = 0;
             while x < width {
                 let xf = _mm_setr_ps(x as f32, (x + 1) as f32, (x + 2) as f32, (x + 3) as f32);
@@ -280,10 +293,12 @@ mod sse2 {
     }
 }
 
-/// One image being rotated: the RGBX source, its size, the output→input map and the flip.
+/// One image being rotated: the source (`stride` floats per pixel), its size, the
+/// output→input map and the flip.
 #[derive(Clone, Copy)]
 struct Rotation<'a> {
     src: &'a [f32],
+    stride: usize,
     m: RotationMatrix,
     height: usize,
     width: usize,
@@ -376,7 +391,14 @@ mod tests {
     fn no_transform_is_a_layout_change() {
         let src = pattern(3, 4);
         let mut out = vec![0.0; 36];
-        transform_to_chw(&src, 3, 4, SampleTransform::default(), &mut out);
+        transform_to_chw(
+            &src,
+            PIXEL_STRIDE,
+            3,
+            4,
+            SampleTransform::default(),
+            &mut out,
+        );
         // pixel (y=1, x=2), channel 1
         assert_eq!(out[12 + 4 + 2], src[(4 + 2) * PIXEL_STRIDE + 1]);
     }
@@ -387,6 +409,7 @@ mod tests {
         let mut out = vec![0.0; 30];
         transform_to_chw(
             &src,
+            PIXEL_STRIDE,
             2,
             5,
             SampleTransform {
@@ -408,7 +431,14 @@ mod tests {
         let src = pattern(n, n);
         let mut out = vec![0.0; n * n * 3];
         let angle = std::f32::consts::FRAC_PI_2;
-        transform_to_chw(&src, n, n, SampleTransform { flip: false, angle }, &mut out);
+        transform_to_chw(
+            &src,
+            PIXEL_STRIDE,
+            n,
+            n,
+            SampleTransform { flip: false, angle },
+            &mut out,
+        );
         for y in 0..n {
             for x in 0..n {
                 let expected = src[(x * n + (n - 1 - y)) * PIXEL_STRIDE];
@@ -427,9 +457,36 @@ mod tests {
         ] {
             let src = pattern(h, w);
             let mut fast = vec![0.0; h * w * 3];
-            transform_to_chw(&src, h, w, SampleTransform { flip, angle }, &mut fast);
+            transform_to_chw(
+                &src,
+                PIXEL_STRIDE,
+                h,
+                w,
+                SampleTransform { flip, angle },
+                &mut fast,
+            );
+            // The same image as RGB (the cache's layout) gives the same pixels.
+            let mut rgb: Vec<f32> = src
+                .chunks_exact(PIXEL_STRIDE)
+                .flat_map(|p| [p[0], p[1], p[2]])
+                .collect();
+            rgb.push(0.0);
+            let mut from_rgb = vec![0.0; h * w * 3];
+            transform_to_chw(
+                &rgb,
+                3,
+                h,
+                w,
+                SampleTransform { flip, angle },
+                &mut from_rgb,
+            );
+            assert_eq!(
+                fast, from_rgb,
+                "RGB source, {h}x{w} angle {angle} flip {flip}"
+            );
             let m = RotationMatrix::new(angle, h, w);
             let rotation = Rotation {
+                stride: PIXEL_STRIDE,
                 src: &src,
                 m,
                 height: h,

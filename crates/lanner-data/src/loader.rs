@@ -327,14 +327,14 @@ impl Worker {
             if shared.bad[sample].load(Ordering::Relaxed) {
                 continue;
             }
-            match shared.resized(sample, scratch) {
-                Ok(()) => {}
+            let stride = match shared.resized(sample, scratch) {
+                Ok(stride) => stride,
                 Err(error) if error.is_skippable() && !config.strict => {
                     shared.skip(sample, &error);
                     continue;
                 }
                 Err(error) => return Err(error),
-            }
+            };
             let transform = match config.augmentation {
                 Some(aug) => aug.draw(&mut SplitMix64::for_stream(
                     config.seed ^ AUGMENT_SALT,
@@ -346,6 +346,7 @@ impl Worker {
             let slot = batch.labels.len() * image_len;
             transform_to_chw(
                 scratch,
+                stride,
                 h,
                 w,
                 transform,
@@ -360,34 +361,29 @@ impl Worker {
 }
 
 impl Shared {
-    /// Fills `scratch` with the resized image of `sample` (RGBX), from the cache when it has
-    /// it. The cache keeps RGB only (a quarter less memory) and is expanded into `scratch`
-    /// with one sequential pass: the rotation then samples a buffer that is hot in the CPU
-    /// cache instead of one in main memory.
-    fn resized(&self, sample: usize, scratch: &mut [f32]) -> Result<(), DataError> {
+    /// Fills `scratch` with the resized image of `sample`, from the cache when it has it, and
+    /// returns its floats per pixel: 4 (RGBX) when decoded, 3 (RGB) from the cache. The
+    /// cache keeps RGB only (a quarter less memory), copied into `scratch` in one sequential
+    /// pass: the rotation then samples a buffer that is hot in the CPU cache instead of one
+    /// in main memory.
+    fn resized(&self, sample: usize, scratch: &mut [f32]) -> Result<usize, DataError> {
         let Some(slot) = self.cache.get(sample) else {
-            return self.decode_resized(sample, scratch);
+            self.decode_resized(sample, scratch)?;
+            return Ok(PIXEL_STRIDE);
         };
-        match slot.get() {
-            Some(rgb) => {
-                for (rgbx, rgb) in scratch
-                    .chunks_exact_mut(PIXEL_STRIDE)
-                    .zip(rgb.chunks_exact(3))
-                {
-                    rgbx[..3].copy_from_slice(rgb);
-                    rgbx[3] = 0.0;
-                }
-            }
-            None => {
-                self.decode_resized(sample, scratch)?;
-                let rgb: Arc<[f32]> = scratch
-                    .chunks_exact(PIXEL_STRIDE)
-                    .flat_map(|p| [p[0], p[1], p[2]])
-                    .collect();
-                let _ = slot.set(rgb);
-            }
+        if let Some(rgb) = slot.get() {
+            scratch[..rgb.len()].copy_from_slice(rgb);
+            return Ok(3);
         }
-        Ok(())
+        self.decode_resized(sample, scratch)?;
+        // One float of padding: the rotation reads four floats per pixel.
+        let rgb: Arc<[f32]> = scratch
+            .chunks_exact(PIXEL_STRIDE)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .chain([0.0])
+            .collect();
+        let _ = slot.set(rgb);
+        Ok(PIXEL_STRIDE)
     }
 
     fn decode_resized(&self, sample: usize, out: &mut [f32]) -> Result<(), DataError> {

@@ -63,7 +63,7 @@ fn flip_and_rotation_match_tensorflow() {
             angle: case["angle_radians"].as_f64().unwrap() as f32,
         };
         let mut chw = vec![0.0; h * w * 3];
-        transform_to_chw(&resized, h, w, transform, &mut chw);
+        transform_to_chw(&resized, PIXEL_STRIDE, h, w, transform, &mut chw);
         let expected = floats(&case["output_hwc"]);
         let mut worst = 0.0f32;
         for y in 0..h {

@@ -81,7 +81,14 @@ pub fn image_bytes_to_pixels(
     let mut rgbx = vec![0.0f32; size * size * PIXEL_STRIDE];
     resize_bilinear(&decoded.image, size, size, &mut rgbx);
     let mut chw = vec![0.0f32; 3 * size * size];
-    transform_to_chw(&rgbx, size, size, SampleTransform::default(), &mut chw);
+    transform_to_chw(
+        &rgbx,
+        PIXEL_STRIDE,
+        size,
+        size,
+        SampleTransform::default(),
+        &mut chw,
+    );
     Ok(chw)
 }
 
