@@ -325,7 +325,10 @@ fn frozen_layers_of_the_first_trained_block_change_no_other_gradient() {
     // Two weights and the BatchNorm's γ and β get none.
     assert_eq!(some.len(), all.len() - 4);
     for gradient in &some {
-        let same = all.iter().find(|g| g.id == gradient.id).expect("trained in both");
+        let same = all
+            .iter()
+            .find(|g| g.id == gradient.id)
+            .expect("trained in both");
         assert_eq!(gradient.values, same.values, "{:?}", gradient.id);
     }
 }

@@ -152,6 +152,24 @@ impl ConvBn {
         }
     }
 
+    /// The depthwise kernels' view of this convolution on `x` (pre-activation output).
+    fn depthwise_shape<'a>(
+        &'a self,
+        x: &Image,
+        (kernel, stride, pad): (usize, usize, usize),
+    ) -> kernels::DepthwiseShape<'a> {
+        kernels::DepthwiseShape {
+            input: shape(x),
+            kernel,
+            stride,
+            pad,
+            weights: &self.folded,
+            bias: &self.bias,
+            act: Act::Identity,
+            input_relu: self.input_relu,
+        }
+    }
+
     pub(super) fn with_input_relu(mut self, input_relu: bool) -> Self {
         self.input_relu = input_relu;
         self
@@ -220,16 +238,7 @@ impl ConvBn {
                 stride,
                 pad,
             } => {
-                let dw = kernels::DepthwiseShape {
-                    input: shape(x),
-                    kernel,
-                    stride,
-                    pad,
-                    weights: &self.folded,
-                    bias: &self.bias,
-                    act: Act::Identity,
-                    input_relu: self.input_relu,
-                };
+                let dw = self.depthwise_shape(x, (kernel, stride, pad));
                 kernels::depthwise(&dw, &x.data, &mut out);
                 assert!(residual.is_none());
             }
@@ -353,16 +362,7 @@ impl ConvBn {
                 stride,
                 pad,
             } => {
-                let dw = kernels::DepthwiseShape {
-                    input: shape(x),
-                    kernel,
-                    stride,
-                    pad,
-                    weights: &self.folded,
-                    bias: &[],
-                    act: Act::Identity,
-                    input_relu: self.input_relu,
-                };
+                let dw = self.depthwise_shape(x, (kernel, stride, pad));
                 if self.trainable {
                     backward::depthwise_weight_gradient(
                         &dw,
