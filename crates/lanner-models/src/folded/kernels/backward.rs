@@ -181,20 +181,8 @@ fn input_gradient_generic<const FMA: bool>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::values;
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed * 97)
-                    % 1000) as f32
-                    / 500.0
-                    - 1.0
-            })
-            .collect()
-    }
 
     /// The weight and input gradients of a depthwise convolution, one product at a time.
     fn reference(shape: &DepthwiseShape<'_>, input: &[f32], d_out: &[f32]) -> (Vec<f64>, Vec<f64>) {

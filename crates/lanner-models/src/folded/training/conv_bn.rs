@@ -195,12 +195,16 @@ impl ConvBn {
         }
     }
 
-    /// The input of a strided 1x1 convolution: every `stride`-th pixel.
-    pub(super) fn subsampled(&self, x: &Image, stride: usize) -> Buffer {
+    /// Calls `f` with the input rows of a 1x1 convolution: `x` itself, or every `stride`-th
+    /// pixel of it.
+    fn with_pointwise_input<R>(&self, x: &Image, stride: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        if stride == 1 {
+            return f(&x.data);
+        }
         let (h, w) = self.output_shape(x);
-        let mut buffer = Buffer::new(h * w * x.channels);
-        kernels::subsample(&x.data, shape(x), stride, &mut buffer);
-        buffer
+        let mut subsampled = Buffer::new(h * w * x.channels);
+        kernels::subsample(&x.data, shape(x), stride, &mut subsampled);
+        f(&subsampled)
     }
 
     /// The pre-activation output (BatchNorm applied), plus `residual` when given.
@@ -211,15 +215,10 @@ impl ConvBn {
         match self.kind {
             Kind::Pointwise { stride } => {
                 kernels::fill_rows(&mut out, &self.bias, residual);
-                let subsampled;
-                let input: &[f32] = if stride > 1 {
-                    subsampled = self.subsampled(x, stride);
-                    &subsampled
-                } else {
-                    &x.data
-                };
-                let m = h * w;
-                kernels::matmul(&mut out, true, input, &self.folded, m, self.rows, c, false);
+                let (m, k) = (h * w, self.rows);
+                self.with_pointwise_input(x, stride, |input| {
+                    kernels::matmul(&mut out, true, input, &self.folded, m, k, c, false)
+                });
             }
             Kind::Dense {
                 kernel,
@@ -273,16 +272,11 @@ impl ConvBn {
         match self.kind {
             Kind::Pointwise { stride } => {
                 let k = self.rows;
-                let subsampled;
-                let input: &[f32] = if stride > 1 {
-                    subsampled = self.subsampled(x, stride);
-                    &subsampled
-                } else {
-                    &x.data
-                };
                 // G[k × c] += inputᵀ · ∂pre.
                 if self.trainable {
-                    sums.add_product(self.g, (input, k), (d_pre, c));
+                    self.with_pointwise_input(x, stride, |input| {
+                        sums.add_product(self.g, (input, k), (d_pre, c))
+                    });
                 }
                 need_input.then(|| {
                     // ∂input[p × k] = ∂pre · foldedᵀ, then back to the strided positions.

@@ -123,25 +123,14 @@ impl Gate {
 
     pub(super) fn gradients(&self, sums: &Sums, out: &mut Vec<(usize, Vec<f32>, Layout)>) {
         let (c, r) = (self.channels, self.reduced);
-        out.push((
-            self.slots[0],
-            sums.values[self.acc[0]].clone(),
+        let layouts = [
             Layout::Transposed { rows: c, cols: r },
-        ));
-        out.push((
-            self.slots[1],
-            sums.values[self.acc[1]].clone(),
             Layout::Same,
-        ));
-        out.push((
-            self.slots[2],
-            sums.values[self.acc[2]].clone(),
             Layout::Transposed { rows: r, cols: c },
-        ));
-        out.push((
-            self.slots[3],
-            sums.values[self.acc[3]].clone(),
             Layout::Same,
-        ));
+        ];
+        for ((slot, acc), layout) in self.slots.iter().zip(&self.acc).zip(layouts) {
+            out.push((*slot, sums.values[*acc].clone(), layout));
+        }
     }
 }
