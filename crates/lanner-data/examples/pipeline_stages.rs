@@ -15,6 +15,9 @@ fn time<T>(label: &str, runs: u32, mut f: impl FnMut() -> T) -> T {
     if std::env::var("PIPELINE_STAGE").is_ok_and(|only| !label.starts_with(&only)) {
         return out;
     }
+    // `PIPELINE_REPEAT=N` runs each stage N times longer (for `perf record`).
+    let repeat = std::env::var("PIPELINE_REPEAT").map_or(1, |n| n.parse().unwrap_or(1));
+    let runs = runs * repeat;
     let start = Instant::now();
     for _ in 0..runs {
         out = std::hint::black_box(f());

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::augment::{Augmentation, SampleTransform, transform_to_chw};
+use crate::augment::{Augmentation, SampleTransform, transform_into_uninit};
 use crate::decode::{DEFAULT_MAX_PIXELS, decode_file};
 use crate::error::DataError;
 use crate::folder::Sample;
@@ -317,7 +317,7 @@ impl Worker {
         let start = index * config.batch_size;
         let members = &self.order[start..(start + config.batch_size).min(self.order.len())];
         let mut batch = Batch {
-            images: vec![0.0; members.len() * image_len],
+            images: Vec::with_capacity(members.len() * image_len),
             labels: Vec::with_capacity(members.len()),
             samples: Vec::with_capacity(members.len()),
             height: h,
@@ -327,8 +327,8 @@ impl Worker {
             if shared.bad[sample].load(Ordering::Relaxed) {
                 continue;
             }
-            let stride = match shared.resized(sample, scratch) {
-                Ok(stride) => stride,
+            let image = match shared.resized(sample, scratch) {
+                Ok(image) => image,
                 Err(error) if error.is_skippable() && !config.strict => {
                     shared.skip(sample, &error);
                     continue;
@@ -343,37 +343,36 @@ impl Worker {
                 )),
                 None => SampleTransform::default(),
             };
-            let slot = batch.labels.len() * image_len;
-            transform_to_chw(
-                scratch,
-                stride,
-                h,
-                w,
-                transform,
-                &mut batch.images[slot..slot + image_len],
-            );
+            let (src, stride) = match &image {
+                Resized::Cached(rgb) => {
+                    scratch[..rgb.len()].copy_from_slice(rgb);
+                    (&scratch[..], 3)
+                }
+                Resized::Scratch => (&scratch[..], PIXEL_STRIDE),
+            };
+            let slot = &mut batch.images.spare_capacity_mut()[..image_len];
+            transform_into_uninit(src, stride, h, w, transform, slot);
+            // SAFETY: the capacity was reserved for the whole batch, and the transform wrote
+            // every float of the slot.
+            unsafe { batch.images.set_len(batch.images.len() + image_len) };
             batch.labels.push(shared.samples[sample].label);
             batch.samples.push(sample);
         }
-        batch.images.truncate(batch.labels.len() * image_len);
         Ok(batch)
     }
 }
 
 impl Shared {
-    /// Fills `scratch` with the resized image of `sample`, from the cache when it has it, and
-    /// returns its floats per pixel: 4 (RGBX) when decoded, 3 (RGB) from the cache. The
-    /// cache keeps RGB only (a quarter less memory), copied into `scratch` in one sequential
-    /// pass: the rotation then samples a buffer that is hot in the CPU cache instead of one
-    /// in main memory.
-    fn resized(&self, sample: usize, scratch: &mut [f32]) -> Result<usize, DataError> {
+    /// The resized image of `sample`: from the cache when it has it (RGB, 3 floats per pixel
+    /// plus one float of padding), else decoded into `scratch` (RGBX) and, with `--cache`,
+    /// kept as RGB (a quarter less memory than RGBX).
+    fn resized(&self, sample: usize, scratch: &mut [f32]) -> Result<Resized, DataError> {
         let Some(slot) = self.cache.get(sample) else {
             self.decode_resized(sample, scratch)?;
-            return Ok(PIXEL_STRIDE);
+            return Ok(Resized::Scratch);
         };
         if let Some(rgb) = slot.get() {
-            scratch[..rgb.len()].copy_from_slice(rgb);
-            return Ok(3);
+            return Ok(Resized::Cached(rgb.clone()));
         }
         self.decode_resized(sample, scratch)?;
         // One float of padding: the rotation reads four floats per pixel.
@@ -383,7 +382,7 @@ impl Shared {
             .chain([0.0])
             .collect();
         let _ = slot.set(rgb);
-        Ok(PIXEL_STRIDE)
+        Ok(Resized::Scratch)
     }
 
     fn decode_resized(&self, sample: usize, out: &mut [f32]) -> Result<(), DataError> {
@@ -403,6 +402,14 @@ impl Shared {
             });
         }
     }
+}
+
+/// Where [`Shared::resized`] left an image.
+enum Resized {
+    /// In the cache, as RGB.
+    Cached(Arc<[f32]>),
+    /// In the worker's scratch buffer, as RGBX.
+    Scratch,
 }
 
 /// The batches of one epoch, in order. Dropping it stops the workers.

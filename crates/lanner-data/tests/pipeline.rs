@@ -419,8 +419,14 @@ fn undecodable_files_are_skipped_and_reported_unless_strict() {
     assert_eq!(samples.len(), 9);
 
     let loader = Loader::new(samples.clone(), config(4)).unwrap();
-    let total: usize = collect(&loader, 0).iter().map(Batch::len).sum();
+    let batches = collect(&loader, 0);
+    let total: usize = batches.iter().map(Batch::len).sum();
     assert_eq!(total, 8);
+    // The batch that lost an image holds exactly the images it kept, every pixel written.
+    for batch in &batches {
+        assert_eq!(batch.images.len(), batch.len() * 3 * 24 * 32);
+        assert!(batch.images.iter().all(|v| (0.0..=255.0).contains(v)));
+    }
     let skipped = loader.skipped();
     assert_eq!(skipped.len(), 1);
     assert!(skipped[0].path.ends_with("circle/zz_broken.png"));
