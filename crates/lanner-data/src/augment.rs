@@ -224,6 +224,18 @@ mod avx2 {
         );
         let stride = _mm256_set1_ps(pixel_stride as f32);
         let row_len = _mm256_set1_ps(width as f32);
+        let (last_x0, last_y0) = (
+            _mm256_set1_ps(width as f32 - 2.0),
+            _mm256_set1_ps(height as f32 - 2.0),
+        );
+        // From the top-left corner to the right-hand one (left-hand in the source when
+        // flipped) and to the one below, in floats.
+        let next_column = if flip {
+            -(pixel_stride as isize)
+        } else {
+            pixel_stride as isize
+        };
+        let next_row = (width * pixel_stride) as isize;
         let lane_x = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
         let mut x = 0;
         while x < width {
@@ -235,33 +247,24 @@ mod avx2 {
             // Clamping changes nothing for reflected values; it maps NaN to 0.
             ix = _mm256_min_ps(_mm256_max_ps(ix, zero), max_x);
             iy = _mm256_min_ps(_mm256_max_ps(iy, zero), max_y);
-            let x0 = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(ix));
-            let y0 = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(iy));
+            // The top-left corner, kept one pixel inside the last row and column so that all
+            // four corners are in the image. Where that moves it (a coordinate exactly on the
+            // last row or column) the weights become (0, 1) instead of (1, 0) and pick the
+            // same pixel: 0·a + 1·b equals 1·b + 0·c for finite pixels, bit for bit.
+            let x0 = _mm256_min_ps(_mm256_cvtepi32_ps(_mm256_cvttps_epi32(ix)), last_x0);
+            let y0 = _mm256_min_ps(_mm256_cvtepi32_ps(_mm256_cvttps_epi32(iy)), last_y0);
             let wx0 = _mm256_sub_ps(_mm256_add_ps(x0, one), ix);
             let wx1 = _mm256_sub_ps(ix, x0);
             let wy0 = _mm256_sub_ps(_mm256_add_ps(y0, one), iy);
             let wy1 = _mm256_sub_ps(iy, y0);
-            let x1 = _mm256_min_ps(_mm256_add_ps(x0, one), max_x);
-            let y1 = _mm256_min_ps(_mm256_add_ps(y0, one), max_y);
-            let (c0, c1) = if flip {
-                (_mm256_sub_ps(max_x, x0), _mm256_sub_ps(max_x, x1))
-            } else {
-                (x0, x1)
-            };
-            let offset = |row: __m256, col: __m256| {
-                _mm256_cvttps_epi32(_mm256_mul_ps(
-                    _mm256_add_ps(_mm256_mul_ps(row, row_len), col),
-                    stride,
-                ))
-            };
-            let mut taps = [[0i32; 8]; 4];
-            for (tap, (row, col)) in taps
-                .iter_mut()
-                .zip([(y0, c0), (y0, c1), (y1, c0), (y1, c1)])
-            {
-                // SAFETY: `tap` holds eight i32.
-                unsafe { _mm256_storeu_si256(tap.as_mut_ptr().cast(), offset(row, col)) };
-            }
+            let c0 = if flip { _mm256_sub_ps(max_x, x0) } else { x0 };
+            let mut corner = [0i32; 8];
+            let offsets = _mm256_cvttps_epi32(_mm256_mul_ps(
+                _mm256_add_ps(_mm256_mul_ps(y0, row_len), c0),
+                stride,
+            ));
+            // SAFETY: `corner` holds eight i32.
+            unsafe { _mm256_storeu_si256(corner.as_mut_ptr().cast(), offsets) };
             // Pixels k and k + 4 share a register, one RGBX pixel per 128-bit half: then each
             // half transposes to four pixels of a plane with no lane crossing.
             let mut mixed = [_mm256_setzero_ps(); 4];
@@ -276,15 +279,16 @@ mod avx2 {
                     _mm256_permutevar8x32_ps(wy0, spread),
                     _mm256_permutevar8x32_ps(wy1, spread),
                 );
-                // SAFETY: offsets come from coordinates clamped to the image, so each
-                // 4-float load starts at most at (height × width − 1) × stride and lies
-                // inside `src`, whose length was asserted above.
-                let [tl, tr, bl, br] = taps.map(|tap| unsafe {
-                    _mm256_loadu2_m128(
-                        src.as_ptr().add(tap[k + 4] as usize),
-                        src.as_ptr().add(tap[k] as usize),
-                    )
-                });
+                // SAFETY: the top-left corner lies in [0, width − 2] × [0, height − 2] (NaN
+                // clamps to 0), so the four corners are pixels of the image and each 4-float
+                // load ends by (height × width − 1) × stride + 4, inside `src` (asserted).
+                let [tl, tr, bl, br] =
+                    [0, next_column, next_row, next_row + next_column].map(|delta| unsafe {
+                        _mm256_loadu2_m128(
+                            src.as_ptr().offset(corner[k + 4] as isize + delta),
+                            src.as_ptr().offset(corner[k] as isize + delta),
+                        )
+                    });
                 let top = _mm256_add_ps(_mm256_mul_ps(wx0, tl), _mm256_mul_ps(wx1, tr));
                 let bottom = _mm256_add_ps(_mm256_mul_ps(wx0, bl), _mm256_mul_ps(wx1, br));
                 *mixed = _mm256_add_ps(_mm256_mul_ps(top, wy0), _mm256_mul_ps(bottom, wy1));
