@@ -1,6 +1,8 @@
 //! A convolution and the BatchNorm after it, trained with frozen statistics: forward, backward
 //! and the gradients of its weight, γ and β.
 
+use std::sync::OnceLock;
+
 use burn::nn::conv::Conv2d;
 
 use super::super::buffers::Buffer;
@@ -41,6 +43,10 @@ pub(super) struct ConvBn {
     folded: Vec<f32>,
     /// Depthwise: `folded` with its taps in reverse order (the kernel turned round).
     turned: Vec<f32>,
+    /// 1x1 and dense: `folded` transposed (`[cols][rows]`), made on the first input gradient.
+    /// The gradient's product reads the weights column by column; the matrix library packs
+    /// a transposed copy far faster than it transposes a row-major one itself.
+    transposed: OnceLock<Vec<f32>>,
     bias: Vec<f32>,
     scale: Vec<f32>,
     mean: Vec<f32>,
@@ -137,6 +143,7 @@ impl ConvBn {
             w,
             folded,
             turned,
+            transposed: OnceLock::new(),
             bias,
             scale,
             mean,
@@ -250,6 +257,20 @@ impl ConvBn {
         }
     }
 
+    /// `folded` as `[cols][rows]`.
+    fn transposed(&self) -> &[f32] {
+        self.transposed.get_or_init(|| {
+            let (rows, cols) = (self.rows, self.cols);
+            let mut t = vec![0.0; rows * cols];
+            for (r, row) in self.folded.chunks_exact(cols).enumerate() {
+                for (c, &value) in row.iter().enumerate() {
+                    t[c * rows + r] = value;
+                }
+            }
+            t
+        })
+    }
+
     /// Turns `d_out` (the gradient of the activation's output) into that of the
     /// pre-activation, adds this image's `G` and `Σ ∂pre` to `sums`, and returns the gradient
     /// of the input when `need_input`.
@@ -285,7 +306,7 @@ impl ConvBn {
                         &mut d_input,
                         false,
                         (d_pre, c, 1),
-                        (&self.folded, 1, c),
+                        (self.transposed(), k, 1),
                         (pixels, c, k),
                         Parallelism::None,
                     );
@@ -319,7 +340,7 @@ impl ConvBn {
                         &mut patches,
                         false,
                         (d_pre, c, 1),
-                        (&self.folded, 1, c),
+                        (self.transposed(), self.rows, 1),
                         (pixels, c, self.rows),
                         Parallelism::None,
                     );
