@@ -191,6 +191,15 @@ pub struct DepthwiseShape<'a> {
     pub input_relu: bool,
 }
 
+impl DepthwiseShape<'_> {
+    /// The output's height and width.
+    pub fn output_size(&self) -> (usize, usize) {
+        let (h, w, _) = self.input;
+        let size = |len| output_size(len, self.kernel, self.stride, self.pad);
+        (size(h), size(w))
+    }
+}
+
 /// The depthwise convolution of `input` into `out`, both channels-last.
 pub fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -204,9 +213,8 @@ pub fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
 
 fn check_depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
     let (h, w, c) = shape.input;
-    let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-    let ho = output_size(h, k, stride, pad);
-    let wo = output_size(w, k, stride, pad);
+    let (ho, wo) = shape.output_size();
+    let k = shape.kernel;
     assert!(input.len() >= h * w * c && out.len() >= ho * wo * c);
     assert!(shape.weights.len() == k * k * c && shape.bias.len() == c);
 }
@@ -215,8 +223,7 @@ fn check_depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
 fn depthwise_generic<const FMA: bool>(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
     let (h, w, c) = shape.input;
     let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-    let ho = output_size(h, k, stride, pad);
-    let wo = output_size(w, k, stride, pad);
+    let (ho, wo) = shape.output_size();
     check_depthwise(shape, input, out);
     for oy in 0..ho {
         let iy0 = (oy * stride) as isize - pad as isize;
@@ -296,7 +303,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Act, DepthwiseShape, output_size};
+    use super::{Act, DepthwiseShape};
 
     /// Lanes per vector.
     const L: usize = 8;
@@ -413,8 +420,7 @@ mod x86 {
     pub unsafe fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
         let (h, w, c) = shape.input;
         let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-        let ho = output_size(h, k, stride, pad);
-        let wo = output_size(w, k, stride, pad);
+        let (ho, wo) = shape.output_size();
         let input_ptr = input.as_ptr();
         let vectors = c / L * L;
         for oy in 0..ho {
@@ -503,10 +509,10 @@ mod x86 {
         c0: usize,
         out: &mut [f32],
     ) {
-        let (h, w, c) = shape.input;
+        let (_, w, c) = shape.input;
         let k = shape.kernel;
-        let wo = output_size(w, k, shape.stride, shape.pad);
-        debug_assert!(oy < output_size(h, k, shape.stride, shape.pad) && ox < wo);
+        let (ho, wo) = shape.output_size();
+        debug_assert!(oy < ho && ox < wo);
         for ch in c0..c {
             let mut acc = shape.bias[ch];
             for ky in rows.clone() {

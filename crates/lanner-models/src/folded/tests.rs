@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::{FoldedBackbone, TrainableUnits};
 use crate::backbone::Backbone;
 use crate::registry::{IMAGENET, INCEPTION, Normalization};
-use crate::{MobileNetV3Config, MobileNetV3Size, XceptionConfig};
+use crate::{MobileNetV3Config, MobileNetV3Size, Xception, XceptionConfig};
 
 /// Scales every tensor (weights, BatchNorm scale, shift and statistics) by a factor in
 /// 0.7..1.3 and shifts it by up to ±0.02: running variances stay positive. Its own random
@@ -187,13 +187,17 @@ fn trainable_units_give_autodiffs_gradients() {
     check_gradients(&Backbone::MobileNetV3(model), 64, &IMAGENET, &[0, 4], 0.0);
 }
 
+/// Xception with frozen BatchNorm on the autodiff device, every tensor perturbed.
+fn perturbed_xception() -> Xception {
+    XceptionConfig::new()
+        .with_frozen_batch_norm(true)
+        .init(&Device::flex().autodiff())
+        .map(&mut Perturb(SEED))
+}
+
 #[test]
 fn trainable_xception_units_give_autodiffs_gradients() {
-    let autodiff = Device::flex().autodiff();
-    let model = XceptionConfig::new()
-        .with_frozen_batch_norm(true)
-        .init(&autodiff)
-        .map(&mut Perturb(SEED));
+    let model = perturbed_xception();
     // From block 1 (no leading ReLU), from block 11 (the seed's fine-tune-layer 100), the exit
     // convolutions alone, and the whole network.
     let backbone = Backbone::Xception(model);
@@ -297,11 +301,7 @@ fn check_gradients(
 
 #[test]
 fn frozen_layers_of_the_first_trained_block_change_no_other_gradient() {
-    let autodiff = Device::flex().autodiff();
-    let model = XceptionConfig::new()
-        .with_frozen_batch_norm(true)
-        .init(&autodiff)
-        .map(&mut Perturb(SEED));
+    let model = perturbed_xception();
     // The seed's fine-tune-layer 100: block 11's first separable convolution and its
     // BatchNorm (timm `block11.rep.1`, `rep.2`) stay frozen; its backward pass is skipped.
     let mut partial = model.clone();

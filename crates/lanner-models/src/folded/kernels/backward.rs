@@ -2,7 +2,7 @@
 //! per-channel sums, and the depthwise convolution's weight and input gradients. Compiled like
 //! the forward kernels, for the best instruction set the CPU has.
 
-use super::{Act, DepthwiseShape, fma, output_size};
+use super::{Act, DepthwiseShape, fma};
 
 dispatch!(activation_backward(d: &mut [f32], pre: &[f32], act: Act) => activation_backward_generic);
 
@@ -80,10 +80,7 @@ fn weight_gradient_generic<const FMA: bool>(
 ) {
     let (h, w, c) = shape.input;
     let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-    let (ho, wo) = (
-        output_size(h, k, stride, pad),
-        output_size(w, k, stride, pad),
-    );
+    let (ho, wo) = shape.output_size();
     assert!(input.len() >= h * w * c && d_out.len() >= ho * wo * c);
     assert!(g.len() >= k * k * c);
     // The outputs whose tap `t` lands inside an input of `len` pixels.
@@ -151,10 +148,7 @@ fn input_gradient_generic<const FMA: bool>(
 ) {
     let (h, w, c) = shape.input;
     let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-    let (ho, wo) = (
-        output_size(h, k, stride, pad),
-        output_size(w, k, stride, pad),
-    );
+    let (ho, wo) = shape.output_size();
     assert!(d_input.len() >= h * w * c && d_out.len() >= ho * wo * c);
     assert!(shape.weights.len() >= k * k * c);
     for oy in 0..ho {
@@ -181,6 +175,7 @@ fn input_gradient_generic<const FMA: bool>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::output_size;
     use super::super::tests::values;
     use super::*;
 
