@@ -47,6 +47,17 @@ impl FrozenPrefix {
         }
     }
 
+    /// The first `units` units as the backbone's own modules, on any device: how a GPU runs
+    /// them, and what the CPU's folded network is checked against.
+    pub fn with_modules(backbone: &Backbone, units: usize) -> Self {
+        let total = backbone.unit_count();
+        Self {
+            units: units.min(total),
+            total,
+            runner: Runner::Modules(Box::new(backbone.valid())),
+        }
+    }
+
     /// The whole backbone, for inference.
     pub fn whole(backbone: &Backbone, device: &Device) -> Self {
         Self::new(backbone, backbone.unit_count(), device)

@@ -45,6 +45,9 @@ pub struct RunState {
     pub epoch_metrics: Option<MetricsAccumulator>,
     /// Training seconds already spent in the current epoch (mid-epoch only).
     pub epoch_train_seconds: f64,
+    /// Seconds the current epoch's steps waited for the loader so far (mid-epoch only).
+    #[serde(default)]
+    pub epoch_data_wait_seconds: f64,
     /// Early stopping in the current phase.
     pub early_stopping: EarlyStoppingState,
     /// Every finished epoch.

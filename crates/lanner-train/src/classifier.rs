@@ -95,6 +95,18 @@ pub fn dropout_mask(
     step: u64,
     device: &Device,
 ) -> Option<Tensor<2>> {
+    dropout_mask_rows(rate, shape, 0..shape[0], (seed, epoch, step), device)
+}
+
+/// Rows `rows` of [`dropout_mask`]'s mask of `shape`: one replica's share of a data-parallel
+/// step draws the same mask rows as one device drawing the whole batch's.
+pub fn dropout_mask_rows(
+    rate: f64,
+    shape: [usize; 2],
+    rows: std::ops::Range<usize>,
+    (seed, epoch, step): (u64, u64, u64),
+    device: &Device,
+) -> Option<Tensor<2>> {
     if rate <= 0.0 {
         return None;
     }
@@ -102,10 +114,14 @@ pub fn dropout_mask(
     let mut rng = SplitMix64::for_stream(seed ^ 0x6472_6f70_6f75_7400, epoch, step);
     let keep = (1.0 - rate) as f32;
     let scale = 1.0 / keep;
-    let values: Vec<f32> = (0..shape[0] * shape[1])
+    let values: Vec<f32> = (0..rows.end * shape[1])
         .map(|_| if rng.next_f32() < keep { scale } else { 0.0 })
+        .skip(rows.start * shape[1])
         .collect();
-    Some(Tensor::from_data(TensorData::new(values, shape), device))
+    Some(Tensor::from_data(
+        TensorData::new(values, [rows.len(), shape[1]]),
+        device,
+    ))
 }
 
 /// The seed's loss with Keras' `class_weight`: per-sample cross-entropy from logits (binary

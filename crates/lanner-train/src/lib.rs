@@ -9,6 +9,7 @@
 //! - [`metrics`]: loss, accuracy, precision, recall, ROC AUC and the confusion matrix.
 //! - [`early_stopping`]: the seed's rule.
 //! - [`trainer`]: the loop; [`evaluate`]: metrics of a model on a data set.
+//! - [`data_parallel`]: one step shared by several devices (the seed's `MirroredStrategy`).
 //! - [`report`]: Keras-style log lines, a progress bar, `metrics.jsonl`.
 //! - [`artifact`]: `lanner.json` + `weights.safetensors`; [`checkpoint`]: resumable state;
 //!   [`tensor_file`]: atomic safetensors files.
@@ -17,6 +18,7 @@
 pub mod artifact;
 pub mod checkpoint;
 pub mod classifier;
+pub mod data_parallel;
 pub mod early_stopping;
 pub mod evaluate;
 pub mod freeze;

@@ -27,6 +27,9 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Wall time of its training steps.
     pub train_seconds: f64,
+    /// Time the training loop waited for the data loader's next batch.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
     /// Training images per second.
     pub train_images_per_second: f64,
     /// The optimizer's learning rate.
@@ -48,12 +51,25 @@ impl EpochRecord {
         }
         object.insert("seconds".into(), json!(self.seconds));
         object.insert("train_seconds".into(), json!(self.train_seconds));
+        object.insert("data_wait_seconds".into(), json!(self.data_wait_seconds));
+        object.insert("data_wait_share".into(), json!(self.data_wait_share()));
         object.insert(
             "train_images_per_second".into(),
             json!(self.train_images_per_second),
         );
         object.insert("learning_rate".into(), json!(self.learning_rate));
         Value::Object(object)
+    }
+
+    /// The share of the training loop's time spent waiting for data: 0 when the loader always
+    /// had the next batch ready, near 1 when the steps starved.
+    pub fn data_wait_share(&self) -> f64 {
+        let total = self.data_wait_seconds + self.train_seconds;
+        if total > 0.0 {
+            self.data_wait_seconds / total
+        } else {
+            0.0
+        }
     }
 
     /// The Keras-style metrics part of the epoch line.
@@ -217,10 +233,11 @@ impl Reporter for KerasLog {
             eprint!("\r{:80}\r", "");
         }
         println!(
-            "{} samples - {:.0}s - {:.1} images/s - {}",
+            "{} samples - {:.0}s - {:.1} images/s - waited for data {:.0}% - {}",
             record.train.samples,
             record.seconds,
             record.train_images_per_second,
+            100.0 * record.data_wait_share(),
             record.keras_metrics()
         );
         let _ = std::io::stdout().flush();
@@ -258,6 +275,7 @@ mod tests {
             validation: validation.finish(),
             seconds: 12.0,
             train_seconds: 10.0,
+            data_wait_seconds: 2.5,
             train_images_per_second: 0.4,
             learning_rate: 1e-5,
         };
@@ -268,6 +286,8 @@ mod tests {
         assert_eq!(json["phase"], "fine_tune");
         assert_eq!(json["val_accuracy"], 1.0);
         assert_eq!(json["val_auc"], 1.0);
+        assert_eq!(json["data_wait_seconds"], 2.5);
+        assert_eq!(json["data_wait_share"], 0.2);
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(thousands(999), "999");
     }

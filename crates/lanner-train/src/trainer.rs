@@ -2,6 +2,7 @@
 //! reports every epoch, applies early stopping, checkpoints, and ends with the best epoch's
 //! weights.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,8 @@ use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool
 
 use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
 use crate::checkpoint::{self, CheckpointError, CheckpointTensors, Position, RunState};
-use crate::classifier::{Classifier, dropout_mask, weighted_loss};
+use crate::classifier::{Classifier, dropout_mask_rows, weighted_loss};
+use crate::data_parallel::{Replicas, StepSettings};
 use crate::early_stopping::{EarlyStoppingState, Verdict};
 use crate::evaluate::evaluate;
 use crate::freeze::{frozen_units, parameter_counts, prepare};
@@ -46,6 +48,9 @@ pub struct TrainingJob {
     pub validation: Loader,
     /// The device computations run on (without autodiff; the trainer adds it).
     pub device: Device,
+    /// Further devices that each train a share of every batch next to `device` (data
+    /// parallelism, see [`crate::data_parallel`]); empty for one device.
+    pub replica_devices: Vec<Device>,
     /// The starting model, on `device.autodiff()`.
     pub model: Classifier,
     /// Where to checkpoint after every epoch and on a stop request, and resume from.
@@ -119,6 +124,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         train,
         validation,
         device,
+        replica_devices,
         mut model,
         checkpoint_dir,
         metrics_file,
@@ -126,7 +132,6 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
     } = job;
     let classes = class_names.len();
     let class_weights = hyperparameters.class_weight_vector(classes);
-    let autodiff = device.clone().autodiff();
     let total_epochs = recipe.total_epochs();
     let seed = hyperparameters.seed;
 
@@ -134,6 +139,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         position: Position::default(),
         epoch_metrics: None,
         epoch_train_seconds: 0.0,
+        epoch_data_wait_seconds: 0.0,
         early_stopping: EarlyStoppingState::default(),
         history: Vec::new(),
         best: None,
@@ -184,7 +190,10 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 )
                 .map_err(TrainError::Incompatible)?;
         }
-        let plan = BackbonePlan::for_phase(&model, entry, phase, &device)?;
+        let devices: Vec<Device> = std::iter::once(device.clone())
+            .chain(replica_devices.iter().cloned())
+            .collect();
+        let replicas = Replicas::for_phase(&model, entry, phase, &devices)?;
 
         let mut stop_phase = false;
         while state.position.epoch_in_phase < phase.epochs && !stop_phase {
@@ -201,20 +210,24 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
             let mut train_seconds = state.epoch_train_seconds;
             let mut images_seen = 0usize;
 
-            for (offset, batch) in train.epoch_from(loader_epoch, first_batch).enumerate() {
+            let mut data_wait_seconds = state.epoch_data_wait_seconds;
+            let mut batches_of_epoch = train.epoch_from(loader_epoch, first_batch).enumerate();
+            loop {
+                let waiting = Instant::now();
+                let Some((offset, batch)) = batches_of_epoch.next() else {
+                    break;
+                };
+                data_wait_seconds += waiting.elapsed().as_secs_f64();
                 let batch = batch?;
                 let step = first_batch + offset;
                 let step_started = Instant::now();
                 let labels = batch.labels.clone();
                 let size = labels.len();
-                let pixels = batch.into_images_tensor(&device);
-                let (updated, logits) = training_step(
+                let (updated, logits) = replicas.step(
                     model,
-                    &plan,
                     &mut optimizer,
-                    StepInput {
-                        pixels,
-                        labels: &labels,
+                    batch,
+                    StepSettings {
                         class_weights: &class_weights,
                         normalization: &normalization,
                         dropout: DropoutDraw {
@@ -224,7 +237,6 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                             step: step as u64,
                         },
                     },
-                    &autodiff,
                 );
                 model = updated;
                 let weights: Vec<f32> = labels.iter().map(|&l| class_weights[l] as f32).collect();
@@ -245,6 +257,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                     state.position.batch = step + 1;
                     state.epoch_metrics = Some(metrics);
                     state.epoch_train_seconds = train_seconds;
+                    state.epoch_data_wait_seconds = data_wait_seconds;
                     state.optimizer_iterations = optimizer.iterations();
                     return Err(stopped(
                         &checkpoint_dir,
@@ -273,6 +286,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 validation: validation_metrics.clone(),
                 seconds: started.elapsed().as_secs_f64(),
                 train_seconds,
+                data_wait_seconds,
                 train_images_per_second: images_seen as f64
                     / (train_seconds - state.epoch_train_seconds).max(1e-9),
                 learning_rate: phase.optimizer.learning_rate(),
@@ -313,6 +327,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
             state.position.batch = 0;
             state.epoch_metrics = None;
             state.epoch_train_seconds = 0.0;
+            state.epoch_data_wait_seconds = 0.0;
             state.optimizer_iterations = optimizer.iterations();
             if let Some(path) = &metrics_file {
                 write_metrics_jsonl(path, &state.history).map_err(|source| {
@@ -384,6 +399,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
 }
 
 /// The dropout draw of one step: the rate and the (seed, epoch, step) the mask comes from.
+#[derive(Clone, Debug)]
 pub struct DropoutDraw {
     /// Keras' `Dropout` rate.
     pub rate: f64,
@@ -437,11 +453,44 @@ impl BackbonePlan {
             folded_training,
         })
     }
+
+    /// The plan a GPU runs, on any device: the frozen units as burn modules, the rest with
+    /// burn's autodiff (tests use it to check the CPU's folded plan and the GPU path alike).
+    pub fn with_burn_modules(
+        model: &Classifier,
+        entry: &ModelEntry,
+        phase: &Phase,
+    ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
+        let units = frozen_units(model, entry, phase.trainable)?;
+        Ok(Self {
+            frozen: FrozenPrefix::with_modules(&model.backbone, units),
+            folded_training: false,
+        })
+    }
+}
+
+/// Which rows of a step's batch a call of [`step_gradients`] computes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// The rows.
+    pub rows: Range<usize>,
+    /// The whole batch's size.
+    pub batch: usize,
+}
+
+impl Shard {
+    /// All of a batch of `batch` rows.
+    pub fn whole(batch: usize) -> Self {
+        Self {
+            rows: 0..batch,
+            batch,
+        }
+    }
 }
 
 /// One optimizer step of the recipe on one batch: forward (see [`BackbonePlan`]), the
-/// class-weighted loss, backward and the optimizer's update. Returns the updated model and the batch's logits, read back to the host
-/// (which also waits for the device to finish the step).
+/// class-weighted loss, backward and the optimizer's update. Returns the updated model and the
+/// batch's logits, read back to the host (which also waits for the device to finish the step).
 pub fn training_step(
     model: Classifier,
     plan: &BackbonePlan,
@@ -449,6 +498,22 @@ pub fn training_step(
     input: StepInput<'_>,
     autodiff: &Device,
 ) -> (Classifier, Vec<f32>) {
+    let shard = Shard::whole(input.labels.len());
+    let (gradients, logits) = step_gradients(&model, plan, input, &shard, autodiff);
+    (optimizer.step(model, gradients), logits)
+}
+
+/// The gradients of one batch's loss, or of rows `shard.rows` of it (`input` holds only those
+/// rows): their Keras loss weighted by their share of the batch, with their rows of the
+/// batch's dropout mask, so the shards' gradients sum to the whole batch's. Also returns the
+/// rows' logits, read back to the host.
+pub fn step_gradients(
+    model: &Classifier,
+    plan: &BackbonePlan,
+    input: StepInput<'_>,
+    shard: &Shard,
+    autodiff: &Device,
+) -> (GradientsParams, Vec<f32>) {
     let StepInput {
         pixels,
         labels,
@@ -457,6 +522,7 @@ pub fn training_step(
         dropout,
     } = input;
     let size = labels.len();
+    debug_assert_eq!(size, shard.rows.len());
     let frozen = &plan.frozen;
     let mut folded = None;
     let pooled = if frozen.is_whole() {
@@ -477,16 +543,18 @@ pub fn training_step(
         global_average_pool(model.backbone.forward_units(features, frozen.rest()))
     };
     let [_, channels] = pooled.dims();
-    let mask = dropout_mask(
+    let mask = dropout_mask_rows(
         dropout.rate,
-        [size, channels],
-        dropout.seed,
-        dropout.epoch,
-        dropout.step,
+        [shard.batch, channels],
+        shard.rows.clone(),
+        (dropout.seed, dropout.epoch, dropout.step),
         autodiff,
     );
     let logits = model.logits(pooled, mask);
-    let loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
+    let mut loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
+    if size != shard.batch {
+        loss = loss.mul_scalar(size as f64 / shard.batch as f64);
+    }
     let gradients = loss.backward();
     let d_pooled = folded.as_ref().map(|(_, _, pooled)| {
         pooled
@@ -496,7 +564,7 @@ pub fn training_step(
             .try_into_vec::<f32>()
             .expect("f32 gradients")
     });
-    let mut grads = GradientsParams::from_grads(gradients, &model);
+    let mut grads = GradientsParams::from_grads(gradients, model);
     if let (Some((units, activations, _)), Some(d_pooled)) = (folded, d_pooled) {
         let device = autodiff.clone().inner();
         for gradient in units.backward(activations, &d_pooled) {
@@ -507,13 +575,12 @@ pub fn training_step(
             }
         }
     }
-    let model = optimizer.step(model, grads);
     let logits: Vec<f32> = logits
         .inner()
         .into_data()
         .try_into_vec()
         .expect("logits are f32");
-    (model, logits)
+    (grads, logits)
 }
 
 fn save_checkpoint(

@@ -76,6 +76,89 @@ impl DeviceChoice {
     }
 }
 
+/// The devices of a data-parallel run (`lanner train --gpus N`): the first holds the model.
+pub struct TrainingDevices {
+    /// The devices, the model's own first.
+    pub devices: Vec<Device>,
+    /// How logs name them.
+    pub name: String,
+}
+
+impl DeviceChoice {
+    /// The devices `train` runs on: `gpus` GPUs from the chosen one on (`None`: every GPU the
+    /// driver shows for `auto`, one for `cuda:N`), or the CPU.
+    pub fn resolve_for_training(self, gpus: Option<usize>) -> Result<TrainingDevices> {
+        if gpus == Some(0) {
+            bail!("--gpus 0 trains on no device; use --device cpu to train on the CPU");
+        }
+        let (device, name) = self.resolve()?;
+        let first = match self {
+            Self::Cuda(n) => Some(n),
+            Self::Auto if name.starts_with("cuda") => Some(0),
+            _ => None,
+        };
+        let Some(first) = first else {
+            if let Some(n) = gpus.filter(|&n| n > 1) {
+                bail!(
+                    "--gpus {n} needs GPUs, but training runs on the {name}; use a `cuda` build \
+                     on a machine with NVIDIA GPUs, or leave --gpus out"
+                );
+            }
+            return Ok(TrainingDevices {
+                devices: vec![device],
+                name,
+            });
+        };
+        let wanted = gpus.unwrap_or(if self == Self::Auto { usize::MAX } else { 1 });
+        if wanted == 1 {
+            return Ok(TrainingDevices {
+                devices: vec![device],
+                name,
+            });
+        }
+        let visible = visible_gpus()?;
+        if gpus.is_some() && first + wanted > visible {
+            bail!(
+                "--gpus {wanted} from cuda:{first} needs GPUs up to cuda:{}, but the driver shows \
+                 {visible}; lower --gpus",
+                first + wanted - 1
+            );
+        }
+        let count = wanted.min(visible.saturating_sub(first)).max(1);
+        Ok(TrainingDevices {
+            devices: (first..first + count).map(cuda_device).collect(),
+            name: if count == 1 {
+                name
+            } else {
+                format!(
+                    "cuda:{first}..cuda:{} (data-parallel over {count} GPUs)",
+                    first + count - 1
+                )
+            },
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn visible_gpus() -> Result<usize> {
+    crate::gpu_runtime::device_count().map_err(anyhow::Error::msg)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn visible_gpus() -> Result<usize> {
+    Ok(0)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize) -> Device {
+    Device::cuda(index)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_index: usize) -> Device {
+    unreachable!("a build without GPU support never picks a GPU")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +173,32 @@ mod tests {
             "tpu".parse::<DeviceChoice>(),
             Err("`tpu` is not a device; use auto, cpu, cuda or cuda:N".to_string())
         );
+    }
+
+    #[test]
+    fn the_cpu_trains_alone() {
+        let devices = DeviceChoice::Cpu.resolve_for_training(None).unwrap();
+        assert_eq!((devices.devices.len(), devices.name.as_str()), (1, "cpu"));
+        assert_eq!(
+            DeviceChoice::Cpu
+                .resolve_for_training(Some(1))
+                .unwrap()
+                .devices
+                .len(),
+            1
+        );
+        let error = DeviceChoice::Cpu
+            .resolve_for_training(Some(2))
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().starts_with("--gpus 2 needs GPUs"),
+            "{error}"
+        );
+        let error = DeviceChoice::Cpu
+            .resolve_for_training(Some(0))
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("--device cpu"), "{error}");
     }
 }

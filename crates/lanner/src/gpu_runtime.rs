@@ -71,6 +71,44 @@ pub fn prepare() -> Result<(), String> {
     Ok(())
 }
 
+/// How many GPUs the driver shows this process (after `CUDA_VISIBLE_DEVICES`). Call after
+/// [`prepare`], which loads the driver library.
+pub fn device_count() -> Result<usize, String> {
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    let symbol = |name: &str| {
+        let name = CString::new(name).expect("no NUL in a symbol name");
+        // SAFETY: dlsym with a valid C string over the libraries loaded with RTLD_GLOBAL.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
+    };
+    let (init, get_count) = (symbol("cuInit"), symbol("cuDeviceGetCount"));
+    if init.is_null() || get_count.is_null() {
+        return Err("the NVIDIA driver library does not export cuInit and cuDeviceGetCount".into());
+    }
+    // SAFETY: both symbols come from libcuda, with these C signatures (CUDA driver API).
+    let (init, get_count) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, CuInit>(init),
+            std::mem::transmute::<*mut libc::c_void, CuDeviceGetCount>(get_count),
+        )
+    };
+    let mut count = 0i32;
+    // SAFETY: cuInit takes flags 0; cuDeviceGetCount writes one int.
+    let status = unsafe { init(0) };
+    if status != 0 {
+        return Err(format!(
+            "the NVIDIA driver did not start (cuInit returned {status})"
+        ));
+    }
+    let status = unsafe { get_count(&mut count) };
+    if status != 0 {
+        return Err(format!(
+            "the NVIDIA driver cannot count its GPUs (error {status})"
+        ));
+    }
+    Ok(count.max(0) as usize)
+}
+
 /// The CUDA toolkit folder as cubecl-cuda finds it: `$CUDA_PATH`, else `/usr/local/cuda`.
 fn cuda_path() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("CUDA_PATH") {

@@ -119,9 +119,18 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         "val_precision",
         "val_recall",
         "val_auc",
+        "data_wait_seconds",
     ] {
         assert!(history[7][key].is_number(), "{key} in {}", history[7]);
     }
+    for epoch in &history {
+        let share = epoch["data_wait_share"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&share), "{epoch}");
+    }
+    assert!(
+        stdout.contains("% - loss: "),
+        "the epoch line says how long the step waited for data"
+    );
 
     let card: serde_json::Value =
         serde_json::from_slice(&fs::read(model.join("lanner.json")).unwrap()).unwrap();
@@ -304,6 +313,15 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         "--fine-tune-layer 158 is past the last layer: the Keras backbone of \
          mobilenet_v3_small_050 has 157 layers"
     ));
+    let mut args = scratch_args(&data, &model);
+    args.extend(["--device".into(), "cpu".into(), "--gpus".into(), "2".into()]);
+    let result = run(&args);
+    assert!(!result.status.success() && !model.exists());
+    assert!(
+        text(&result.stderr).contains("--gpus 2 needs GPUs, but training runs on the cpu"),
+        "{}",
+        text(&result.stderr)
+    );
     let mut args = scratch_args(&data, &model);
     args.extend(["--drop-out-percentage".into(), "1".into()]);
     let result = run(&args);

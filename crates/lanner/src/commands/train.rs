@@ -27,7 +27,7 @@ use lanner_train::classifier::Classifier;
 use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, TrainingDevices};
 
 /// The seed's hyperparameters keep its names (`--fine-tune-layer`, `--drop-out-percentage`,
 /// …). Unknown `--name value` pairs are reported and ignored, as the seed's
@@ -143,6 +143,11 @@ pub struct TrainArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+
+    /// GPUs to train on, data-parallel, from the chosen one on (default: every GPU the driver
+    /// shows with --device auto, one with --device cuda:N).
+    #[arg(long)]
+    pub gpus: Option<usize>,
 
     /// Image decoding threads (default: all cores).
     #[arg(long)]
@@ -556,7 +561,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         (DeviceChoice::Auto, Some(_)) if cfg!(feature = "cuda") => DeviceChoice::Cuda(0),
         (choice, _) => choice,
     };
-    let (device, device_name) = device_choice.resolve()?;
+    // On SageMaker, `auto` means the instance's GPUs: all of them.
+    let gpus = args.gpus.or(match (args.device, hints.num_gpus) {
+        (DeviceChoice::Auto, Some(n)) if n > 0 && cfg!(feature = "cuda") => Some(n),
+        _ => None,
+    });
+    let TrainingDevices {
+        mut devices,
+        name: device_name,
+    } = device_choice.resolve_for_training(gpus)?;
+    let device = devices.remove(0);
 
     let mut log = KerasLog::new();
     if matches!(args.weights, WeightsSpec::None) && !hyperparameters.from_scratch {
@@ -642,6 +656,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             train: train_loader,
             validation: validation_loader,
             device,
+            replica_devices: devices,
             model,
             checkpoint_dir: args.checkpoint_dir.clone(),
             metrics_file,
