@@ -92,13 +92,22 @@ impl BatchNorm2d {
     }
 
     fn forward_running_statistics(&self, x: Tensor<4>) -> Tensor<4> {
-        let device = x.device();
+        let (device, dtype) = (x.device(), x.dtype());
+        // The statistics stay f32; a bf16 or f16 pass normalises with them in its own type.
+        let statistic = |state: &RunningState<Tensor<1>>| {
+            let value = state.value().to_device(&device);
+            if value.dtype() == dtype {
+                value
+            } else {
+                value.cast(dtype)
+            }
+        };
         burn::tensor::module::batch_norm(
             x,
             self.weight.val(),
             self.bias.val(),
-            self.running_mean.value().to_device(&device),
-            self.running_var.value().to_device(&device),
+            statistic(&self.running_mean),
+            statistic(&self.running_var),
             self.epsilon,
         )
     }
@@ -122,11 +131,15 @@ impl BatchNorm2d {
         let keep = 1.0 - self.momentum;
         let mean = self.running_mean.value_sync().to_device(&device);
         let var = self.running_var.value_sync().to_device(&device);
-        let mean = mean.mul_scalar(keep) + result.mean.detach().mul_scalar(self.momentum);
+        // The statistics stay f32 also when the pass computes in bf16 or f16.
+        let dtype = mean.dtype();
+        let mean =
+            mean.mul_scalar(keep) + result.mean.detach().cast(dtype).mul_scalar(self.momentum);
         let var = var.mul_scalar(keep)
             + result
                 .variance
                 .detach()
+                .cast(dtype)
                 .mul_scalar(self.momentum * unbiased);
         self.running_mean.update(mean.detach());
         self.running_var.update(var.detach());

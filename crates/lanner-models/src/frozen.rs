@@ -6,11 +6,12 @@
 use std::ops::Range;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::backbone::Backbone;
 use crate::folded::{FeatureMap, FoldedBackbone};
 use crate::head::global_average_pool;
+use crate::precision::{Precision, cast_floats};
 use crate::registry::Normalization;
 
 /// The frozen first `units` units of a backbone. See the module docs.
@@ -22,7 +23,8 @@ pub struct FrozenPrefix {
 
 enum Runner {
     Folded(FoldedBackbone),
-    Modules(Box<Backbone>),
+    /// The modules, with their float type (inputs are normalised in f32, then cast to it).
+    Modules(Box<Backbone>, DType),
 }
 
 /// Whether `device` is the CPU, where the folded network runs.
@@ -38,7 +40,7 @@ impl FrozenPrefix {
         let runner = if is_cpu(device) {
             Runner::Folded(FoldedBackbone::new(backbone, units))
         } else {
-            Runner::Modules(Box::new(backbone.valid()))
+            Runner::Modules(Box::new(backbone.valid()), DType::F32)
         };
         Self {
             units,
@@ -47,14 +49,19 @@ impl FrozenPrefix {
         }
     }
 
-    /// The first `units` units as the backbone's own modules, on any device: how a GPU runs
-    /// them, and what the CPU's folded network is checked against.
-    pub fn with_modules(backbone: &Backbone, units: usize) -> Self {
+    /// The first `units` units as the backbone's own modules, on any device, computing in
+    /// `precision`: how a GPU runs them, and what the CPU's folded network is checked against.
+    pub fn with_modules(backbone: &Backbone, units: usize, precision: Precision) -> Self {
         let total = backbone.unit_count();
+        let modules = if precision.is_f32() {
+            backbone.valid()
+        } else {
+            cast_floats(backbone.valid(), precision.dtype())
+        };
         Self {
             units: units.min(total),
             total,
-            runner: Runner::Modules(Box::new(backbone.valid())),
+            runner: Runner::Modules(Box::new(modules), precision.dtype()),
         }
     }
 
@@ -86,8 +93,14 @@ impl FrozenPrefix {
                 let device = pixels.device();
                 folded.forward(pixels, normalization).to_tensor(&device)
             }
-            Runner::Modules(backbone) => {
-                backbone.forward_units(normalization.apply(pixels), 0..self.units)
+            Runner::Modules(backbone, dtype) => {
+                let input = normalization.apply(pixels);
+                let input = if *dtype == DType::F32 {
+                    input
+                } else {
+                    input.cast(*dtype)
+                };
+                backbone.forward_units(input, 0..self.units)
             }
         }
     }
@@ -101,7 +114,7 @@ impl FrozenPrefix {
     ) -> Option<FeatureMap> {
         match &self.runner {
             Runner::Folded(folded) => Some(folded.forward(pixels, normalization)),
-            Runner::Modules(_) => None,
+            Runner::Modules(..) => None,
         }
     }
 
@@ -110,7 +123,7 @@ impl FrozenPrefix {
         assert!(self.is_whole(), "pooled features need the whole backbone");
         match &self.runner {
             Runner::Folded(folded) => folded.pooled(pixels, normalization),
-            Runner::Modules(_) => global_average_pool(self.features(pixels, normalization)),
+            Runner::Modules(..) => global_average_pool(self.features(pixels, normalization)),
         }
     }
 }

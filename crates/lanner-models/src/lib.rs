@@ -19,6 +19,7 @@
 //!   channels-last, one image per thread), for phase 1, the frozen part of phase 2 and
 //!   inference; [`frozen`] picks it on the CPU and the burn modules elsewhere.
 //! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
+//! - [`precision`]: f32, bf16 or f16 passes over f32 master weights.
 //! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
 //!   [`conv`].
 //!
@@ -35,6 +36,7 @@ pub mod head;
 pub mod hub;
 pub mod keras_layers;
 pub mod mobilenet_v3;
+pub mod precision;
 pub mod registry;
 pub mod squeeze_excite;
 pub mod weights;

@@ -23,6 +23,7 @@ use lanner_data::loader::Batch;
 use lanner_models::ModelEntry;
 use lanner_models::Normalization;
 use lanner_models::keras_layers::KerasLayerError;
+use lanner_models::precision::Precision;
 
 use crate::classifier::Classifier;
 use crate::optimizer::Optimizer;
@@ -53,6 +54,7 @@ impl Replicas {
         entry: &ModelEntry,
         phase: &Phase,
         devices: &[Device],
+        precision: Precision,
     ) -> Result<Self, KerasLayerError> {
         let devices = match phase.batch_norm {
             BatchNormMode::Frozen => devices,
@@ -63,10 +65,10 @@ impl Replicas {
             .enumerate()
             .map(|(index, device)| {
                 let plan = if index == 0 {
-                    BackbonePlan::for_phase(model, entry, phase, device)?
+                    BackbonePlan::for_phase(model, entry, phase, device, precision)?
                 } else {
                     let replica = model.clone().fork(&device.clone().autodiff());
-                    BackbonePlan::for_phase(&replica, entry, phase, device)?
+                    BackbonePlan::for_phase(&replica, entry, phase, device, precision)?
                 };
                 Ok((device.clone(), plan))
             })
@@ -225,13 +227,15 @@ mod tests {
                 let plans = devices
                     .iter()
                     .map(|d| {
-                        let plan = BackbonePlan::with_burn_modules(&model, entry, &phase).unwrap();
+                        let plan =
+                            BackbonePlan::with_burn_modules(&model, entry, &phase, Precision::F32)
+                                .unwrap();
                         (d.clone(), plan)
                     })
                     .collect();
                 Replicas::with_plans(plans)
             } else {
-                Replicas::for_phase(&model, entry, &phase, &devices).unwrap()
+                Replicas::for_phase(&model, entry, &phase, &devices, Precision::F32).unwrap()
             };
             let mut optimizer = phase.optimizer.init();
             let mut logits = Vec::new();
@@ -318,7 +322,13 @@ mod tests {
         phase.trainable = Trainable::Everything;
         phase.batch_norm = BatchNormMode::Training;
         let model = prepare(model, entry, &phase).unwrap();
-        let replicas = Replicas::for_phase(&model, entry, &phase, &[device.clone(), device]);
+        let replicas = Replicas::for_phase(
+            &model,
+            entry,
+            &phase,
+            &[device.clone(), device],
+            Precision::F32,
+        );
         assert_eq!(replicas.unwrap().len(), 1);
     }
 

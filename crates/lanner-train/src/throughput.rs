@@ -8,9 +8,11 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
+use lanner_models::FrozenPrefix;
 use lanner_models::ModelEntry;
+use lanner_models::precision::{Precision, cast_floats};
 
 use crate::classifier::Classifier;
 use crate::freeze::{parameter_counts, prepare};
@@ -90,6 +92,8 @@ pub struct ThroughputConfig {
     pub warmup: usize,
     /// Timed steps.
     pub steps: usize,
+    /// The float type of the passes (the CPU's folded kernels run only f32).
+    pub precision: Precision,
 }
 
 /// The measurement.
@@ -133,10 +137,18 @@ pub fn measure(
         None => {
             let model = Classifier::new(config.entry, config.classes, 0.2, device);
             let total = parameter_counts(&model).1;
-            let backbone = model.inference_backbone(device);
+            let (model, backbone) = if config.precision.is_f32() {
+                let backbone = model.inference_backbone(device);
+                (model, backbone)
+            } else {
+                let units = model.backbone.unit_count();
+                let backbone = FrozenPrefix::with_modules(&model.backbone, units, config.precision);
+                (cast_floats(model, config.precision.dtype()), backbone)
+            };
             let timing = time_steps(config, started, |_| {
                 let logits: Vec<f32> = model
                     .predict(&backbone, batch(device), &normalization)
+                    .cast(DType::F32)
                     .into_data()
                     .try_into_vec()
                     .expect("logits are f32");
@@ -148,7 +160,8 @@ pub fn measure(
             let model = Classifier::new(config.entry, config.classes, 0.2, &autodiff);
             let model = prepare(model, config.entry, &phase)?;
             let (trainable, total) = parameter_counts(&model);
-            let plan = BackbonePlan::for_phase(&model, config.entry, &phase, device)?;
+            let plan =
+                BackbonePlan::for_phase(&model, config.entry, &phase, device, config.precision)?;
             let mut optimizer = phase.optimizer.init();
             let mut model = Some(model);
             let timing = time_steps(config, started, |step| {
@@ -232,6 +245,7 @@ mod tests {
             image_size: 32,
             warmup: 1,
             steps: 2,
+            precision: Precision::F32,
         };
         let device = Device::flex();
         for kind in [

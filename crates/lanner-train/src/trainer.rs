@@ -15,6 +15,7 @@ use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader};
 use lanner_models::folded::TrainableUnits;
 use lanner_models::frozen::is_cpu;
+use lanner_models::precision::{Precision, cast_floats};
 use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool};
 
 use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
@@ -51,6 +52,8 @@ pub struct TrainingJob {
     /// Further devices that each train a share of every batch next to `device` (data
     /// parallelism, see [`crate::data_parallel`]); empty for one device.
     pub replica_devices: Vec<Device>,
+    /// The float type of the training passes (master weights stay f32).
+    pub precision: Precision,
     /// The starting model, on `device.autodiff()`.
     pub model: Classifier,
     /// Where to checkpoint after every epoch and on a stop request, and resume from.
@@ -125,6 +128,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         validation,
         device,
         replica_devices,
+        precision,
         mut model,
         checkpoint_dir,
         metrics_file,
@@ -193,7 +197,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         let devices: Vec<Device> = std::iter::once(device.clone())
             .chain(replica_devices.iter().cloned())
             .collect();
-        let replicas = Replicas::for_phase(&model, entry, phase, &devices)?;
+        let replicas = Replicas::for_phase(&model, entry, phase, &devices, precision)?;
 
         let mut stop_phase = false;
         while state.position.epoch_in_phase < phase.epochs && !stop_phase {
@@ -432,16 +436,22 @@ pub struct StepInput<'a> {
 pub struct BackbonePlan {
     frozen: FrozenPrefix,
     folded_training: bool,
+    precision: Precision,
 }
 
 impl BackbonePlan {
-    /// The plan for `phase` of `model` (its current weights) on `device`.
+    /// The plan for `phase` of `model` (its current weights) on `device`, computing in
+    /// `precision` (the CPU's folded kernels only in f32).
     pub fn for_phase(
         model: &Classifier,
         entry: &ModelEntry,
         phase: &Phase,
         device: &Device,
+        precision: Precision,
     ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
+        if !precision.is_f32() {
+            return Self::with_burn_modules(model, entry, phase, precision);
+        }
         let units = frozen_units(model, entry, phase.trainable)?;
         let frozen = FrozenPrefix::new(&model.backbone, units, device);
         let folded_training = !frozen.is_whole()
@@ -451,20 +461,24 @@ impl BackbonePlan {
         Ok(Self {
             frozen,
             folded_training,
+            precision,
         })
     }
 
     /// The plan a GPU runs, on any device: the frozen units as burn modules, the rest with
-    /// burn's autodiff (tests use it to check the CPU's folded plan and the GPU path alike).
+    /// burn's autodiff, computing in `precision` (tests use it to check the CPU's folded plan
+    /// and the GPU path alike).
     pub fn with_burn_modules(
         model: &Classifier,
         entry: &ModelEntry,
         phase: &Phase,
+        precision: Precision,
     ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
         let units = frozen_units(model, entry, phase.trainable)?;
         Ok(Self {
-            frozen: FrozenPrefix::with_modules(&model.backbone, units),
+            frozen: FrozenPrefix::with_modules(&model.backbone, units, precision),
             folded_training: false,
+            precision,
         })
     }
 }
@@ -523,6 +537,10 @@ pub fn step_gradients(
     } = input;
     let size = labels.len();
     debug_assert_eq!(size, shard.rows.len());
+    // Below f32, the pass runs on a cast copy whose gradients reach `model`'s f32 parameters.
+    let dtype = plan.precision.dtype();
+    let cast_model = (!plan.precision.is_f32()).then(|| cast_floats(model.clone(), dtype));
+    let compute = cast_model.as_ref().unwrap_or(model);
     let frozen = &plan.frozen;
     let mut folded = None;
     let pooled = if frozen.is_whole() {
@@ -540,7 +558,7 @@ pub fn step_gradients(
         pooled
     } else {
         let features = frozen.features(pixels, normalization).autodiff();
-        global_average_pool(model.backbone.forward_units(features, frozen.rest()))
+        global_average_pool(compute.backbone.forward_units(features, frozen.rest()))
     };
     let [_, channels] = pooled.dims();
     let mask = dropout_mask_rows(
@@ -550,7 +568,13 @@ pub fn step_gradients(
         (dropout.seed, dropout.epoch, dropout.step),
         autodiff,
     );
-    let logits = model.logits(pooled, mask);
+    let mask = mask.map(|mask| mask.cast(pooled.dtype()));
+    let logits = compute.logits(pooled, mask);
+    let logits = if plan.precision.is_f32() {
+        logits
+    } else {
+        logits.cast(burn::tensor::DType::F32)
+    };
     let mut loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
     if size != shard.batch {
         loss = loss.mul_scalar(size as f64 / shard.batch as f64);
@@ -648,4 +672,120 @@ fn stopped(
         }
     }
     TrainError::Stopped(stop_message(checkpoint_dir, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::freeze::prepare;
+    use crate::optimizer::OptimizerConfig;
+    use crate::recipe::{PhaseName, Trainable};
+    use lanner_data::rng::SplitMix64;
+    use lanner_models::find;
+
+    /// The gradients of one step in `precision` and in f32, by parameter, on the burn-module
+    /// plan GPUs run (every label the same: a batch whose per-sample gradients cancel would
+    /// measure cancellation, not the pass).
+    fn gradients_in(precision: Precision, trainable: Trainable) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let entry = find("mobilenet_v3_small_050").unwrap();
+        let device = Device::flex();
+        let autodiff = device.clone().autodiff();
+        let phase = Phase {
+            name: PhaseName::FineTune,
+            epochs: 1,
+            optimizer: OptimizerConfig::rmsprop(1e-4),
+            trainable,
+            batch_norm: BatchNormMode::Frozen,
+            early_stopping: None,
+        };
+        let model = prepare(
+            Classifier::seeded(entry, 2, 0.2, 3, &autodiff),
+            entry,
+            &phase,
+        )
+        .unwrap();
+        let mut rng = SplitMix64::for_stream(3, 0, 0);
+        let pixels: Vec<f32> = (0..4 * 3 * 64 * 64)
+            .map(|_| (rng.next_f32() * 255.0).floor())
+            .collect();
+        let step = |precision: Precision| {
+            let plan = BackbonePlan::with_burn_modules(&model, entry, &phase, precision).unwrap();
+            let input = StepInput {
+                pixels: Tensor::from_data(TensorData::new(pixels.clone(), [4, 3, 64, 64]), &device),
+                labels: &[1, 1, 1, 1],
+                class_weights: &[1.0, 1.0],
+                normalization: &entry.pretrained.normalization,
+                dropout: DropoutDraw {
+                    rate: 0.2,
+                    seed: 3,
+                    epoch: 0,
+                    step: 0,
+                },
+            };
+            let (mut gradients, logits) =
+                step_gradients(&model, &plan, input, &Shard::whole(4), &autodiff);
+            assert_eq!(logits.len(), 4);
+            let mut pull = PullGradients {
+                gradients: &mut gradients,
+                values: Vec::new(),
+            };
+            model.visit(&mut pull);
+            pull.values
+        };
+        let low = step(precision);
+        let full = step(Precision::F32);
+        assert_eq!(low.len(), full.len());
+        low.into_iter().zip(full).collect()
+    }
+
+    /// The f32 gradient of every parameter that has one, in module order.
+    struct PullGradients<'a> {
+        gradients: &'a mut GradientsParams,
+        values: Vec<Vec<f32>>,
+    }
+
+    impl burn::module::ModuleVisitor for PullGradients<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if let Some(gradient) = self.gradients.remove::<D>(param.id) {
+                let data = gradient.into_data();
+                assert_eq!(data.dtype(), burn::tensor::DType::F32, "f32 gradients");
+                self.values.push(data.try_into_vec::<f32>().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_and_f16_passes_give_f32_gradients_close_to_f32_ones() {
+        for precision in [Precision::Bf16, Precision::F16] {
+            for trainable in [Trainable::Head, Trainable::FromKerasLayer(100)] {
+                // Rounding grows through the layers; f16 keeps 3 more mantissa bits than bf16.
+                let tolerance = match (trainable, precision) {
+                    (Trainable::Head, _) => 0.02,
+                    (_, Precision::F16) => 0.1,
+                    _ => 0.25,
+                };
+                let pairs = gradients_in(precision, trainable);
+                assert!(pairs.len() >= 2, "{trainable:?}");
+                let (mut compared, mut differ) = (0, false);
+                for (low, full) in pairs {
+                    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if scale < 1e-6 {
+                        continue;
+                    }
+                    let worst = low
+                        .iter()
+                        .zip(&full)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        worst <= tolerance * scale,
+                        "{precision} {trainable:?}: off by {worst} of {scale}"
+                    );
+                    differ |= worst > 0.0;
+                    compared += 1;
+                }
+                assert!(compared >= 2, "{precision} {trainable:?}");
+                assert!(differ, "{precision} {trainable:?} computed in f32");
+            }
+        }
+    }
 }

@@ -323,6 +323,15 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         text(&result.stderr)
     );
     let mut args = scratch_args(&data, &model);
+    args.extend(["--precision".into(), "bf16".into()]);
+    let result = run(&args);
+    assert!(!result.status.success() && !model.exists());
+    assert!(
+        text(&result.stderr).contains("--precision bf16 runs on GPUs; training runs on the cpu"),
+        "{}",
+        text(&result.stderr)
+    );
+    let mut args = scratch_args(&data, &model);
     args.extend(["--drop-out-percentage".into(), "1".into()]);
     let result = run(&args);
     assert!(

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use lanner_models::find;
+use lanner_models::precision::Precision;
 use lanner_train::throughput::{StepKind, Throughput, ThroughputConfig, measure};
 
 use crate::device::DeviceChoice;
@@ -61,6 +62,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
+    /// The float type of the passes: f32, bf16 or f16 (master weights stay f32; on the CPU
+    /// only f32 runs the fast folded kernels).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -86,11 +92,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         image_size,
         warmup: args.warmup,
         steps: args.steps,
+        precision: args.precision,
     };
     if !args.json {
         println!(
-            "{} at {image_size}x{image_size}, batch {}, on {label}: {} timed steps after {} warm-up",
-            entry.name, args.batch_size, args.steps, args.warmup
+            "{} at {image_size}x{image_size}, batch {}, {}, on {label}: {} timed steps after {} warm-up",
+            entry.name, args.batch_size, args.precision, args.steps, args.warmup
         );
         println!(
             "{:<22} {:>12} {:>14} {:>12} {:>16}",

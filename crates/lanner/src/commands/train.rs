@@ -21,6 +21,7 @@ use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
 use lanner_data::{Augmentation, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit};
 use lanner_models::hub::{self, HubConfig, WeightsSpec};
+use lanner_models::precision::Precision;
 use lanner_sagemaker::contract::{Layout, ResourceHints, failure, hyperparameters_file};
 use lanner_train::artifact::{self, ModelCard};
 use lanner_train::classifier::Classifier;
@@ -148,6 +149,11 @@ pub struct TrainArgs {
     /// shows with --device auto, one with --device cuda:N).
     #[arg(long)]
     pub gpus: Option<usize>,
+
+    /// The float type of the training passes: f32, or bf16 / f16 on a GPU (master weights,
+    /// optimizer state and loss stay f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 
     /// Image decoding threads (default: all cores).
     #[arg(long)]
@@ -571,6 +577,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         name: device_name,
     } = device_choice.resolve_for_training(gpus)?;
     let device = devices.remove(0);
+    if !args.precision.is_f32() && lanner_models::frozen::is_cpu(&device) {
+        bail!(
+            "--precision {} runs on GPUs; training runs on the {device_name}, where Lanner \
+             computes in f32: leave --precision out or use a GPU",
+            args.precision
+        );
+    }
 
     let mut log = KerasLog::new();
     if matches!(args.weights, WeightsSpec::None) && !hyperparameters.from_scratch {
@@ -657,6 +670,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             validation: validation_loader,
             device,
             replica_devices: devices,
+            precision: args.precision,
             model,
             checkpoint_dir: args.checkpoint_dir.clone(),
             metrics_file,
