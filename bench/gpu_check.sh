@@ -20,7 +20,11 @@
 #   correct     the seed recipe (frozen head, then fine-tune) from the same starting weights and
 #               data on the CPU and on the GPU; the weights must agree; `lanner evaluate` of
 #               the GPU model on both devices must agree
-#   lanner-*    `lanner bench` rows: MobileNetV3-Large 224 and Xception 299, batch 32 and 256
+#   correct-cuda-bf16  the same recipe on the GPU in bf16 (`--precision bf16`): its
+#               validation metrics next to f32's; every epoch line says how long the steps
+#               waited for the loader
+#   lanner-*    `lanner bench` rows: MobileNetV3-Large 224 and Xception 299, batch 32 and 256,
+#               f32 and (MobileNetV3-Large, batch 32) bf16
 #   torch       bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last) in the same rows
 set -u
 OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
@@ -84,6 +88,9 @@ for device in cpu cuda; do
     --weights "$WORK/start/weights.safetensors" --initial-epochs 1 --fine-tune-epochs 1 \
     --fine-tune-layer 100 --model-dir "$WORK/model-$device" --output-data-dir "$WORK/out-$device"
 done
+stage correct-cuda-bf16 150 "$BIN" "${TRAIN[@]}" --device cuda --precision bf16 \
+  --weights "$WORK/start/weights.safetensors" --initial-epochs 1 --fine-tune-epochs 1 \
+  --fine-tune-layer 100 --model-dir "$WORK/model-cuda-bf16" --output-data-dir "$WORK/out-cuda-bf16"
 for device in cpu cuda; do
   stage "evaluate-on-$device" 90 "$BIN" evaluate --model "$WORK/model-cuda" \
     --data "$WORK/shapes/validation" --device "$device" --json
@@ -96,9 +103,14 @@ cpu, gpu = (load_file(f"{work}/model-{d}/weights.safetensors") for d in ("cpu", 
 worst = max((abs(cpu[k] - gpu[k]).max() / (abs(cpu[k]).max() + 1e-12), k) for k in cpu)
 print(json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
                   "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1]}))
-for d in ("cpu", "cuda"):
-    lines = [json.loads(l) for l in open(f"{work}/out-{d}/metrics.jsonl")]
-    print(d, json.dumps({k: lines[-1].get(k) for k in ("loss", "val_loss", "val_accuracy")}))
+for d in ("cpu", "cuda", "cuda-bf16"):
+    try:
+        lines = [json.loads(l) for l in open(f"{work}/out-{d}/metrics.jsonl")]
+    except OSError as error:
+        print(d, error)
+        continue
+    keys = ("loss", "val_loss", "val_accuracy", "data_wait_share")
+    print(d, json.dumps({k: lines[-1].get(k) for k in keys}))
 for d in ("cpu", "cuda"):
     try:
         print(f"evaluate on {d}:", open(f"{sys.argv[2]}/evaluate-on-{d}.out").read().strip())
@@ -110,6 +122,9 @@ EOF
 export LANNER_KERNEL_CACHE=$WORK/kernels-large
 stage lanner-mbv3-b32 150 "$BIN" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 \
   --warmup 2 --device cuda --json --step frozen --step fine-tune --step full --step inference
+stage lanner-mbv3-b32-bf16 100 "$BIN" bench --arch mobilenet_v3_large --batch-size 32 \
+  --steps 10 --warmup 2 --device cuda --json --precision bf16 --step frozen --step fine-tune \
+  --step inference
 stage torch 110 python3 bench/gpu_torch.py --steps 15 --warmup 5
 stage lanner-mbv3-b256 80 "$BIN" bench --arch mobilenet_v3_large --batch-size 256 --steps 5 \
   --warmup 1 --device cuda --json --step frozen --step full --step inference
