@@ -6,7 +6,8 @@
 //! of K > 2 classes ends in a softmax, `[p0, …, pK-1]`. [`ModelInfo::class_probabilities`]
 //! spells both out per class (`[1 - p, p]` for a binary model), as `lanner predict` prints them.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use lanner_models::precision::{Precision, cast_floats};
 use lanner_models::{FrozenPrefix, Normalization};
 use lanner_train::ModelCard;
 use lanner_train::artifact::{self, ArtifactError};
@@ -93,13 +94,27 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// Loads the model in `dir` onto `device`.
-    pub fn load(dir: &ModelDir, device: Device) -> Result<Self, ArtifactError> {
+    /// Loads the model in `dir` onto `device`, to compute in `precision` (below f32: the
+    /// backbone as burn modules and the head cast to it, as on a GPU; the CPU's folded backbone
+    /// runs f32 only).
+    pub fn load(
+        dir: &ModelDir,
+        device: Device,
+        precision: Precision,
+    ) -> Result<Self, ArtifactError> {
         let (card, model) = artifact::load(&dir.path, &device)?;
+        let (model, backbone) = if precision.is_f32() {
+            let backbone = model.inference_backbone(&device);
+            (model, backbone)
+        } else {
+            let units = model.backbone.unit_count();
+            let backbone = FrozenPrefix::with_modules(&model.backbone, units, precision);
+            (cast_floats(model, precision.dtype()), backbone)
+        };
         Ok(Self {
             info: ModelInfo::new(&card, dir),
             normalization: card.preprocessing.normalization(),
-            backbone: model.inference_backbone(&device),
+            backbone,
             model,
             device,
         })
@@ -113,9 +128,15 @@ impl Predictor {
             TensorData::new(pixels, [count, 3, size, size]),
             &self.device,
         );
-        let logits: Vec<f32> = self
+        let logits = self
             .model
-            .predict(&self.backbone, input, &self.normalization)
+            .predict(&self.backbone, input, &self.normalization);
+        let logits = if logits.dtype() == DType::F32 {
+            logits
+        } else {
+            logits.cast(DType::F32)
+        };
+        let logits: Vec<f32> = logits
             .into_data()
             .try_into_vec()
             .expect("the model's logits are f32");
@@ -150,6 +171,45 @@ fn sigmoid(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lanner_train::{Hyperparameters, Recipe};
+
+    #[test]
+    fn bf16_and_f16_predictions_are_close_to_f32() {
+        let entry = lanner_models::find("mobilenet_v3_small_050").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut hyperparameters = Hyperparameters::for_model(entry);
+        hyperparameters.image_size = 32;
+        let classes = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let card = ModelCard::new(
+            entry,
+            classes.clone(),
+            hyperparameters.clone(),
+            Recipe::for_hyperparameters(&hyperparameters),
+        );
+        let model = Classifier::seeded(entry, 3, 0.2, 7, &Device::flex());
+        artifact::save(dir.path(), &card, &model, false).unwrap();
+        let model_dir = ModelDir::open(dir.path()).unwrap();
+        let pixels: Vec<f32> = (0..2 * 3 * 32 * 32)
+            .map(|i| (i * 37 % 256) as f32)
+            .collect();
+        let predict = |precision| {
+            Predictor::load(&model_dir, Device::flex(), precision)
+                .unwrap()
+                .predict(pixels.clone(), 2)
+        };
+        let full = predict(Precision::F32);
+        for precision in [Precision::Bf16, Precision::F16] {
+            let low = predict(precision);
+            assert_eq!(low.len(), 2);
+            let worst = low
+                .iter()
+                .flatten()
+                .zip(full.iter().flatten())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 0.02, "{precision}: probabilities off by {worst}");
+            assert!(worst > 0.0, "{precision} computed in f32");
+        }
+    }
 
     fn info(outputs: usize, classes: &[&str]) -> ModelInfo {
         ModelInfo {

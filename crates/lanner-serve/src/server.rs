@@ -21,6 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use burn::tensor::Device;
+use lanner_models::precision::Precision;
 use serde_json::json;
 use tokio::sync::{Notify, oneshot};
 
@@ -49,6 +50,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Longest in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// The float type of the forward passes (bf16 and f16 on GPUs).
+    pub precision: Precision,
 }
 
 /// Why the server stopped with an error.
@@ -176,7 +179,7 @@ async fn run(
         .name("lanner-inference".into())
         .spawn(move || {
             // The unpacked archive is removed once the weights are in memory.
-            let loaded = Predictor::load(&model, device);
+            let loaded = Predictor::load(&model, device, inference.config.precision);
             drop(model);
             match loaded {
                 Ok(predictor) => {

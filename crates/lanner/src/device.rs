@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
+use lanner_models::precision::Precision;
 
 /// The device a user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +138,18 @@ impl DeviceChoice {
             },
         })
     }
+}
+
+/// Refuse a precision below f32 on the CPU, whose folded kernels compute in f32 (bf16 and f16
+/// are for GPUs), in one sentence naming the device.
+pub fn check_precision(precision: Precision, device: &Device, device_name: &str) -> Result<()> {
+    if !precision.is_f32() && lanner_models::frozen::is_cpu(device) {
+        bail!(
+            "--precision {precision} runs on GPUs; this runs on the {device_name}, where Lanner \
+             computes in f32: leave --precision out or use a GPU"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

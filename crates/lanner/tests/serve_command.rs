@@ -753,6 +753,20 @@ fn bad_command_lines_end_in_one_clear_sentence() {
     );
     let stderr = error_line(&["predict", "--model", path_str(&fx.model()), "/no/such.jpg"]);
     assert!(stderr.contains("'/no/such.jpg' does not exist"), "{stderr}");
+    for command in ["predict", "serve"] {
+        let model = fx.model();
+        let mut args = vec![command, "--model", path_str(&model), "--precision", "f16"];
+        args.extend(["--device", "cpu", "--port", "0"]);
+        if command == "predict" {
+            args.truncate(7);
+            args.push(path_str(&jpeg));
+        }
+        let stderr = error_line(&args);
+        assert!(
+            stderr.contains("--precision f16 runs on GPUs; this runs on the cpu"),
+            "{stderr}"
+        );
+    }
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();

@@ -327,7 +327,7 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
     let result = run(&args);
     assert!(!result.status.success() && !model.exists());
     assert!(
-        text(&result.stderr).contains("--precision bf16 runs on GPUs; training runs on the cpu"),
+        text(&result.stderr).contains("--precision bf16 runs on GPUs; this runs on the cpu"),
         "{}",
         text(&result.stderr)
     );

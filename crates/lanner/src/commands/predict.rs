@@ -13,7 +13,8 @@ use lanner_serve::files::{collect_images, predict_files};
 use lanner_serve::{ModelInfo, Predictor};
 use serde::Serialize;
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, check_precision};
+use lanner_models::precision::Precision;
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
@@ -51,6 +52,10 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
+    /// Compute in f32, or in bf16 / f16 on a GPU (the weights stay f32; logits are read in f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+
     /// Image decoding threads (default: all cores).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -81,8 +86,9 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     let (model_dir, _download) = crate::model_source::open(&args.model, &args.s3)?;
     model_dir.card()?;
     let images = collect_images(&args.inputs)?;
-    let (device, _) = args.device.resolve()?;
-    let predictor = Predictor::load(&model_dir, device)?;
+    let (device, device_name) = args.device.resolve()?;
+    check_precision(args.precision, &device, &device_name)?;
+    let predictor = Predictor::load(&model_dir, device, args.precision)?;
     drop(model_dir);
     let info = predictor.info.clone();
     let format = args.format.unwrap_or(if std::io::stdout().is_terminal() {

@@ -12,7 +12,8 @@ use clap::Args;
 use lanner_serve::ServeConfig;
 use lanner_serve::batcher::BatchingConfig;
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, check_precision};
+use lanner_models::precision::Precision;
 
 /// Where SageMaker puts the model in a hosting container.
 const SAGEMAKER_MODEL_DIR: &str = "/opt/ml/model";
@@ -77,6 +78,10 @@ pub struct ServeArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+
+    /// Compute in f32, or in bf16 / f16 on a GPU (the weights stay f32; logits are read in f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// Whether this process runs in a SageMaker container.
@@ -103,6 +108,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     // Refuse a bad card now, with the model's path, rather than after binding.
     model.card()?;
     let (device, device_name) = args.device.resolve()?;
+    check_precision(args.precision, &device, &device_name)?;
     let host = args.host.unwrap_or(if in_sagemaker() {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     } else {
@@ -122,6 +128,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         max_image_pixels: args.max_image_pixels,
         request_timeout,
         shutdown_grace: request_timeout + Duration::from_secs(5),
+        precision: args.precision,
     };
     let model_path = if model.path == model.source {
         model.source.display().to_string()

@@ -28,7 +28,7 @@ use lanner_train::classifier::Classifier;
 use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
-use crate::device::{DeviceChoice, TrainingDevices};
+use crate::device::{DeviceChoice, TrainingDevices, check_precision};
 
 /// The seed's hyperparameters keep its names (`--fine-tune-layer`, `--drop-out-percentage`,
 /// …). Unknown `--name value` pairs are reported and ignored, as the seed's
@@ -577,13 +577,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         name: device_name,
     } = device_choice.resolve_for_training(gpus)?;
     let device = devices.remove(0);
-    if !args.precision.is_f32() && lanner_models::frozen::is_cpu(&device) {
-        bail!(
-            "--precision {} runs on GPUs; training runs on the {device_name}, where Lanner \
-             computes in f32: leave --precision out or use a GPU",
-            args.precision
-        );
-    }
+    check_precision(args.precision, &device, &device_name)?;
 
     let mut log = KerasLog::new();
     if matches!(args.weights, WeightsSpec::None) && !hyperparameters.from_scratch {
