@@ -7,6 +7,8 @@
 # Needs, prepared on the build machine (see README "GPU build"):
 #   bench/work/gpu/lanner        cargo build --release -p lanner --features cuda
 #   bench/work/gpu/make_shapes   cargo build --release -p lanner-data --example make_shapes
+# and optionally, to compare cold starts without burn's kernel fusion and autotune:
+#   bench/work/gpu/lanner-unfused  cargo build --release -p lanner --features cuda-base
 # and, on the GPU machine, python3 with torch, timm and safetensors (bench/gpu_torch.py).
 #
 # Every stage has its own time limit and writes its output under OUT_DIR as it goes, so a stage
@@ -17,6 +19,7 @@
 #   env         the GPU, driver, NVRTC and headers the binary found
 #   cold/warm   time to the first finished training step of a small model with an empty
 #               kernel cache, then again with the cache the first run filled
+#   cold-unfused  the cold run again with the unfused binary, when it is there
 #   correct     the seed recipe (frozen head, then fine-tune) from the same starting weights and
 #               data on the CPU and on the GPU; the weights must agree; `lanner evaluate` of
 #               the GPU model on both devices must agree
@@ -31,6 +34,7 @@ OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
 mkdir -p "$OUT"
 BIN=${LANNER_BIN:-bench/work/gpu/lanner}
 SHAPES=${SHAPES_BIN:-bench/work/gpu/make_shapes}
+UNFUSED=${LANNER_UNFUSED_BIN:-bench/work/gpu/lanner-unfused}
 DEADLINE=${DEADLINE:-500}
 WORK=$(mktemp -d)
 STARTED=$(date +%s)
@@ -74,6 +78,10 @@ SMALL=(bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --step
 CUBECL_DEBUG_LOG=$OUT/cubecl-cold.log stage cold 120 "$BIN" "${SMALL[@]}"
 stage warm 60 "$BIN" "${SMALL[@]}"
 du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
+if [ -x "$UNFUSED" ]; then
+  LANNER_KERNEL_CACHE=$WORK/kernels-unfused stage cold-unfused 120 "$UNFUSED" "${SMALL[@]}"
+  du -sh "$WORK/kernels-unfused" 2>&1 | tee -a "$OUT/log.txt"
+fi
 [ -f "$OUT/cubecl-cold.log" ] && { wc -l "$OUT/cubecl-cold.log" | tee -a "$OUT/log.txt";
   gzip -f "$OUT/cubecl-cold.log"; }
 

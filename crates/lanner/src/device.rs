@@ -51,24 +51,24 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<(Device, String)> {
         match self {
             Self::Cpu => Ok((Device::flex(), "cpu".into())),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "cuda-base")]
             Self::Auto => match crate::gpu_runtime::prepare() {
                 Ok(()) => Ok((Device::cuda(0), "cuda:0 (auto)".into())),
                 Err(why) => Ok((Device::flex(), format!("cpu (auto: {why})"))),
             },
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(feature = "cuda-base"))]
             Self::Auto => Ok((
                 Device::flex(),
                 "cpu (auto: this build has no GPU support)".into(),
             )),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "cuda-base")]
             Self::Cuda(n) => {
                 if let Err(why) = crate::gpu_runtime::prepare() {
                     bail!("--device {self}: {why}; or use --device cpu");
                 }
                 Ok((Device::cuda(n), self.to_string()))
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(feature = "cuda-base"))]
             Self::Cuda(_) => bail!(
                 "--device {self}: this lanner was built without GPU support; rebuild it with \
                  `cargo build --release --features cuda`, or use --device cpu"
@@ -152,22 +152,22 @@ pub fn check_precision(precision: Precision, device: &Device, device_name: &str)
     Ok(())
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-base")]
 fn visible_gpus() -> Result<usize> {
     crate::gpu_runtime::device_count().map_err(anyhow::Error::msg)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "cuda-base"))]
 fn visible_gpus() -> Result<usize> {
     Ok(0)
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-base")]
 fn cuda_device(index: usize) -> Device {
     Device::cuda(index)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "cuda-base"))]
 fn cuda_device(_index: usize) -> Device {
     unreachable!("a build without GPU support never picks a GPU")
 }

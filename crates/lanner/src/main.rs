@@ -6,7 +6,7 @@
 
 mod commands;
 mod device;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-base")]
 mod gpu_runtime;
 mod model_source;
 

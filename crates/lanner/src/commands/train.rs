@@ -564,12 +564,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let hints = ResourceHints::from_env();
     let device_choice = match (args.device, hints.num_gpus) {
         (DeviceChoice::Auto, Some(0)) => DeviceChoice::Cpu,
-        (DeviceChoice::Auto, Some(_)) if cfg!(feature = "cuda") => DeviceChoice::Cuda(0),
+        (DeviceChoice::Auto, Some(_)) if cfg!(feature = "cuda-base") => DeviceChoice::Cuda(0),
         (choice, _) => choice,
     };
     // On SageMaker, `auto` means the instance's GPUs: all of them.
     let gpus = args.gpus.or(match (args.device, hints.num_gpus) {
-        (DeviceChoice::Auto, Some(n)) if n > 0 && cfg!(feature = "cuda") => Some(n),
+        (DeviceChoice::Auto, Some(n)) if n > 0 && cfg!(feature = "cuda-base") => Some(n),
         _ => None,
     });
     let TrainingDevices {
