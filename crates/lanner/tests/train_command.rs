@@ -313,23 +313,21 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         "--fine-tune-layer 158 is past the last layer: the Keras backbone of \
          mobilenet_v3_small_050 has 157 layers"
     ));
-    let mut args = scratch_args(&data, &model);
-    args.extend(["--device".into(), "cpu".into(), "--gpus".into(), "2".into()]);
-    let result = run(&args);
-    assert!(!result.status.success() && !model.exists());
-    assert!(
-        text(&result.stderr).contains("--gpus 2 needs GPUs, but training runs on the cpu"),
-        "{}",
-        text(&result.stderr)
+    let refused_with = |extra: &[&str], sentence: &str| {
+        let mut args = scratch_args(&data, &model);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let result = run(&args);
+        assert!(!result.status.success() && !model.exists(), "{extra:?}");
+        let stderr = text(&result.stderr);
+        assert!(stderr.contains(sentence), "{stderr}");
+    };
+    refused_with(
+        &["--device", "cpu", "--gpus", "2"],
+        "--gpus 2 needs GPUs, but training runs on the cpu",
     );
-    let mut args = scratch_args(&data, &model);
-    args.extend(["--precision".into(), "bf16".into()]);
-    let result = run(&args);
-    assert!(!result.status.success() && !model.exists());
-    assert!(
-        text(&result.stderr).contains("--precision bf16 runs on GPUs; this runs on the cpu"),
-        "{}",
-        text(&result.stderr)
+    refused_with(
+        &["--precision", "bf16"],
+        "--precision bf16 runs on GPUs; this runs on the cpu",
     );
     let mut args = scratch_args(&data, &model);
     args.extend(["--drop-out-percentage".into(), "1".into()]);
