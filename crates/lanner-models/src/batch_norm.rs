@@ -9,6 +9,8 @@ use burn::module::{Module, Param, RunningState};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Tensor};
 
+use crate::precision::in_dtype;
+
 /// Whether `tensor` (a PyTorch state-dict name) is a BatchNorm running statistic: a buffer
 /// that normalises but is never trained, which timm's parameter counts leave out.
 pub fn is_running_statistic(tensor: &str) -> bool {
@@ -94,14 +96,8 @@ impl BatchNorm2d {
     fn forward_running_statistics(&self, x: Tensor<4>) -> Tensor<4> {
         let (device, dtype) = (x.device(), x.dtype());
         // The statistics stay f32; a bf16 or f16 pass normalises with them in its own type.
-        let statistic = |state: &RunningState<Tensor<1>>| {
-            let value = state.value().to_device(&device);
-            if value.dtype() == dtype {
-                value
-            } else {
-                value.cast(dtype)
-            }
-        };
+        let statistic =
+            |state: &RunningState<Tensor<1>>| in_dtype(state.value().to_device(&device), dtype);
         burn::tensor::module::batch_norm(
             x,
             self.weight.val(),
@@ -134,13 +130,9 @@ impl BatchNorm2d {
         // The statistics stay f32 also when the pass computes in bf16 or f16.
         let dtype = mean.dtype();
         let mean =
-            mean.mul_scalar(keep) + result.mean.detach().cast(dtype).mul_scalar(self.momentum);
+            mean.mul_scalar(keep) + in_dtype(result.mean.detach(), dtype).mul_scalar(self.momentum);
         let var = var.mul_scalar(keep)
-            + result
-                .variance
-                .detach()
-                .cast(dtype)
-                .mul_scalar(self.momentum * unbiased);
+            + in_dtype(result.variance.detach(), dtype).mul_scalar(self.momentum * unbiased);
         self.running_mean.update(mean.detach());
         self.running_var.update(var.detach());
         // burn keeps an update pending until the next one; fold it in now, so that

@@ -11,7 +11,7 @@ use burn::tensor::{DType, Device, Tensor};
 use crate::backbone::Backbone;
 use crate::folded::{FeatureMap, FoldedBackbone};
 use crate::head::global_average_pool;
-use crate::precision::{Precision, cast_floats};
+use crate::precision::{Precision, cast_floats, in_dtype};
 use crate::registry::Normalization;
 
 /// The frozen first `units` units of a backbone. See the module docs.
@@ -94,12 +94,7 @@ impl FrozenPrefix {
                 folded.forward(pixels, normalization).to_tensor(&device)
             }
             Runner::Modules(backbone, dtype) => {
-                let input = normalization.apply(pixels);
-                let input = if *dtype == DType::F32 {
-                    input
-                } else {
-                    input.cast(*dtype)
-                };
+                let input = in_dtype(normalization.apply(pixels), *dtype);
                 backbone.forward_units(input, 0..self.units)
             }
         }

@@ -61,6 +61,15 @@ impl fmt::Display for Precision {
     }
 }
 
+/// `tensor` in `dtype`: itself when it already is, else through burn's (differentiable) cast.
+pub fn in_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
+
 /// `module` with every float parameter cast to `dtype` (BatchNorm running statistics stay
 /// f32; the layers cast them as they use them). On an autodiff device the casts are part of the
 /// graph: gradients flow back to the original f32 parameters, keyed by the same parameter ids.

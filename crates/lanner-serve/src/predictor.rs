@@ -6,8 +6,8 @@
 //! of K > 2 classes ends in a softmax, `[p0, …, pK-1]`. [`ModelInfo::class_probabilities`]
 //! spells both out per class (`[1 - p, p]` for a binary model), as `lanner predict` prints them.
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use lanner_models::precision::{Precision, cast_floats};
+use burn::tensor::{Device, Tensor, TensorData};
+use lanner_models::precision::Precision;
 use lanner_models::{FrozenPrefix, Normalization};
 use lanner_train::ModelCard;
 use lanner_train::artifact::{self, ArtifactError};
@@ -103,14 +103,7 @@ impl Predictor {
         precision: Precision,
     ) -> Result<Self, ArtifactError> {
         let (card, model) = artifact::load(&dir.path, &device)?;
-        let (model, backbone) = if precision.is_f32() {
-            let backbone = model.inference_backbone(&device);
-            (model, backbone)
-        } else {
-            let units = model.backbone.unit_count();
-            let backbone = FrozenPrefix::with_modules(&model.backbone, units, precision);
-            (cast_floats(model, precision.dtype()), backbone)
-        };
+        let (model, backbone) = model.for_inference(&device, precision);
         Ok(Self {
             info: ModelInfo::new(&card, dir),
             normalization: card.preprocessing.normalization(),
@@ -128,15 +121,9 @@ impl Predictor {
             TensorData::new(pixels, [count, 3, size, size]),
             &self.device,
         );
-        let logits = self
+        let logits: Vec<f32> = self
             .model
-            .predict(&self.backbone, input, &self.normalization);
-        let logits = if logits.dtype() == DType::F32 {
-            logits
-        } else {
-            logits.cast(DType::F32)
-        };
-        let logits: Vec<f32> = logits
+            .predict(&self.backbone, input, &self.normalization)
             .into_data()
             .try_into_vec()
             .expect("the model's logits are f32");

@@ -3,8 +3,9 @@
 
 use burn::module::Module;
 use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
+use lanner_models::precision::{Precision, cast_floats, in_dtype};
 use lanner_models::{
     Backbone, ClassifierHead, ClassifierHeadConfig, FrozenPrefix, ModelEntry, Normalization,
 };
@@ -72,15 +73,31 @@ impl Classifier {
         FrozenPrefix::whole(&self.backbone, device)
     }
 
-    /// Inference: the logits of pixel batches, through `backbone` (this model's
-    /// [`Classifier::inference_backbone`]).
+    /// This model and its backbone prepared for inference in `precision`: in f32 as
+    /// [`Classifier::inference_backbone`]; below it, the backbone as burn modules and the model
+    /// (the head) cast to it, as a GPU runs them.
+    pub fn for_inference(self, device: &Device, precision: Precision) -> (Self, FrozenPrefix) {
+        if precision.is_f32() {
+            let backbone = self.inference_backbone(device);
+            return (self, backbone);
+        }
+        let units = self.backbone.unit_count();
+        let backbone = FrozenPrefix::with_modules(&self.backbone, units, precision);
+        (cast_floats(self, precision.dtype()), backbone)
+    }
+
+    /// Inference: the f32 logits of pixel batches, through `backbone` (this model's
+    /// [`Classifier::inference_backbone`] or [`Classifier::for_inference`]).
     pub fn predict(
         &self,
         backbone: &FrozenPrefix,
         pixels: Tensor<4>,
         normalization: &Normalization,
     ) -> Tensor<2> {
-        self.logits(backbone.pooled(pixels, normalization), None)
+        in_dtype(
+            self.logits(backbone.pooled(pixels, normalization), None),
+            DType::F32,
+        )
     }
 }
 

@@ -8,11 +8,10 @@
 
 use std::time::Instant;
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use lanner_data::rng::SplitMix64;
-use lanner_models::FrozenPrefix;
 use lanner_models::ModelEntry;
-use lanner_models::precision::{Precision, cast_floats};
+use lanner_models::precision::Precision;
 
 use crate::classifier::Classifier;
 use crate::freeze::{parameter_counts, prepare};
@@ -137,22 +136,13 @@ pub fn measure(
         None => {
             let model = Classifier::new(config.entry, config.classes, 0.2, device);
             let total = parameter_counts(&model).1;
-            let (model, backbone) = if config.precision.is_f32() {
-                let backbone = model.inference_backbone(device);
-                (model, backbone)
-            } else {
-                let units = model.backbone.unit_count();
-                let backbone = FrozenPrefix::with_modules(&model.backbone, units, config.precision);
-                (cast_floats(model, config.precision.dtype()), backbone)
-            };
+            let (model, backbone) = model.for_inference(device, config.precision);
             let timing = time_steps(config, started, |_| {
-                let logits = model.predict(&backbone, batch(device), &normalization);
-                let logits = if logits.dtype() == DType::F32 {
-                    logits
-                } else {
-                    logits.cast(DType::F32)
-                };
-                let logits: Vec<f32> = logits.into_data().try_into_vec().expect("logits are f32");
+                let logits: Vec<f32> = model
+                    .predict(&backbone, batch(device), &normalization)
+                    .into_data()
+                    .try_into_vec()
+                    .expect("logits are f32");
                 std::hint::black_box(logits);
             });
             (0, total, timing)

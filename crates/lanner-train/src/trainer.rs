@@ -15,7 +15,7 @@ use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader};
 use lanner_models::folded::TrainableUnits;
 use lanner_models::frozen::is_cpu;
-use lanner_models::precision::{Precision, cast_floats};
+use lanner_models::precision::{Precision, cast_floats, in_dtype};
 use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool};
 
 use crate::artifact::{BestEpoch, apply_named_tensors, named_tensors};
@@ -568,13 +568,8 @@ pub fn step_gradients(
         (dropout.seed, dropout.epoch, dropout.step),
         autodiff,
     );
-    let mask = mask.map(|mask| mask.cast(pooled.dtype()));
-    let logits = compute.logits(pooled, mask);
-    let logits = if plan.precision.is_f32() {
-        logits
-    } else {
-        logits.cast(burn::tensor::DType::F32)
-    };
+    let mask = mask.map(|mask| in_dtype(mask, pooled.dtype()));
+    let logits = in_dtype(compute.logits(pooled, mask), burn::tensor::DType::F32);
     let mut loss = weighted_loss(logits.clone(), labels, class_weights, autodiff);
     if size != shard.batch {
         loss = loss.mul_scalar(size as f64 / shard.batch as f64);
