@@ -756,15 +756,23 @@ mod tests {
                 // Rounding grows through the layers; f16 keeps 3 more mantissa bits than bf16.
                 let tolerance = match (trainable, precision) {
                     (Trainable::Head, _) => 0.02,
-                    (_, Precision::F16) => 0.1,
-                    _ => 0.25,
+                    (_, Precision::F16) => 0.05,
+                    _ => 0.1,
                 };
                 let pairs = gradients_in(precision, trainable);
                 assert!(pairs.len() >= 2, "{trainable:?}");
+                let largest = |values: &[f32]| values.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Tensors whose gradients are a thousandth of the step's largest sit below
+                // bf16's resolution of the activations they come from: their rounding noise
+                // (which varies with the summation order of the run) is all they carry.
+                let step_scale = pairs
+                    .iter()
+                    .map(|(_, full)| largest(full))
+                    .fold(0f32, f32::max);
                 let (mut compared, mut differ) = (0, false);
                 for (low, full) in pairs {
-                    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    if scale < 1e-6 {
+                    let scale = largest(&full);
+                    if scale < 1e-3 * step_scale {
                         continue;
                     }
                     let worst = low
