@@ -70,19 +70,43 @@ pub fn in_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
     }
 }
 
-/// `module` with every float parameter cast to `dtype` (BatchNorm running statistics stay
-/// f32; the layers cast them as they use them). On an autodiff device the casts are part of the
-/// graph: gradients flow back to the original f32 parameters, keyed by the same parameter ids.
+/// `module` with every float parameter cast to `dtype`. BatchNorm running statistics stay
+/// f32 (the layers cast them as they use them): burn shares a `RunningState` between a module
+/// and its clones and casts it in place, so casting them here would round the master model's
+/// statistics too. On an autodiff device the casts are part of the graph: gradients flow back
+/// to the original f32 parameters, keyed by the same parameter ids.
 pub fn cast_floats<M: Module>(module: M, dtype: DType) -> M {
-    module.map(&mut CastFloats(dtype))
+    module.map(&mut CastFloats {
+        dtype,
+        path: Vec::new(),
+    })
 }
 
-struct CastFloats(DType);
+/// The fields of [`crate::batch_norm::BatchNorm2d`] that hold running statistics.
+const RUNNING_STATISTICS: [&str; 2] = ["running_mean", "running_var"];
+
+struct CastFloats {
+    dtype: DType,
+    /// The field names from the root module down to the one being mapped.
+    path: Vec<String>,
+}
 
 impl ModuleMapper for CastFloats {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let field = self.path.last().map(String::as_str).unwrap_or_default();
+        if RUNNING_STATISTICS.contains(&field) {
+            return param;
+        }
         let id = param.id;
-        Param::initialized(id, param.val().cast(self.0))
+        Param::initialized(id, param.val().cast(self.dtype))
     }
 }
 
@@ -100,5 +124,25 @@ mod tests {
             Err("`int8` is not a precision; use f32, bf16 or f16".to_string())
         );
         assert_eq!(Precision::Bf16.to_string(), "bf16");
+    }
+
+    #[test]
+    fn a_cast_copy_leaves_the_masters_batch_norm_statistics_in_f32() {
+        use crate::batch_norm::BatchNorm2dConfig;
+        use burn::tensor::{Device, TensorData};
+
+        let device = Device::flex();
+        let layer = BatchNorm2dConfig::new(3).init(&device);
+        let mean = TensorData::from([0.1f32, 0.2, 0.3]);
+        layer
+            .running_mean
+            .update(Tensor::<1>::from_data(mean.clone(), &device));
+        let _ = layer.running_mean.value_sync();
+        let copy = cast_floats(layer.clone(), DType::BF16);
+        assert_eq!(copy.weight.val().dtype(), DType::BF16);
+        for statistics in [&layer.running_mean, &layer.running_var] {
+            assert_eq!(statistics.value().dtype(), DType::F32);
+        }
+        assert_eq!(layer.running_mean.value().into_data(), mean);
     }
 }

@@ -201,9 +201,16 @@ pub fn named_tensors(model: &Classifier) -> Vec<(String, TensorData)> {
                 .map(str::to_string)
                 .unwrap_or_else(|| tensor.name.clone());
             let shape: Vec<usize> = tensor.shape.iter().copied().collect();
-            // The tensors live in memory; reading one back cannot fail.
+            // The tensors live in memory; reading one back cannot fail. The master weights are
+            // f32; anything else is widened, so an artifact always holds f32.
             let bytes = tensor.to_bytes().expect("a model tensor reads back");
-            (name, TensorData::from_bytes(bytes, shape, DType::F32))
+            let data = TensorData::from_bytes(bytes, shape, tensor.dtype);
+            let data = if tensor.dtype == DType::F32 {
+                data
+            } else {
+                data.convert::<f32>()
+            };
+            (name, data)
         })
         .collect()
 }
