@@ -1,41 +1,45 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a machine with an NVIDIA GPU (no Rust toolchain needed there):
-# correctness first, then cold start, then throughput next to PyTorch.
+# for each GPU build present, correctness first, then cold start, then throughput; and
+# PyTorch's own numbers in the same run.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
 # Needs, prepared on the build machine (see README "GPU build"):
+#   bench/work/gpu/lanner-torch  LIBTORCH=<torch/ of the GPU machine's PyTorch version> \
+#                                cargo build --release -p lanner --features torch
 #   bench/work/gpu/lanner        cargo build --release -p lanner --features cuda
 #   bench/work/gpu/make_shapes   cargo build --release -p lanner-data --example make_shapes
 # and optionally, to compare cold starts without burn's kernel fusion and autotune:
 #   bench/work/gpu/lanner-unfused  cargo build --release -p lanner --features cuda-base
-# and, on the GPU machine, python3 with torch, timm and safetensors (bench/gpu_torch.py).
+# and, on the GPU machine, python3 with torch, timm and safetensors (bench/gpu_torch.py). The
+# `torch` build runs with that PyTorch's torch/lib on LD_LIBRARY_PATH.
 #
 # Every stage has its own time limit and writes its output under OUT_DIR as it goes, so a stage
 # that hangs (a cold kernel compile) costs only its own limit. `DEADLINE` (seconds, default
-# 500) bounds the whole run: stages that would not fit are skipped and say so.
+# 480) bounds the whole run: stages that would not fit are skipped and say so. The `torch`
+# build goes first (it compiles no kernel at run time), then PyTorch, then the `cuda` build.
+# `GPU_DEVICE` (default cuda) is the device the GPU stages ask for: `GPU_DEVICE=libtorch-cpu`
+# rehearses the whole script on a machine without a GPU.
 #
-# Stages:
-#   env         the GPU, driver, NVRTC and headers the binary found
-#   cold/warm   time to the first finished training step of a small model with an empty
+# Stages, for each build B (torch, cuda):
+#   B-cold/B-warm  time to the first finished training step of a small model with an empty
 #               kernel cache, then again with the cache the first run filled
-#   cold-unfused  the cold run again with the unfused binary, when it is there
-#   correct     the seed recipe (frozen head, then fine-tune) from the same starting weights and
-#               data on the CPU and on the GPU; the weights must agree; `lanner evaluate` of
-#               the GPU model on both devices must agree
-#   correct-cuda-bf16  the same recipe on the GPU in bf16 (`--precision bf16`): its
-#               validation metrics next to f32's; every epoch line says how long the steps
-#               waited for the loader
-#   lanner-*    `lanner bench` rows: MobileNetV3-Large 224 and Xception 299, batch 32 and 256,
-#               f32 and (MobileNetV3-Large, batch 32) bf16
-#   torch       bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last) in the same rows
+#   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
+#               and data on the CPU and on the GPU (f32, then bf16); B-compare: the weights
+#               must agree, and `lanner evaluate` of the GPU model must agree on both devices
+#   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
+#               batch 32 and 256, f32 and bf16
+#   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
 set -u
 OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
 mkdir -p "$OUT"
 BIN=${LANNER_BIN:-bench/work/gpu/lanner}
 SHAPES=${SHAPES_BIN:-bench/work/gpu/make_shapes}
 UNFUSED=${LANNER_UNFUSED_BIN:-bench/work/gpu/lanner-unfused}
-DEADLINE=${DEADLINE:-500}
+TORCH_BIN=${LANNER_TORCH_BIN:-bench/work/gpu/lanner-torch}
+DEADLINE=${DEADLINE:-480}
+GPU=${GPU_DEVICE:-cuda}
 WORK=$(mktemp -d)
 STARTED=$(date +%s)
 if [ -z "${CUDA_PATH:-}" ]; then
@@ -66,79 +70,108 @@ stage() {
   return $rc
 }
 
-log "GPU check; binary $BIN ($(du -h "$BIN" | cut -f1)); CUDA_PATH=$CUDA_PATH"
-stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
-  ls /usr/local | grep -i cuda; ls \$CUDA_PATH/include/cuda_fp16.h; \
-  find / -name 'libnvrtc.so*' -not -path '*/proc/*' 2>/dev/null | head -3; nproc; $BIN --version"
+log "GPU check; CUDA_PATH=$CUDA_PATH"
+for bin in "$TORCH_BIN" "$BIN" "$UNFUSED"; do
+  [ -x "$bin" ] && log "binary $bin ($(du -h "$bin" | cut -f1))"
+done
+stage env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
+  ls /usr/local | grep -i cuda; ls \$CUDA_PATH/include/cuda_fp16.h; nproc; \
+  python3 -c 'import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())'; \
+  find / -name 'libnvrtc.so*' -not -path '*/proc/*' 2>/dev/null | head -3"
 
-# Cold start: an empty kernel cache, then the cache that run filled.
-export LANNER_KERNEL_CACHE=$WORK/kernels-small
-SMALL=(bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --steps 3 --warmup 1
-       --device cuda --json --step frozen --step fine-tune --step inference)
-CUBECL_DEBUG_LOG=$OUT/cubecl-cold.log stage cold 120 "$BIN" "${SMALL[@]}"
-stage warm 60 "$BIN" "${SMALL[@]}"
-du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
-if [ -x "$UNFUSED" ]; then
-  LANNER_KERNEL_CACHE=$WORK/kernels-unfused stage cold-unfused 120 "$UNFUSED" "${SMALL[@]}"
-  du -sh "$WORK/kernels-unfused" 2>&1 | tee -a "$OUT/log.txt"
-fi
-[ -f "$OUT/cubecl-cold.log" ] && { wc -l "$OUT/cubecl-cold.log" | tee -a "$OUT/log.txt";
-  gzip -f "$OUT/cubecl-cold.log"; }
-
-# Correctness: the same starting weights and data on both devices.
 "$SHAPES" "$WORK/shapes" --per-class 24 --size 96x72 --seed 3 >/dev/null
+SMALL=(bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --steps 3 --warmup 1
+       --device "$GPU" --json --step frozen --step fine-tune --step inference)
 TRAIN=(train --train "$WORK/shapes/train" --validation "$WORK/shapes/validation"
        --arch mobilenet_v3_small_050 --image-size 64 --batch-size 16 --seed 5 --overwrite)
-stage start 120 "$BIN" "${TRAIN[@]}" --device cpu --weights none --from-scratch \
-  --initial-epochs 1 --fine-tune-epochs 0 --model-dir "$WORK/start"
-for device in cpu cuda; do
-  stage "correct-$device" 150 "$BIN" "${TRAIN[@]}" --device "$device" \
-    --weights "$WORK/start/weights.safetensors" --initial-epochs 1 --fine-tune-epochs 1 \
-    --fine-tune-layer 100 --model-dir "$WORK/model-$device" --output-data-dir "$WORK/out-$device"
-done
-stage correct-cuda-bf16 150 "$BIN" "${TRAIN[@]}" --device cuda --precision bf16 \
-  --weights "$WORK/start/weights.safetensors" --initial-epochs 1 --fine-tune-epochs 1 \
-  --fine-tune-layer 100 --model-dir "$WORK/model-cuda-bf16" --output-data-dir "$WORK/out-cuda-bf16"
-for device in cpu cuda; do
-  stage "evaluate-on-$device" 90 "$BIN" evaluate --model "$WORK/model-cuda" \
-    --data "$WORK/shapes/validation" --device "$device" --json
-done
-stage compare 60 python3 - "$WORK" "$OUT" <<'EOF'
+START=$WORK/start/weights.safetensors
+
+# check_build B BINARY COLD_LIMIT: the stages above for one build.
+check_build() {
+  local b=$1 bin=$2 cold=$3
+  stage "$b-version" 20 "$bin" --version || return
+  export LANNER_KERNEL_CACHE=$WORK/kernels-$b-small
+  CUBECL_DEBUG_LOG=$OUT/cubecl-$b-cold.log stage "$b-cold" "$cold" "$bin" "${SMALL[@]}"
+  local cold_rc=$?
+  [ -f "$OUT/cubecl-$b-cold.log" ] && gzip -f "$OUT/cubecl-$b-cold.log"
+  [ "$cold_rc" -eq 0 ] || return
+  stage "$b-warm" 60 "$bin" "${SMALL[@]}"
+  du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
+  # Correctness: the same starting weights and data on both devices.
+  [ -f "$START" ] || stage start 120 "$bin" "${TRAIN[@]}" --device cpu --weights none \
+    --from-scratch --initial-epochs 1 --fine-tune-epochs 0 --model-dir "$WORK/start"
+  [ -f "$WORK/model-cpu/weights.safetensors" ] || stage correct-cpu 120 "$bin" "${TRAIN[@]}" \
+    --device cpu --weights "$START" --initial-epochs 1 --fine-tune-epochs 1 \
+    --fine-tune-layer 100 --model-dir "$WORK/model-cpu" --output-data-dir "$WORK/out-cpu"
+  local precision
+  for precision in f32 bf16; do
+    stage "$b-correct-$precision" 120 "$bin" "${TRAIN[@]}" --device "$GPU" \
+      --precision "$precision" --weights "$START" --initial-epochs 1 --fine-tune-epochs 1 \
+      --fine-tune-layer 100 --model-dir "$WORK/model-$b-$precision" \
+      --output-data-dir "$WORK/out-$b-$precision"
+  done
+  local device
+  for device in cpu "$GPU"; do
+    stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
+      --data "$WORK/shapes/validation" --device "$device" --json
+  done
+  stage "$b-compare" 60 python3 - "$WORK" "$OUT" "$b" "$GPU" <<'EOF'
 import json, sys
 from safetensors.numpy import load_file
-work = sys.argv[1]
-cpu, gpu = (load_file(f"{work}/model-{d}/weights.safetensors") for d in ("cpu", "cuda"))
-worst = max((abs(cpu[k] - gpu[k]).max() / (abs(cpu[k]).max() + 1e-12), k) for k in cpu)
-print(json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
-                  "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1]}))
-for d in ("cpu", "cuda", "cuda-bf16"):
+work, out, b, gpu_device = sys.argv[1:]
+cpu = load_file(f"{work}/model-cpu/weights.safetensors")
+for precision in ("f32", "bf16"):
     try:
-        lines = [json.loads(l) for l in open(f"{work}/out-{d}/metrics.jsonl")]
+        gpu = load_file(f"{work}/model-{b}-{precision}/weights.safetensors")
+    except Exception as error:
+        print(precision, error)
+        continue
+    worst = max((abs(cpu[k] - gpu[k]).max() / (abs(cpu[k]).max() + 1e-12), k) for k in cpu)
+    print(f"weights, cpu vs {b} {precision}:",
+          json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
+                      "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1]}))
+for run in ("cpu", f"{b}-f32", f"{b}-bf16"):
+    try:
+        lines = [json.loads(l) for l in open(f"{work}/out-{run}/metrics.jsonl")]
     except OSError as error:
-        print(d, error)
+        print(run, error)
         continue
     keys = ("loss", "val_loss", "val_accuracy", "data_wait_share")
-    print(d, json.dumps({k: lines[-1].get(k) for k in keys}))
-for d in ("cpu", "cuda"):
+    print(f"last epoch, {run}:", json.dumps({k: lines[-1].get(k) for k in keys}))
+for d in ("cpu", gpu_device):
     try:
-        print(f"evaluate on {d}:", open(f"{sys.argv[2]}/evaluate-on-{d}.out").read().strip())
-    except OSError as error:
+        report = json.load(open(f"{out}/{b}-evaluate-on-{d}.out"))
+        print(f"evaluate the {b} f32 model on {d}:",
+              json.dumps({k: report.get(k) for k in ("loss", "accuracy", "auc")}))
+    except (OSError, ValueError) as error:
         print(f"evaluate on {d}: {error}")
 EOF
+  # Throughput, in the rows of the issue's table.
+  export LANNER_KERNEL_CACHE=$WORK/kernels-$b-large
+  local arch batch steps
+  for arch in mobilenet_v3_large xception; do
+    for batch in 32 256; do
+      for precision in f32 bf16; do
+        steps=10
+        [ "$batch" = 256 ] && steps=5
+        stage "$b-${arch%%_*}-b$batch-$precision" 90 "$bin" bench --arch "$arch" \
+          --batch-size "$batch" --steps "$steps" --warmup 2 --device "$GPU" --json \
+          --precision "$precision" --step frozen --step fine-tune --step full --step inference
+      done
+    done
+  done
+}
 
-# Throughput, Lanner then PyTorch, the same rows.
-export LANNER_KERNEL_CACHE=$WORK/kernels-large
-stage lanner-mbv3-b32 150 "$BIN" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 \
-  --warmup 2 --device cuda --json --step frozen --step fine-tune --step full --step inference
-stage lanner-mbv3-b32-bf16 100 "$BIN" bench --arch mobilenet_v3_large --batch-size 32 \
-  --steps 10 --warmup 2 --device cuda --json --precision bf16 --step frozen --step fine-tune \
-  --step inference
-stage torch 110 python3 bench/gpu_torch.py --steps 15 --warmup 5
-stage lanner-mbv3-b256 80 "$BIN" bench --arch mobilenet_v3_large --batch-size 256 --steps 5 \
-  --warmup 1 --device cuda --json --step frozen --step full --step inference
-stage lanner-xception-b32 80 "$BIN" bench --arch xception --batch-size 32 --steps 5 \
-  --warmup 1 --device cuda --json --step frozen --step full --step inference
-stage lanner-mbv3-warm 40 "$BIN" bench --arch mobilenet_v3_large --batch-size 32 --steps 3 \
-  --warmup 1 --device cuda --json --step frozen
-du -sh "$WORK"/kernels-* 2>&1 | tee -a "$OUT/log.txt"
+if [ -x "$TORCH_BIN" ]; then
+  # The `torch` build loads the GPU machine's own PyTorch libraries.
+  TORCH_LIB=${TORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s "$@"\n' \
+    "$TORCH_LIB" "$(realpath "$TORCH_BIN")" >"$WORK/lanner-torch"
+  chmod +x "$WORK/lanner-torch"
+  check_build torch "$WORK/lanner-torch" 60
+fi
+stage torch-peer 150 python3 bench/gpu_torch.py --steps 15 --warmup 5
+[ -x "$BIN" ] && check_build cuda "$BIN" 100
+[ -x "$UNFUSED" ] && LANNER_KERNEL_CACHE=$WORK/kernels-unfused \
+  stage unfused-cold 100 "$UNFUSED" "${SMALL[@]}"
 log "done"

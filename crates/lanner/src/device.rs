@@ -1,4 +1,9 @@
-//! `--device auto|cpu|cuda|cuda:N`: where tensors live.
+//! `--device auto|cpu|cuda|cuda:N|libtorch-cpu`: where tensors live.
+//!
+//! Two builds reach NVIDIA GPUs, through two burn backends: `cuda` (burn-cuda, kernels compiled
+//! at run time by NVRTC; [`crate::gpu_runtime`]) and `torch` (burn-tch over PyTorch's
+//! libraries, cuDNN and cuBLAS kernels compiled ahead of time; [`crate::torch_runtime`]). A
+//! build has at most one of them; [`gpu`] is the one it has.
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,15 +12,26 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use lanner_models::precision::Precision;
 
+#[cfg(all(feature = "cuda-base", feature = "torch"))]
+compile_error!(
+    "the `cuda` and `torch` features are two GPU backends; build one binary per feature"
+);
+
+/// Whether this build can use NVIDIA GPUs (the `cuda` or the `torch` feature).
+pub const GPU_BUILD: bool = cfg!(any(feature = "cuda-base", feature = "torch"));
+
 /// The device a user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
     /// A GPU when this build supports one and a driver is present, else the CPU.
     Auto,
-    /// The CPU (burn-flex).
+    /// The CPU (burn-flex, with Lanner's folded kernels).
     Cpu,
     /// NVIDIA GPU number N.
     Cuda(usize),
+    /// The CPU through PyTorch's libraries (the `torch` build): the GPU build's code path
+    /// without a GPU, to check it against `cpu`.
+    LibTorchCpu,
 }
 
 impl FromStr for DeviceChoice {
@@ -26,6 +42,7 @@ impl FromStr for DeviceChoice {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "libtorch-cpu" => Ok(Self::LibTorchCpu),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
@@ -41,6 +58,7 @@ impl fmt::Display for DeviceChoice {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::LibTorchCpu => f.write_str("libtorch-cpu"),
         }
     }
 }
@@ -51,30 +69,45 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<(Device, String)> {
         match self {
             Self::Cpu => Ok((Device::flex(), "cpu".into())),
-            #[cfg(feature = "cuda-base")]
-            Self::Auto => match crate::gpu_runtime::prepare() {
-                Ok(()) => Ok((Device::cuda(0), "cuda:0 (auto)".into())),
-                Err(why) => Ok((Device::flex(), format!("cpu (auto: {why})"))),
-            },
-            #[cfg(not(feature = "cuda-base"))]
-            Self::Auto => Ok((
+            Self::Auto if !GPU_BUILD => Ok((
                 Device::flex(),
                 "cpu (auto: this build has no GPU support)".into(),
             )),
-            #[cfg(feature = "cuda-base")]
+            Self::Auto => match gpu::prepare() {
+                Ok(()) => Ok((gpu::device(0), format!("cuda:0 (auto, {})", gpu::BACKEND))),
+                Err(why) => Ok((Device::flex(), format!("cpu (auto: {why})"))),
+            },
+            Self::Cuda(_) if !GPU_BUILD => bail!(
+                "--device {self}: this lanner was built without GPU support; rebuild it with \
+                 `cargo build --release --features cuda` (or `--features torch`), or use \
+                 --device cpu"
+            ),
             Self::Cuda(n) => {
-                if let Err(why) = crate::gpu_runtime::prepare() {
+                if let Err(why) = gpu::prepare() {
                     bail!("--device {self}: {why}; or use --device cpu");
                 }
-                Ok((Device::cuda(n), self.to_string()))
+                Ok((gpu::device(n), format!("{self} ({})", gpu::BACKEND)))
             }
-            #[cfg(not(feature = "cuda-base"))]
-            Self::Cuda(_) => bail!(
-                "--device {self}: this lanner was built without GPU support; rebuild it with \
-                 `cargo build --release --features cuda`, or use --device cpu"
-            ),
+            Self::LibTorchCpu => libtorch_cpu(),
         }
     }
+}
+
+#[cfg(feature = "torch")]
+#[allow(
+    deprecated,
+    reason = "burn 0.22 deprecates burn-tch, which the `torch` build is"
+)]
+fn libtorch_cpu() -> Result<(Device, String)> {
+    Ok((Device::libtorch(), "libtorch-cpu".into()))
+}
+
+#[cfg(not(feature = "torch"))]
+fn libtorch_cpu() -> Result<(Device, String)> {
+    bail!(
+        "--device libtorch-cpu: this lanner was built without PyTorch's libraries; rebuild it \
+         with `cargo build --release --features torch`, or use --device cpu"
+    )
 }
 
 /// The devices of a data-parallel run (`lanner train --gpus N`): the first holds the model.
@@ -152,24 +185,78 @@ pub fn check_precision(precision: Precision, device: &Device, device_name: &str)
     Ok(())
 }
 
-#[cfg(feature = "cuda-base")]
 fn visible_gpus() -> Result<usize> {
-    crate::gpu_runtime::device_count().map_err(anyhow::Error::msg)
+    gpu::count().map_err(anyhow::Error::msg)
 }
 
-#[cfg(not(feature = "cuda-base"))]
-fn visible_gpus() -> Result<usize> {
-    Ok(0)
-}
-
-#[cfg(feature = "cuda-base")]
 fn cuda_device(index: usize) -> Device {
-    Device::cuda(index)
+    gpu::device(index)
 }
 
-#[cfg(not(feature = "cuda-base"))]
-fn cuda_device(_index: usize) -> Device {
-    unreachable!("a build without GPU support never picks a GPU")
+/// The GPU backend of the `cuda` build: burn-cuda.
+#[cfg(feature = "cuda-base")]
+mod gpu {
+    use burn::tensor::Device;
+
+    /// How logs name the backend.
+    pub const BACKEND: &str = "burn-cuda";
+
+    pub fn prepare() -> Result<(), String> {
+        crate::gpu_runtime::prepare()
+    }
+
+    pub fn count() -> Result<usize, String> {
+        crate::gpu_runtime::device_count()
+    }
+
+    pub fn device(index: usize) -> Device {
+        Device::cuda(index)
+    }
+}
+
+/// The GPU backend of the `torch` build: burn-tch over PyTorch's CUDA libraries.
+#[cfg(feature = "torch")]
+mod gpu {
+    use burn::tensor::Device;
+
+    /// How logs name the backend.
+    pub const BACKEND: &str = "libtorch";
+
+    pub fn prepare() -> Result<(), String> {
+        crate::torch_runtime::prepare_cuda()
+    }
+
+    pub fn count() -> Result<usize, String> {
+        Ok(crate::torch_runtime::gpu_count())
+    }
+
+    #[allow(
+        deprecated,
+        reason = "burn 0.22 deprecates burn-tch, which the `torch` build is"
+    )]
+    pub fn device(index: usize) -> Device {
+        Device::libtorch_cuda(index)
+    }
+}
+
+/// A build without GPU support: nothing resolves to a GPU (`GPU_BUILD` is false).
+#[cfg(not(any(feature = "cuda-base", feature = "torch")))]
+mod gpu {
+    use burn::tensor::Device;
+
+    pub const BACKEND: &str = "none";
+
+    pub fn prepare() -> Result<(), String> {
+        Err("this build has no GPU support".into())
+    }
+
+    pub fn count() -> Result<usize, String> {
+        Ok(0)
+    }
+
+    pub fn device(_index: usize) -> Device {
+        unreachable!("a build without GPU support never picks a GPU")
+    }
 }
 
 #[cfg(test)]
@@ -182,10 +269,38 @@ mod tests {
         assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
         assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
         assert_eq!("cuda:2".parse(), Ok(DeviceChoice::Cuda(2)));
+        assert_eq!("libtorch-cpu".parse(), Ok(DeviceChoice::LibTorchCpu));
         assert_eq!(
             "tpu".parse::<DeviceChoice>(),
             Err("`tpu` is not a device; use auto, cpu, cuda or cuda:N".to_string())
         );
+    }
+
+    #[test]
+    #[cfg(not(feature = "torch"))]
+    fn libtorch_needs_the_torch_build() {
+        let error = DeviceChoice::LibTorchCpu
+            .resolve()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.starts_with("--device libtorch-cpu: this lanner was built without PyTorch")
+                && error.contains("--features torch"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    #[cfg(not(any(feature = "cuda-base", feature = "torch")))]
+    fn a_cpu_build_names_both_gpu_builds() {
+        let error = DeviceChoice::Cuda(1).resolve().err().unwrap().to_string();
+        assert!(
+            error.contains("--features cuda") && error.contains("--features torch"),
+            "{error}"
+        );
+        let (_, name) = DeviceChoice::Auto.resolve().unwrap();
+        assert_eq!(name, "cpu (auto: this build has no GPU support)");
     }
 
     #[test]

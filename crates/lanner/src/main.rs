@@ -9,6 +9,8 @@ mod device;
 #[cfg(feature = "cuda-base")]
 mod gpu_runtime;
 mod model_source;
+#[cfg(feature = "torch")]
+mod torch_runtime;
 
 use std::process::ExitCode;
 

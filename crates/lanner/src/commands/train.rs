@@ -28,7 +28,7 @@ use lanner_train::classifier::Classifier;
 use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
-use crate::device::{DeviceChoice, TrainingDevices, check_precision};
+use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, check_precision};
 
 /// The seed's hyperparameters keep its names (`--fine-tune-layer`, `--drop-out-percentage`,
 /// …). Unknown `--name value` pairs are reported and ignored, as the seed's
@@ -564,12 +564,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let hints = ResourceHints::from_env();
     let device_choice = match (args.device, hints.num_gpus) {
         (DeviceChoice::Auto, Some(0)) => DeviceChoice::Cpu,
-        (DeviceChoice::Auto, Some(_)) if cfg!(feature = "cuda-base") => DeviceChoice::Cuda(0),
+        (DeviceChoice::Auto, Some(_)) if GPU_BUILD => DeviceChoice::Cuda(0),
         (choice, _) => choice,
     };
     // On SageMaker, `auto` means the instance's GPUs: all of them.
     let gpus = args.gpus.or(match (args.device, hints.num_gpus) {
-        (DeviceChoice::Auto, Some(n)) if n > 0 && cfg!(feature = "cuda-base") => Some(n),
+        (DeviceChoice::Auto, Some(n)) if n > 0 && GPU_BUILD => Some(n),
         _ => None,
     });
     let TrainingDevices {
