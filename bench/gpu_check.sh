@@ -120,6 +120,7 @@ import json, sys
 from safetensors.numpy import load_file
 work, out, b, gpu_device = sys.argv[1:]
 cpu = load_file(f"{work}/model-cpu/weights.safetensors")
+start = load_file(f"{work}/start/weights.safetensors")
 for precision in ("f32", "bf16"):
     try:
         gpu = load_file(f"{work}/model-{b}-{precision}/weights.safetensors")
@@ -127,9 +128,18 @@ for precision in ("f32", "bf16"):
         print(precision, error)
         continue
     worst = max((abs(cpu[k] - gpu[k]).max() / (abs(cpu[k]).max() + 1e-12), k) for k in cpu)
+    # The training updates (trained - start) are what a wrong gradient would change most.
+    moved = [k for k in cpu if abs(cpu[k] - start[k]).max() > 0]
+    worst_update = max((abs((gpu[k] - start[k]) - (cpu[k] - start[k])).max()
+                        / abs(cpu[k] - start[k]).max(), k) for k in moved)
+    unmoved = sum(int(abs(gpu[k] - start[k]).max() > 0) for k in cpu if k not in moved)
     print(f"weights, cpu vs {b} {precision}:",
           json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
-                      "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1]}))
+                      "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1],
+                      "tensors_trained": len(moved),
+                      "worst_update_difference": float(worst_update[0]),
+                      "worst_update_tensor": worst_update[1],
+                      "frozen_on_cpu_but_changed": unmoved}))
 for run in ("cpu", f"{b}-f32", f"{b}-bf16"):
     try:
         lines = [json.loads(l) for l in open(f"{work}/out-{run}/metrics.jsonl")]

@@ -98,14 +98,26 @@ impl BatchNorm2d {
         // The statistics stay f32; a bf16 or f16 pass normalises with them in its own type.
         let statistic =
             |state: &RunningState<Tensor<1>>| in_dtype(state.value().to_device(&device), dtype);
-        burn::tensor::module::batch_norm(
-            x,
-            self.weight.val(),
-            self.bias.val(),
-            statistic(&self.running_mean),
-            statistic(&self.running_var),
-            self.epsilon,
-        )
+        let (mean, variance) = (statistic(&self.running_mean), statistic(&self.running_var));
+        if !device.is_autodiff() {
+            // One operation, which a backend may run as one kernel (the `torch` build does).
+            return burn::tensor::module::batch_norm(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                mean,
+                variance,
+                self.epsilon,
+            );
+        }
+        // On an autodiff device, as `x * scale + shift` with per-channel `scale` and `shift`:
+        // two passes over the tensor forward and back, where burn's composite normalisation
+        // records four (subtract, divide, multiply, add). The gradients of `weight` and `bias`
+        // reach them through the small per-channel tensors.
+        let channels = mean.dims()[0];
+        let scale = self.weight.val() / variance.add_scalar(self.epsilon).sqrt();
+        let shift = self.bias.val() - mean * scale.clone();
+        x * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
     }
 
     fn forward_batch_statistics(&self, x: Tensor<4>) -> Tensor<4> {
