@@ -10,10 +10,16 @@
 //! burn's own `Adam`/`RmsProp` use other defaults and placements of ε, and key their state by
 //! parameter ids that do not survive a checkpoint. Here the state is kept by id while
 //! training and saved by parameter name, so a resumed run continues exactly.
+//!
+//! Every update is elementwise, so a step concatenates the values and gradients of all the
+//! parameters it updates and runs the update once over the whole vector, then hands each
+//! parameter its slice: a fixed dozen tensor operations per step rather than a dozen per
+//! parameter (on a GPU, each operation is a kernel launch; MobileNetV3-Large has 270
+//! parameter tensors). The moments stay in that flat layout between steps.
 
 use std::collections::{BTreeMap, HashMap};
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::store::ModuleSnapshot;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -86,12 +92,13 @@ impl OptimizerConfig {
         Optimizer {
             config: self,
             iterations: 0,
-            slots: HashMap::new(),
+            moments: None,
+            loaded: HashMap::new(),
         }
     }
 }
 
-/// Per-parameter state, flattened to one dimension (every update is elementwise).
+/// One parameter's state, flattened to one dimension (every update is elementwise).
 #[derive(Clone)]
 struct Slots {
     /// Adam's first moment; unused by RMSprop.
@@ -100,12 +107,45 @@ struct Slots {
     second: Tensor<1>,
 }
 
+/// The state of every parameter a step updated, concatenated in the step's order.
+#[derive(Clone)]
+struct FlatMoments {
+    /// The parameters, in the order their values sit in the moments, with their sizes.
+    layout: Vec<(ParamId, usize)>,
+    /// Adam's first moments; unused by RMSprop.
+    first: Option<Tensor<1>>,
+    /// Adam's second moments, RMSprop's squared-gradient averages.
+    second: Tensor<1>,
+}
+
+impl FlatMoments {
+    /// Each parameter's own slots, sliced out.
+    fn split(&self) -> Vec<(ParamId, Slots)> {
+        let mut start = 0;
+        self.layout
+            .iter()
+            .map(|&(id, count)| {
+                let slice = |tensor: &Tensor<1>| tensor.clone().narrow(0, start, count);
+                let slots = Slots {
+                    first: self.first.as_ref().map(slice),
+                    second: slice(&self.second),
+                };
+                start += count;
+                (id, slots)
+            })
+            .collect()
+    }
+}
+
 /// An optimizer and its state.
 #[derive(Clone)]
 pub struct Optimizer {
     config: OptimizerConfig,
     iterations: u64,
-    slots: HashMap<ParamId, Slots>,
+    /// The moments after the last step.
+    moments: Option<FlatMoments>,
+    /// Moments restored from a checkpoint, by parameter, until the next step flattens them.
+    loaded: HashMap<ParamId, Slots>,
 }
 
 impl Optimizer {
@@ -133,21 +173,108 @@ impl Optimizer {
             } => learning_rate * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t)),
             OptimizerConfig::RmsProp { learning_rate, .. } => learning_rate,
         };
-        let mut mapper = StepMapper {
-            config: self.config,
-            step_size,
-            slots: &mut self.slots,
+        let mut gather = Gather {
             grads: &mut grads,
+            parameters: Vec::new(),
         };
-        module.map(&mut mapper)
+        module.visit(&mut gather);
+        let parameters = gather.parameters;
+        if parameters.is_empty() {
+            return module;
+        }
+        let layout: Vec<(ParamId, usize)> = parameters
+            .iter()
+            .map(|parameter| (parameter.id, parameter.count))
+            .collect();
+        let (values, grads): (Vec<_>, Vec<_>) = parameters
+            .into_iter()
+            .map(|parameter| (parameter.value, parameter.grad))
+            .unzip();
+        let values = Tensor::cat(values, 0);
+        let grad = Tensor::cat(grads, 0);
+        let previous = self.previous_moments(&layout, &grad);
+        let (update, moments) = match self.config {
+            OptimizerConfig::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+                ..
+            } => {
+                let first = previous.first.unwrap_or_else(|| grad.zeros_like());
+                let first = first.mul_scalar(beta_1) + grad.clone().mul_scalar(1.0 - beta_1);
+                let second =
+                    previous.second.mul_scalar(beta_2) + grad.square().mul_scalar(1.0 - beta_2);
+                let update =
+                    first.clone().mul_scalar(step_size) / second.clone().sqrt().add_scalar(epsilon);
+                (update, (Some(first), second))
+            }
+            OptimizerConfig::RmsProp { rho, epsilon, .. } => {
+                let second =
+                    previous.second.mul_scalar(rho) + grad.clone().square().mul_scalar(1.0 - rho);
+                let update = grad.mul_scalar(step_size) / second.clone().add_scalar(epsilon).sqrt();
+                (update, (None, second))
+            }
+        };
+        let mut assign = Assign {
+            values: values - update,
+            starts: HashMap::new(),
+        };
+        let mut start = 0;
+        for &(id, count) in &layout {
+            assign.starts.insert(id, (start, count));
+            start += count;
+        }
+        self.moments = Some(FlatMoments {
+            layout,
+            first: moments.0,
+            second: moments.1,
+        });
+        module.map(&mut assign)
+    }
+
+    /// The moments of `layout`'s parameters before this step, concatenated in its order:
+    /// the last step's when it updated the same parameters, else each parameter's from the
+    /// last step, a checkpoint, or zeros.
+    fn previous_moments(&mut self, layout: &[(ParamId, usize)], grad: &Tensor<1>) -> Slots {
+        let adam = matches!(self.config, OptimizerConfig::Adam { .. });
+        match self.moments.take() {
+            Some(moments) if moments.layout == layout => {
+                return Slots {
+                    first: moments.first.filter(|_| adam),
+                    second: moments.second,
+                };
+            }
+            Some(moments) => self.loaded.extend(moments.split()),
+            None => {}
+        }
+        let mut start = 0;
+        let mut firsts = Vec::with_capacity(layout.len());
+        let mut seconds = Vec::with_capacity(layout.len());
+        for &(id, count) in layout {
+            let zeros = || grad.clone().narrow(0, start, count).zeros_like();
+            let slots = self.loaded.remove(&id);
+            let (first, second) = match slots {
+                Some(Slots { first, second }) => (first, second),
+                None => (None, zeros()),
+            };
+            firsts.push(first.unwrap_or_else(zeros));
+            seconds.push(second);
+            start += count;
+        }
+        Slots {
+            first: adam.then(|| Tensor::cat(firsts, 0)),
+            second: Tensor::cat(seconds, 0),
+        }
     }
 
     /// The state as named tensors (`<slot>/<parameter name>`, names from
     /// [`parameter_names`]) and the step count, for a checkpoint.
     pub fn state(&self, names: &HashMap<ParamId, String>) -> (u64, Vec<(String, TensorData)>) {
         let mut tensors = Vec::new();
-        for (id, slots) in &self.slots {
-            let Some(name) = names.get(id) else { continue };
+        let flat = self.moments.iter().flat_map(FlatMoments::split);
+        let loaded = self.loaded.iter().map(|(id, slots)| (*id, slots.clone()));
+        for (id, slots) in flat.chain(loaded) {
+            let Some(name) = names.get(&id) else { continue };
             if let Some(first) = &slots.first {
                 tensors.push((format!("first/{name}"), first.clone().into_data()));
             }
@@ -183,7 +310,8 @@ impl Optimizer {
                 other => return Err(format!("unknown optimizer slot `{other}`")),
             }
         }
-        self.slots = slots
+        self.moments = None;
+        self.loaded = slots
             .into_iter()
             .map(|(id, (first, second))| {
                 let second = second.ok_or("optimizer state without its second moment")?;
@@ -195,67 +323,52 @@ impl Optimizer {
     }
 }
 
-struct StepMapper<'a> {
-    config: OptimizerConfig,
-    step_size: f64,
-    slots: &'a mut HashMap<ParamId, Slots>,
-    grads: &'a mut GradientsParams,
+/// A parameter a step updates: its values and gradient, flattened.
+struct Gathered {
+    id: ParamId,
+    count: usize,
+    value: Tensor<1>,
+    grad: Tensor<1>,
 }
 
-impl ModuleMapper for StepMapper<'_> {
+/// Collects, in the module's order, the parameters that have a gradient.
+struct Gather<'a> {
+    grads: &'a mut GradientsParams,
+    parameters: Vec<Gathered>,
+}
+
+impl ModuleVisitor for Gather<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return;
+        };
+        let value = param.val().inner();
+        let count = value.dims().iter().product::<usize>();
+        self.parameters.push(Gathered {
+            id: param.id,
+            count,
+            value: value.reshape([count]),
+            grad: grad.reshape([count]),
+        });
+    }
+}
+
+/// Gives each updated parameter its slice of the new values.
+struct Assign {
+    values: Tensor<1>,
+    /// Where each updated parameter's values start, and how many there are.
+    starts: HashMap<ParamId, (usize, usize)>,
+}
+
+impl ModuleMapper for Assign {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<D>(id) else {
+        let Some(&(start, count)) = self.starts.get(&id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
-        let dims = tensor.dims();
-        let count = dims.iter().product::<usize>();
-        let value = tensor.inner().reshape([count]);
-        let grad = grad.reshape([count]);
-        let previous = self.slots.remove(&id);
-        let (update, slots) = match self.config {
-            OptimizerConfig::Adam {
-                beta_1,
-                beta_2,
-                epsilon,
-                ..
-            } => {
-                let (first, second) = match previous {
-                    Some(Slots {
-                        first: Some(first),
-                        second,
-                    }) => (first, second),
-                    _ => (grad.zeros_like(), grad.zeros_like()),
-                };
-                let first = first.mul_scalar(beta_1) + grad.clone().mul_scalar(1.0 - beta_1);
-                let second = second.mul_scalar(beta_2) + grad.square().mul_scalar(1.0 - beta_2);
-                let update = first.clone().mul_scalar(self.step_size)
-                    / second.clone().sqrt().add_scalar(epsilon);
-                let slots = Slots {
-                    first: Some(first),
-                    second,
-                };
-                (update, slots)
-            }
-            OptimizerConfig::RmsProp { rho, epsilon, .. } => {
-                let second = previous
-                    .map(|s| s.second)
-                    .unwrap_or_else(|| grad.zeros_like());
-                let second = second.mul_scalar(rho) + grad.clone().square().mul_scalar(1.0 - rho);
-                let update =
-                    grad.mul_scalar(self.step_size) / second.clone().add_scalar(epsilon).sqrt();
-                (
-                    update,
-                    Slots {
-                        first: None,
-                        second,
-                    },
-                )
-            }
-        };
-        self.slots.insert(id, slots);
-        let mut updated = Tensor::from_inner((value - update).reshape(dims));
+        let values = self.values.clone().narrow(0, start, count);
+        let mut updated = Tensor::from_inner(values.reshape(tensor.dims()));
         if require_grad {
             updated = updated.require_grad();
         }
@@ -330,6 +443,48 @@ mod tests {
         let want = reference(0.5, &grads_seen, config.learning_rate());
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         assert_eq!(optimizer.iterations(), 5);
+    }
+
+    /// `y = w·x + b` with loss `0.5·y²`: every parameter of the module (here two, updated as
+    /// one flat vector) follows the hand-computed Keras update of its own gradients.
+    fn check_each_parameter(config: OptimizerConfig, reference: fn(f64, &[f64], f64) -> f64) {
+        let device = Device::flex().autodiff();
+        let mut layer: Linear = LinearConfig::new(1, 1).init(&device);
+        layer.weight = layer
+            .weight
+            .map(|w| w.zeros_like().add_scalar(0.5).require_grad());
+        let bias = layer.bias.take().unwrap();
+        layer.bias = Some(bias.map(|b| b.zeros_like().add_scalar(-0.25).require_grad()));
+        let mut optimizer = config.init();
+        let (mut weight_grads, mut bias_grads) = (Vec::new(), Vec::new());
+        let x = 2.0f64;
+        let read = |tensor: Tensor<1>| -> f64 { tensor.into_scalar::<f32>().into() };
+        for _ in 0..5 {
+            let w = read(layer.weight.val().reshape([1]));
+            let b = read(layer.bias.as_ref().unwrap().val());
+            let y = w * x + b;
+            weight_grads.push(y * x);
+            bias_grads.push(y);
+            let input = Tensor::<2>::from_floats([[x as f32]], &device);
+            let loss = layer.forward(input).square().mul_scalar(0.5).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &layer);
+            layer = optimizer.step(layer, grads);
+        }
+        let lr = config.learning_rate();
+        let w = read(layer.weight.val().reshape([1]));
+        let b = read(layer.bias.as_ref().unwrap().val());
+        let (want_w, want_b) = (
+            reference(0.5, &weight_grads, lr),
+            reference(-0.25, &bias_grads, lr),
+        );
+        assert!((w - want_w).abs() < 1e-6, "weight {w} vs {want_w}");
+        assert!((b - want_b).abs() < 1e-6, "bias {b} vs {want_b}");
+    }
+
+    #[test]
+    fn every_parameter_follows_keras() {
+        check_each_parameter(OptimizerConfig::adam(0.01), keras_adam);
+        check_each_parameter(OptimizerConfig::rmsprop(0.01), keras_rmsprop);
     }
 
     #[test]
