@@ -13,7 +13,8 @@
 # and optionally, to compare cold starts without burn's kernel fusion and autotune:
 #   bench/work/gpu/lanner-unfused  cargo build --release -p lanner --features cuda-base
 # and, on the GPU machine, python3 with torch, timm and safetensors (bench/gpu_torch.py). The
-# `torch` build runs with that PyTorch's torch/lib on LD_LIBRARY_PATH.
+# `torch` build runs with that PyTorch's torch/lib on LD_LIBRARY_PATH. To carry the binaries
+# (64 MiB in all), strip them and compress them with xz (`NAME.xz`): they are unpacked here.
 #
 # Every stage has its own time limit and writes its output under OUT_DIR as it goes, so a stage
 # that hangs (a cold kernel compile) costs only its own limit. `DEADLINE` (seconds, default
@@ -70,6 +71,9 @@ stage() {
   return $rc
 }
 
+for bin in "$TORCH_BIN" "$BIN" "$UNFUSED" "$SHAPES"; do
+  [ -f "$bin.xz" ] && [ ! -f "$bin" ] && xz -dk "$bin.xz" && chmod +x "$bin"
+done
 log "GPU check; CUDA_PATH=$CUDA_PATH"
 for bin in "$TORCH_BIN" "$BIN" "$UNFUSED"; do
   [ -x "$bin" ] && log "binary $bin ($(du -h "$bin" | cut -f1))"
