@@ -204,12 +204,7 @@ pub fn named_tensors(model: &Classifier) -> Vec<(String, TensorData)> {
             // The tensors live in memory; reading one back cannot fail. The master weights are
             // f32; anything else is widened, so an artifact always holds f32.
             let bytes = tensor.to_bytes().expect("a model tensor reads back");
-            let data = TensorData::from_bytes(bytes, shape, tensor.dtype);
-            let data = if tensor.dtype == DType::F32 {
-                data
-            } else {
-                data.convert::<f32>()
-            };
+            let data = TensorData::from_bytes(bytes, shape, tensor.dtype).convert::<f32>();
             (name, data)
         })
         .collect()

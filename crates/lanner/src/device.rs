@@ -150,7 +150,7 @@ impl DeviceChoice {
                 name,
             });
         }
-        let visible = visible_gpus()?;
+        let visible = gpu::count().map_err(anyhow::Error::msg)?;
         if gpus.is_some() && first + wanted > visible {
             bail!(
                 "--gpus {wanted} from cuda:{first} needs GPUs up to cuda:{}, but the driver shows \
@@ -160,7 +160,7 @@ impl DeviceChoice {
         }
         let count = wanted.min(visible.saturating_sub(first)).max(1);
         Ok(TrainingDevices {
-            devices: (first..first + count).map(cuda_device).collect(),
+            devices: (first..first + count).map(gpu::device).collect(),
             name: if count == 1 {
                 name
             } else {
@@ -183,14 +183,6 @@ pub fn check_precision(precision: Precision, device: &Device, device_name: &str)
         );
     }
     Ok(())
-}
-
-fn visible_gpus() -> Result<usize> {
-    gpu::count().map_err(anyhow::Error::msg)
-}
-
-fn cuda_device(index: usize) -> Device {
-    gpu::device(index)
 }
 
 /// The GPU backend of the `cuda` build: burn-cuda.
