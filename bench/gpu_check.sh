@@ -26,12 +26,15 @@
 # Stages, for each build B (torch, cuda):
 #   B-cold/B-warm  time to the first finished training step of a small model with an empty
 #               kernel cache, then again with the cache the first run filled
+#   torch-syncs-*  how often the `torch` build's steps make the host wait for the GPU
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
 #               and data on the CPU and on the GPU (f32, then bf16); B-compare: the weights
 #               must agree, and `lanner evaluate` of the GPU model must agree on both devices
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
 #   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
+#   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step  the `torch` build with
+#               its memory order and logit readback switched from their defaults
 set -u
 OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
 mkdir -p "$OUT"
@@ -101,6 +104,18 @@ check_build() {
   [ "$cold_rc" -eq 0 ] || return
   stage "$b-warm" 60 "$bin" "${SMALL[@]}"
   du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
+  if [ "$b" = torch ]; then
+    # Operations that made the host wait for the GPU in 1 + 2 + 32 steps of each kind, where
+    # the steps read their logits back 4 times (after the first step, after the warm-up, every
+    # 16 timed steps): libtorch warns once for each (LANNER_CUDA_SYNC_DEBUG).
+    local sync_precision
+    for sync_precision in f32 bf16; do
+      LANNER_CUDA_SYNC_DEBUG=warn TORCH_SHOW_CPP_STACKTRACES=1 stage "torch-syncs-$sync_precision" 60 \
+        "$bin" bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --steps 32 \
+        --warmup 2 --device "$GPU" --json --precision "$sync_precision" --step fine-tune --step full
+      log "   torch-syncs-$sync_precision: $(grep -c 'called a synchronizing' "$OUT/torch-syncs-$sync_precision.err") synchronising operations in 2 x 35 steps"
+    done
+  fi
   # Correctness: the same starting weights and data on both devices.
   [ -f "$START" ] || stage start 120 "$bin" "${TRAIN[@]}" --device cpu --weights none \
     --from-scratch --initial-epochs 1 --fine-tune-epochs 0 --model-dir "$WORK/start"
@@ -185,6 +200,22 @@ if [ -x "$TORCH_BIN" ]; then
   check_build torch "$WORK/lanner-torch" 60
 fi
 stage torch-peer 150 python3 bench/gpu_torch.py --steps 15 --warmup 5
+if [ -x "$TORCH_BIN" ]; then
+  # The `torch` build's two switches, against the defaults the rows above ran with: the memory
+  # order (default NCHW for f32 on a GPU, channels-last for bf16), and reading every step's
+  # logits back instead of every 16th.
+  for arch in mobilenet_v3_large xception; do
+    LANNER_MEMORY_FORMAT=channels-last stage "torch-${arch%%_*}-b256-f32-channels-last" 60 \
+      "$WORK/lanner-torch" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision f32 --step fine-tune --step full
+    LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
+      "$WORK/lanner-torch" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision bf16 --step fine-tune --step full
+  done
+  LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
+    "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
+    --device "$GPU" --json --precision bf16 --step frozen --step full
+fi
 [ -x "$BIN" ] && check_build cuda "$BIN" 100
 [ -x "$UNFUSED" ] && LANNER_KERNEL_CACHE=$WORK/kernels-unfused \
   stage unfused-cold 100 "$UNFUSED" "${SMALL[@]}"

@@ -28,7 +28,9 @@ use lanner_models::precision::Precision;
 use crate::classifier::Classifier;
 use crate::optimizer::Optimizer;
 use crate::recipe::{BatchNormMode, Phase};
-use crate::trainer::{BackbonePlan, DropoutDraw, Shard, StepInput, step_gradients, training_step};
+use crate::trainer::{
+    BackbonePlan, DropoutDraw, Shard, StepInput, StepLogits, step_gradients, training_step,
+};
 
 /// The devices a phase trains on, each with its plan for the backbone's frozen part.
 pub struct Replicas {
@@ -94,14 +96,14 @@ impl Replicas {
     }
 
     /// One optimizer step on `batch`: returns the updated model (on the first device) and the
-    /// batch's logits, in batch order.
+    /// batch's logits, in batch order, left on the replicas' devices.
     pub fn step(
         &self,
         model: Classifier,
         optimizer: &mut Optimizer,
         batch: Batch,
         settings: StepSettings<'_>,
-    ) -> (Classifier, Vec<f32>) {
+    ) -> (Classifier, StepLogits) {
         let (main_device, main_plan) = &self.replicas[0];
         let autodiff = main_device.clone().autodiff();
         let shards = shards(batch.len(), self.replicas.len());
@@ -119,7 +121,7 @@ impl Replicas {
 
         let size = batch.len();
         let per_image = 3 * batch.height * batch.width;
-        let results: Vec<(GradientsParams, Vec<f32>)> = std::thread::scope(|scope| {
+        let results: Vec<(GradientsParams, Tensor<2>)> = std::thread::scope(|scope| {
             let workers: Vec<_> = self
                 .replicas
                 .iter()
@@ -163,12 +165,15 @@ impl Replicas {
         });
 
         let mut sum = GradientsAccumulator::<Classifier>::new();
-        let mut logits = Vec::with_capacity(size);
+        let mut logits = Vec::with_capacity(results.len());
         for (gradients, shard_logits) in results {
             sum.accumulate(&model, gradients);
-            logits.extend(shard_logits);
+            logits.push(shard_logits);
         }
-        (optimizer.step(model, sum.grads()), logits)
+        (
+            optimizer.step(model, sum.grads()),
+            StepLogits::of_replicas(logits),
+        )
     }
 }
 
@@ -253,7 +258,7 @@ mod tests {
                 let (updated, step_logits) =
                     replicas.step(model, &mut optimizer, batch(step, 5), settings);
                 model = updated;
-                logits.extend(step_logits);
+                logits.extend(step_logits.read());
             }
             (named_tensors(&model), logits)
         };

@@ -17,7 +17,7 @@ use crate::classifier::Classifier;
 use crate::freeze::{parameter_counts, prepare};
 use crate::optimizer::OptimizerConfig;
 use crate::recipe::{BatchNormMode, Phase, PhaseName, Trainable};
-use crate::trainer::{BackbonePlan, DropoutDraw, StepInput, training_step};
+use crate::trainer::{BackbonePlan, DropoutDraw, StepInput, StepLogits, training_step};
 
 /// Which step to time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +93,9 @@ pub struct ThroughputConfig {
     pub steps: usize,
     /// The float type of the passes (the CPU's folded kernels run only f32).
     pub precision: Precision,
+    /// Timed steps between two readbacks of their logits, as in training
+    /// ([`crate::trainer::TrainingJob::readback_every`]).
+    pub readback_every: usize,
 }
 
 /// The measurement.
@@ -141,12 +144,7 @@ pub fn measure(
             let total = parameter_counts(&model).1;
             let (model, backbone) = model.for_inference(device, config.precision);
             let timing = time_steps(config, started, |_| {
-                let logits: Vec<f32> = model
-                    .predict(&backbone, pixels.clone(), &normalization)
-                    .into_data()
-                    .try_into_vec()
-                    .expect("logits are f32");
-                std::hint::black_box(logits);
+                StepLogits::new(model.predict(&backbone, pixels.clone(), &normalization))
             });
             (0, total, timing)
         }
@@ -180,7 +178,7 @@ pub fn measure(
                     &autodiff,
                 );
                 model = Some(updated);
-                std::hint::black_box(logits);
+                logits
             });
             (trainable, total, timing)
         }
@@ -195,26 +193,45 @@ pub fn measure(
     })
 }
 
-/// Run `step` once, then `config.warmup` untimed times, then `config.steps` timed times.
-/// Returns the seconds from `started` to the end of the first step, and each timed step's.
+/// Run `step` once, then `config.warmup` untimed times, then `config.steps` timed times,
+/// reading the steps' logits back as the trainer does: after the first step, at the end of the
+/// warm-up, and every `config.readback_every` timed steps (on a GPU the steps run ahead of the
+/// host in between, as in `bench/gpu_torch.py`, which synchronises at both ends only).
+/// Returns the seconds from `started` to the end of the first step, and each timed step's: a
+/// group of steps read back together shares its time evenly.
 fn time_steps(
     config: &ThroughputConfig,
     started: Instant,
-    mut step: impl FnMut(usize),
+    mut step: impl FnMut(usize) -> StepLogits,
 ) -> (f64, Vec<f64>) {
-    step(0);
+    std::hint::black_box(step(0).read());
     let first = started.elapsed().as_secs_f64();
+    let mut last = None;
     for index in 1..=config.warmup {
-        step(index);
+        last = Some(step(index));
     }
-    let timed = (1 + config.warmup..1 + config.warmup + config.steps)
-        .map(|index| {
-            let step_started = Instant::now();
-            step(index);
-            step_started.elapsed().as_secs_f64()
-        })
-        .collect();
-    (first, timed)
+    if let Some(logits) = last {
+        std::hint::black_box(logits.read());
+    }
+    let every = config.readback_every.max(1);
+    let mut seconds = Vec::with_capacity(config.steps);
+    let mut index = 1 + config.warmup;
+    let end = index + config.steps;
+    while index < end {
+        let group = every.min(end - index);
+        let group_started = Instant::now();
+        let mut last = None;
+        for _ in 0..group {
+            last = Some(step(index));
+            index += 1;
+        }
+        if let Some(logits) = last {
+            std::hint::black_box(logits.read());
+        }
+        let each = group_started.elapsed().as_secs_f64() / group as f64;
+        seconds.extend(std::iter::repeat_n(each, group));
+    }
+    (first, seconds)
 }
 
 /// Random pixel values in 0..255, `[batch, 3, size, size]`, the same every run.
@@ -238,8 +255,9 @@ mod tests {
             batch_size: 2,
             image_size: 32,
             warmup: 1,
-            steps: 2,
+            steps: 3,
             precision: Precision::F32,
+            readback_every: 2,
         };
         let device = Device::flex();
         for kind in [
@@ -249,7 +267,7 @@ mod tests {
             StepKind::Full,
         ] {
             let result = measure(&config, kind, &device).unwrap();
-            assert_eq!(result.step_seconds.len(), 2, "{kind:?}");
+            assert_eq!(result.step_seconds.len(), 3, "{kind:?}");
             assert!(result.images_per_second > 0.0);
             assert!(result.first_step_seconds > 0.0);
             match kind {

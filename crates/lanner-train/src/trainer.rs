@@ -62,6 +62,63 @@ pub struct TrainingJob {
     pub metrics_file: Option<PathBuf>,
     /// Set (e.g. by a SIGTERM handler) to stop after the current batch.
     pub stop: Arc<AtomicBool>,
+    /// How many steps run before the trainer reads their logits back (for the epoch's
+    /// metrics and the progress line). Reading waits for the device to finish every step
+    /// queued so far; on a GPU, reading each step's logits right away leaves the GPU idle
+    /// while the host prepares the next step. [`default_readback_every`] is 1 on the CPU and
+    /// [`GPU_READBACK_EVERY`] elsewhere; the weights do not depend on it.
+    pub readback_every: usize,
+}
+
+/// Steps a GPU runs between two readbacks of their logits (see
+/// [`TrainingJob::readback_every`]): a progress line about every 16 steps, the GPU idle for
+/// one drain of its queue per 16 steps instead of after every step.
+pub const GPU_READBACK_EVERY: usize = 16;
+
+/// [`TrainingJob::readback_every`] for `device`: 1 on the CPU (burn-flex computes as it is
+/// asked, so nothing is gained by reading late), [`GPU_READBACK_EVERY`] on other devices.
+pub fn default_readback_every(device: &Device) -> usize {
+    if is_cpu(device) {
+        1
+    } else {
+        GPU_READBACK_EVERY
+    }
+}
+
+/// A step's logits, still on the device: one tensor per replica, in batch order. Reading
+/// them ([`StepLogits::read`]) waits for the device to finish the step.
+pub struct StepLogits(Vec<Tensor<2>>);
+
+impl StepLogits {
+    /// Logits of one device.
+    pub fn new(logits: Tensor<2>) -> Self {
+        Self(vec![logits])
+    }
+
+    /// Logits of several replicas, in batch order.
+    pub fn of_replicas(logits: Vec<Tensor<2>>) -> Self {
+        Self(logits)
+    }
+
+    /// The logits on the host, row-major `[batch, outputs]`, f32.
+    pub fn read(self) -> Vec<f32> {
+        let mut values = Vec::new();
+        for logits in self.0 {
+            let shard: Vec<f32> = in_dtype(logits, burn::tensor::DType::F32)
+                .into_data()
+                .try_into_vec()
+                .expect("logits are f32");
+            values.extend(shard);
+        }
+        values
+    }
+}
+
+/// A step whose logits the trainer has not read yet.
+struct UnreadStep {
+    step: usize,
+    logits: StepLogits,
+    labels: Vec<usize>,
 }
 
 /// How a run ended.
@@ -133,7 +190,9 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         checkpoint_dir,
         metrics_file,
         stop,
+        readback_every,
     } = job;
+    let readback_every = readback_every.max(1);
     let classes = class_names.len();
     let class_weights = hyperparameters.class_weight_vector(classes);
     let total_epochs = recipe.total_epochs();
@@ -215,6 +274,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
             let mut images_seen = 0usize;
 
             let mut data_wait_seconds = state.epoch_data_wait_seconds;
+            let mut unread: Vec<UnreadStep> = Vec::with_capacity(readback_every);
             let mut batches_of_epoch = train.epoch_from(loader_epoch, first_batch).enumerate();
             loop {
                 let waiting = Instant::now();
@@ -243,21 +303,37 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                     },
                 );
                 model = updated;
-                let weights: Vec<f32> = labels.iter().map(|&l| class_weights[l] as f32).collect();
-                metrics.update(&logits, &labels, &weights);
-                train_seconds += step_started.elapsed().as_secs_f64();
+                unread.push(UnreadStep {
+                    step,
+                    logits,
+                    labels,
+                });
                 images_seen += size;
-                let running = metrics.finish().loss;
-                if !running.is_finite() {
-                    return Err(TrainError::Diverged {
-                        value: running,
-                        epoch,
-                        learning_rate: phase.optimizer.learning_rate(),
-                    });
+                let stopping = stop.load(Ordering::SeqCst) && step + 1 < batches;
+                if unread.len() >= readback_every || step + 1 == batches || stopping {
+                    for done in unread.drain(..) {
+                        let logits = done.logits.read();
+                        let weights: Vec<f32> = done
+                            .labels
+                            .iter()
+                            .map(|&l| class_weights[l] as f32)
+                            .collect();
+                        metrics.update(&logits, &done.labels, &weights);
+                        let running = metrics.finish().loss;
+                        if !running.is_finite() {
+                            return Err(TrainError::Diverged {
+                                value: running,
+                                epoch,
+                                learning_rate: phase.optimizer.learning_rate(),
+                            });
+                        }
+                        reporter.batch_end(done.step, batches, running);
+                    }
                 }
-                reporter.batch_end(step, batches, running);
+                // A step's time includes the wait for its logits when they are read with it.
+                train_seconds += step_started.elapsed().as_secs_f64();
 
-                if stop.load(Ordering::SeqCst) && step + 1 < batches {
+                if stopping {
                     state.position.batch = step + 1;
                     state.epoch_metrics = Some(metrics);
                     state.epoch_train_seconds = train_seconds;
@@ -504,30 +580,30 @@ impl Shard {
 
 /// One optimizer step of the recipe on one batch: forward (see [`BackbonePlan`]), the
 /// class-weighted loss, backward and the optimizer's update. Returns the updated model and the
-/// batch's logits, read back to the host (which also waits for the device to finish the step).
+/// batch's logits, left on the device: on a GPU the step may still be running.
 pub fn training_step(
     model: Classifier,
     plan: &BackbonePlan,
     optimizer: &mut Optimizer,
     input: StepInput<'_>,
     autodiff: &Device,
-) -> (Classifier, Vec<f32>) {
+) -> (Classifier, StepLogits) {
     let shard = Shard::whole(input.labels.len());
     let (gradients, logits) = step_gradients(&model, plan, input, &shard, autodiff);
-    (optimizer.step(model, gradients), logits)
+    (optimizer.step(model, gradients), StepLogits::new(logits))
 }
 
 /// The gradients of one batch's loss, or of rows `shard.rows` of it (`input` holds only those
 /// rows): their Keras loss weighted by their share of the batch, with their rows of the
 /// batch's dropout mask, so the shards' gradients sum to the whole batch's. Also returns the
-/// rows' logits, read back to the host.
+/// rows' logits (f32, on the device, without autodiff).
 pub fn step_gradients(
     model: &Classifier,
     plan: &BackbonePlan,
     input: StepInput<'_>,
     shard: &Shard,
     autodiff: &Device,
-) -> (GradientsParams, Vec<f32>) {
+) -> (GradientsParams, Tensor<2>) {
     let StepInput {
         pixels,
         labels,
@@ -594,12 +670,7 @@ pub fn step_gradients(
             }
         }
     }
-    let logits: Vec<f32> = logits
-        .inner()
-        .into_data()
-        .try_into_vec()
-        .expect("logits are f32");
-    (grads, logits)
+    (grads, logits.inner())
 }
 
 fn save_checkpoint(
@@ -719,7 +790,7 @@ mod tests {
             };
             let (mut gradients, logits) =
                 step_gradients(&model, &plan, input, &Shard::whole(4), &autodiff);
-            assert_eq!(logits.len(), 4);
+            assert_eq!(logits.dims()[0], 4);
             let mut pull = PullGradients {
                 gradients: &mut gradients,
                 values: Vec::new(),

@@ -185,6 +185,41 @@ pub fn check_precision(precision: Precision, device: &Device, device_name: &str)
     Ok(())
 }
 
+/// In the `torch` build, choose the memory order of convolution inputs for `device` and
+/// `precision` (see `torch_runtime::set_memory_format`) and return its name; `None` in other
+/// builds and on burn-flex, which have one order.
+pub fn choose_memory_format(device: &Device, precision: Precision) -> Result<Option<&'static str>> {
+    #[cfg(feature = "torch")]
+    #[allow(
+        deprecated,
+        reason = "burn 0.22 deprecates burn-tch, which the `torch` build is"
+    )]
+    if !lanner_models::frozen::is_cpu(device) {
+        let on_gpu = device.clone().inner() != Device::libtorch();
+        return crate::torch_runtime::set_memory_format(on_gpu, precision)
+            .map(Some)
+            .map_err(anyhow::Error::msg);
+    }
+    let _ = (device, precision);
+    Ok(None)
+}
+
+/// Steps run between two readbacks of their logits on `device` (see
+/// `lanner_train::TrainingJob::readback_every`): `LANNER_READBACK_EVERY` when set, else 1 on
+/// the CPU and 16 on a GPU.
+pub fn readback_every(device: &Device) -> Result<usize> {
+    match std::env::var("LANNER_READBACK_EVERY") {
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!(
+                "LANNER_READBACK_EVERY={value} is not a number of steps; set it to 1 or more, \
+                 or unset it"
+            ),
+        },
+        Err(_) => Ok(lanner_train::trainer::default_readback_every(device)),
+    }
+}
+
 /// The GPU backend of the `cuda` build: burn-cuda.
 #[cfg(feature = "cuda-base")]
 mod gpu {

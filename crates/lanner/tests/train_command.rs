@@ -225,8 +225,10 @@ fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
 
     let resumed = dir.path().join("resumed");
     let checkpoints = dir.path().join("c2");
+    // Reading logits 4 steps late, as on a GPU: the stop reads the steps still unread.
     let mut child = Command::new(env!("CARGO_BIN_EXE_lanner"))
         .args(args(&resumed, &checkpoints))
+        .env("LANNER_READBACK_EVERY", "4")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -262,6 +264,60 @@ fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
     let same = fs::read(resumed.join("weights.safetensors")).unwrap()
         == fs::read(uninterrupted.join("weights.safetensors")).unwrap();
     assert!(same, "the resumed run ends with other weights");
+}
+
+/// The trainer may read each step's logits late (a GPU runs ahead of the host in between):
+/// the weights and every reported number are those of reading them after every step.
+#[test]
+fn reading_logits_steps_late_changes_no_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let train = |name: &str, readback_every: Option<&str>| {
+        let model = dir.path().join(name);
+        let output = dir.path().join(format!("{name}-output"));
+        let mut args = scratch_args(&data, &model);
+        let epochs = args.iter().position(|a| a == "--initial-epochs").unwrap();
+        args[epochs + 1] = "2".into();
+        args.extend(["--output-data-dir".into(), output.to_str().unwrap().into()]);
+        let mut command = common::lanner_command();
+        command.args(&args).env_remove("LANNER_READBACK_EVERY");
+        if let Some(every) = readback_every {
+            command.env("LANNER_READBACK_EVERY", every);
+        }
+        let result = command.output().unwrap();
+        assert!(result.status.success(), "{}", text(&result.stderr));
+        let numbers: Vec<String> = json_lines(&output.join("metrics.jsonl"))
+            .iter()
+            .map(|epoch| {
+                ["loss", "accuracy", "val_loss", "val_accuracy"]
+                    .iter()
+                    .map(|key| epoch[*key].to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let weights = fs::read(model.join("weights.safetensors")).unwrap();
+        (numbers, weights)
+    };
+    // 6 batches an epoch: read in groups of 4 and 2.
+    let (every_step, every_step_weights) = train("every-step", None);
+    let (late, late_weights) = train("late", Some("4"));
+    assert_eq!(every_step.len(), 4);
+    assert_eq!(every_step, late);
+    assert!(every_step_weights == late_weights, "other weights");
+
+    let refused = common::lanner_command()
+        .args(scratch_args(&data, &dir.path().join("refused")))
+        .env("LANNER_READBACK_EVERY", "0")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        common::last_line(&refused.stderr).contains("LANNER_READBACK_EVERY=0 is not a number"),
+        "{}",
+        text(&refused.stderr)
+    );
 }
 
 #[test]

@@ -359,8 +359,30 @@ impl TchTensor {
     /// A new tensor.
     pub fn from_data<E: TchElement>(data: TensorData, device: tch::Device) -> Self {
         let shape_tch = TchShape::from(data.shape().as_slice());
-        let tensor =
-            tch::Tensor::from_data_size(data.as_bytes(), &shape_tch.dims, E::kind()).to(device);
+        let bytes = data.as_bytes();
+        let tensor = match device {
+            // Lanner's patch (see LANNER.md): a copy to a GPU from pageable memory waits for
+            // everything queued on the GPU first (PyTorch synchronises the stream), so every
+            // batch would stall the pipeline. From pinned memory, without blocking, the copy is
+            // queued behind the work already there and the host goes on; libtorch's pinned
+            // allocator keeps the staging buffer until the copy has run. The data is copied
+            // once on the host, straight into the pinned buffer.
+            tch::Device::Cuda(_) if !bytes.is_empty() => {
+                let dims = &shape_tch.dims;
+                let mut strides = vec![1i64; dims.len()];
+                for axis in (0..dims.len().saturating_sub(1)).rev() {
+                    strides[axis] = strides[axis + 1] * dims[axis + 1];
+                }
+                // SAFETY: `bytes` holds `dims`' elements of `E` in row-major order and outlives
+                // the view, which `_pin_memory` copies before it is dropped.
+                let view = unsafe {
+                    tch::Tensor::from_blob(bytes.as_ptr(), dims, &strides, E::kind(), tch::Device::Cpu)
+                };
+                view.internal_pin_memory(device)
+                    .to_device_(device, E::kind(), true, false)
+            }
+            _ => tch::Tensor::from_data_size(bytes, &shape_tch.dims, E::kind()).to(device),
+        };
 
         Self::new(tensor)
     }

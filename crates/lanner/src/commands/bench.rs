@@ -85,6 +85,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         bail!("--image-size {image_size} is too small; use at least 32");
     }
     let (device, label) = args.device.resolve()?;
+    let label = match crate::device::choose_memory_format(&device, args.precision)? {
+        Some(format) => format!("{label}, {format}"),
+        None => label,
+    };
     let config = ThroughputConfig {
         entry,
         classes: args.classes,
@@ -93,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         warmup: args.warmup,
         steps: args.steps,
         precision: args.precision,
+        readback_every: crate::device::readback_every(&device)?,
     };
     if !args.json {
         println!(

@@ -578,6 +578,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     } = device_choice.resolve_for_training(gpus)?;
     let device = devices.remove(0);
     check_precision(args.precision, &device, &device_name)?;
+    let readback_every = crate::device::readback_every(&device)?;
+    let device_name = match crate::device::choose_memory_format(&device, args.precision)? {
+        Some(format) => format!("{device_name}, {format}"),
+        None => device_name,
+    };
 
     let mut log = KerasLog::new();
     if matches!(args.weights, WeightsSpec::None) && !hyperparameters.from_scratch {
@@ -669,6 +674,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             checkpoint_dir: args.checkpoint_dir.clone(),
             metrics_file,
             stop,
+            readback_every,
         },
         &mut log,
     )?;

@@ -88,8 +88,10 @@ impl ModuleOps<Self> for LibTorch {
         options: ConvOptions<2>,
     ) -> TchTensor {
         let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
+        // Lanner's patch: channels-last input when asked (src/memory_format.rs).
+        let x = crate::memory_format::for_convolution(&x.tensor);
         let tensor = tch::Tensor::conv2d(
-            &x.tensor,
+            &x,
             &weight.tensor,
             bias.map(|t| t.tensor),
             options.stride.map(|i| i as i64),
@@ -135,9 +137,11 @@ impl ModuleOps<Self> for LibTorch {
         options: ConvOptions<2>,
     ) -> TchTensor {
         let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
+        let x = crate::memory_format::for_convolution(&x.tensor);
+        let output_grad = crate::memory_format::for_convolution(&output_grad.tensor);
         let gradient = tch::with_grad(|| {
             let weight = weight.tensor.detach().set_requires_grad(true);
-            let output = x.tensor.detach().conv2d(
+            let output = x.detach().conv2d(
                 &weight,
                 None::<tch::Tensor>,
                 options.stride.map(|i| i as i64),
@@ -147,7 +151,7 @@ impl ModuleOps<Self> for LibTorch {
             );
             // d(sum(output * g)) / d(output) is g, so this is the convolution's backward pass
             // for the output gradient g.
-            let seed = (&output * output_grad.tensor.detach()).sum(output.kind());
+            let seed = (&output * output_grad.detach()).sum(output.kind());
             tch::Tensor::run_backward(&[seed], &[&weight], false, false)
                 .pop()
                 .expect("one gradient per input")
@@ -223,8 +227,11 @@ impl ModuleOps<Self> for LibTorch {
         bias: Option<TchTensor>,
         options: ConvTransposeOptions<2>,
     ) -> TchTensor {
+        // Lanner's patch: channels-last input when asked (src/memory_format.rs); burn's
+        // autodiff computes a convolution's input gradient with this.
+        let x = crate::memory_format::for_convolution(&x.tensor);
         let tensor = tch::Tensor::conv_transpose2d(
-            &x.tensor,
+            &x,
             &weight.tensor,
             bias.map(|t| t.tensor),
             options.stride.map(|i| i as i64),
