@@ -7,6 +7,7 @@ use lanner_models::Normalization;
 
 use crate::classifier::Classifier;
 use crate::metrics::{EpochMetrics, MetricsAccumulator};
+use crate::trainer::{StepLogits, default_readback_every};
 
 /// Run `model` (an inference copy) over every batch of `loader` and return its metrics,
 /// ROC AUC included for binary models.
@@ -19,12 +20,24 @@ pub fn evaluate(
 ) -> Result<EpochMetrics, DataError> {
     let mut metrics = MetricsAccumulator::new(classes, true);
     let backbone = model.inference_backbone(device);
+    // Batches are read back in groups, as training steps are (see `default_readback_every`):
+    // on a GPU the next batches are queued while the host waits for none of them.
+    let every = default_readback_every(device);
+    let mut unread: Vec<(StepLogits, Vec<usize>)> = Vec::with_capacity(every);
+    let mut read = |unread: &mut Vec<(StepLogits, Vec<usize>)>| {
+        for (logits, labels) in unread.drain(..) {
+            metrics.update(&logits.read(), &labels, &vec![1.0; labels.len()]);
+        }
+    };
     for batch in loader.epoch(0) {
         let batch = batch?;
         let labels = batch.labels.clone();
         let logits = model.predict(&backbone, batch.into_images_tensor(device), normalization);
-        let logits: Vec<f32> = logits.into_data().try_into_vec().expect("logits are f32");
-        metrics.update(&logits, &labels, &vec![1.0; labels.len()]);
+        unread.push((StepLogits::new(logits), labels));
+        if unread.len() >= every {
+            read(&mut unread);
+        }
     }
+    read(&mut unread);
     Ok(metrics.finish())
 }
