@@ -92,9 +92,14 @@ impl SystemInfo {
             }
         } else {
             let libtorch = Self::prepare_libtorch_dir(os)?;
+            // Lanner's patch: DEP_TCH_LIBTORCH_LIB (torch-sys' link metadata) names the
+            // `lib` folder, whose parent holds `include`.
             let includes = env_var_rerun("LIBTORCH_INCLUDE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|_| libtorch.clone());
+                .unwrap_or_else(|_| match libtorch.parent() {
+                    Some(root) if libtorch.ends_with("lib") => root.to_path_buf(),
+                    _ => libtorch.clone(),
+                });
             let lib = env_var_rerun("LIBTORCH_LIB")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| libtorch.clone());
@@ -145,6 +150,9 @@ impl SystemInfo {
             "src/cuda_hack/fake_cuda_dependency.cpp"
         };
         println!("cargo:rerun-if-changed={cuda_dependency}");
+        // Lanner's patch (see LANNER.md): ATen operations tch does not wrap.
+        let lanner_ops = "src/lanner_ops.cpp";
+        println!("cargo:rerun-if-changed={lanner_ops}");
 
         match self.os {
             Os::Linux | Os::Macos => {
@@ -156,7 +164,7 @@ impl SystemInfo {
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
                     .flag("-std=c++17")
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
-                    .files(&[cuda_dependency])
+                    .files(&[cuda_dependency, lanner_ops])
                     .compile("burn-tch");
             }
             Os::Windows => {

@@ -219,66 +219,76 @@ mod tests {
 
     use super::*;
 
-    /// A depthwise and a strided convolution, forward and backward, on `--device
-    /// libtorch-cpu`: the output and both gradients.
-    fn convolutions() -> Vec<Vec<f32>> {
-        let device = Device::libtorch().autodiff();
+    /// Three convolutions as the backbones have them (depthwise; strided with Keras' "same"
+    /// padding, which is asymmetric; pointwise), forward and backward on `device`: the output
+    /// and the gradients of the input and of each weight.
+    fn convolutions(device: &Device) -> Vec<Vec<f32>> {
+        let device = device.clone().autodiff();
         let values = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
                 .map(|i| (((i * 7919 + seed) % 97) as f32 - 48.0) / 50.0)
                 .collect()
         };
-        let x = Tensor::<4>::from_data(
-            TensorData::new(values(2 * 4 * 9 * 9, 1), [2, 4, 9, 9]),
-            &device,
-        )
-        .require_grad();
-        let depthwise =
-            Tensor::<4>::from_data(TensorData::new(values(4 * 9, 2), [4, 1, 3, 3]), &device)
-                .require_grad();
-        let pointwise =
-            Tensor::<4>::from_data(TensorData::new(values(6 * 4 * 9, 3), [6, 4, 3, 3]), &device)
-                .require_grad();
+        let tensor = |shape: [usize; 4], seed: usize| {
+            let n = shape.iter().product();
+            Tensor::<4>::from_data(TensorData::new(values(n, seed), shape), &device).require_grad()
+        };
+        let x = tensor([2, 4, 10, 10], 1);
+        let depthwise = tensor([4, 1, 3, 3], 2);
+        let strided = tensor([6, 4, 3, 3], 3);
+        let pointwise = tensor([5, 6, 1, 1], 4);
         let hidden = conv2d(
             x.clone(),
             depthwise.clone(),
             None,
             ConvOptions::new([1, 1], [1, 1], [1, 1], 4),
         );
+        let hidden = conv2d(
+            hidden,
+            strided.clone(),
+            None,
+            ConvOptions::new_with_padding([2, 2], [(1, 2), (2, 1)], [1, 1], 1),
+        );
         let output = conv2d(
             hidden,
             pointwise.clone(),
             None,
-            ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
+            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
         );
         let gradients = (output.clone() * output.clone()).sum().backward();
         let read = |t: Tensor<4>| t.into_data().to_vec::<f32>().unwrap();
-        vec![
-            read(output.inner()),
-            read(x.grad(&gradients).unwrap()),
-            read(depthwise.grad(&gradients).unwrap()),
-            read(pointwise.grad(&gradients).unwrap()),
-        ]
+        let mut results = vec![read(output.inner())];
+        for input in [x, depthwise, strided, pointwise] {
+            results.push(read(input.grad(&gradients).unwrap()));
+        }
+        results
+    }
+
+    fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+        for (index, (a, b)) in got.iter().zip(want).enumerate() {
+            assert_eq!(a.len(), b.len(), "{what}, result {index}");
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{what}, result {index}: {x} vs {y}"
+                );
+            }
+        }
     }
 
     #[test]
-    fn channels_last_convolutions_give_the_nchw_results() {
+    fn libtorch_convolutions_and_their_gradients_match_burn_flex_in_both_memory_orders() {
+        let want = convolutions(&Device::flex());
         // SAFETY of the global switch: this is the only test of this binary that sets it.
         unsafe { std::env::remove_var("LANNER_MEMORY_FORMAT") };
         assert_eq!(
             set_memory_format(false, Precision::F32),
             Ok("channels-last")
         );
-        let channels_last = convolutions();
+        assert_close(&convolutions(&Device::libtorch()), &want, "channels-last");
         assert_eq!(set_memory_format(true, Precision::F32), Ok("nchw"));
-        let nchw = convolutions();
-        for (a, b) in channels_last.iter().zip(&nchw) {
-            assert_eq!(a.len(), b.len());
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
-            }
-        }
+        assert_close(&convolutions(&Device::libtorch()), &want, "nchw");
         assert_eq!(
             set_memory_format(true, Precision::Bf16),
             Ok("channels-last")

@@ -10,6 +10,71 @@ use burn_backend::{
     tensor::{FloatTensor, IntTensor},
 };
 
+unsafe extern "C" {
+    // src/lanner_ops.cpp (Lanner's patch).
+    fn lanner_conv2d_backward(
+        grad_output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        weight: *const torch_sys::C_tensor,
+        stride: *const i64,
+        padding: *const i64,
+        dilation: *const i64,
+        groups: i64,
+        which: i64,
+        error: *mut std::ffi::c_char,
+        error_size: usize,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// Which gradient [`conv2d_backward`] computes.
+#[derive(Clone, Copy)]
+enum Conv2dGradient {
+    Input = 0,
+    Weight = 1,
+}
+
+/// Lanner's patch (see LANNER.md): one gradient of a 2-D convolution with symmetric padding,
+/// from ATen's `convolution_backward` (what PyTorch's autograd runs: cuDNN's backward-data or
+/// backward-filter on GPUs), through src/lanner_ops.cpp since tch does not wrap it.
+fn conv2d_backward(
+    x: &tch::Tensor,
+    weight: &tch::Tensor,
+    output_grad: &tch::Tensor,
+    options: &ConvOptions<2>,
+    gradient: Conv2dGradient,
+) -> tch::Tensor {
+    let x = crate::memory_format::for_convolution(x);
+    let output_grad = crate::memory_format::for_convolution(output_grad);
+    let stride = options.stride.map(|i| i as i64);
+    let padding = options.padding_begin().map(|i| i as i64);
+    let dilation = options.dilation.map(|i| i as i64);
+    let mut error = [0u8; 512];
+    // SAFETY: the tensors are live tch tensors (pointers to at::Tensor, as tch passes them),
+    // the arrays hold two values each, and `error` has the size passed with it.
+    let result = unsafe {
+        lanner_conv2d_backward(
+            output_grad.as_ptr(),
+            x.as_ptr(),
+            weight.as_ptr(),
+            stride.as_ptr(),
+            padding.as_ptr(),
+            dilation.as_ptr(),
+            options.groups as i64,
+            gradient as i64,
+            error.as_mut_ptr().cast(),
+            error.len(),
+        )
+    };
+    if result.is_null() {
+        let message = std::ffi::CStr::from_bytes_until_nul(&error)
+            .map(|m| m.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        panic!("convolution_backward failed: {message}");
+    }
+    // SAFETY: a new at::Tensor that the returned tch tensor owns (and frees on drop).
+    unsafe { tch::Tensor::from_ptr(result) }
+}
+
 impl ModuleOps<Self> for LibTorch {
     fn embedding(weights: TchTensor, indices: TchTensor) -> TchTensor {
         // Workaround for MPS "Placeholder storage has not been allocated" error.
@@ -127,9 +192,38 @@ impl ModuleOps<Self> for LibTorch {
         TchTensor::new(tensor)
     }
 
-    // Lanner's patch (see vendor/burn-tch/LANNER.md): the weight gradient through libtorch's
-    // own autograd, that is cuDNN's backward-filter on GPUs. burn's default loops over the
-    // groups, one convolution per channel of a depthwise convolution.
+    // Lanner's patch (see vendor/burn-tch/LANNER.md): both gradients of a 2-D convolution
+    // from ATen's `convolution_backward`. burn's defaults compute the input gradient as a
+    // transposed convolution and the weight gradient with one convolution per group (per
+    // channel of a depthwise convolution).
+    fn conv2d_x_backward(
+        x: TchTensor,
+        weight: TchTensor,
+        output_grad: TchTensor,
+        options: ConvOptions<2>,
+    ) -> TchTensor {
+        let input_size = x.tensor.size();
+        let begins = options.padding_begin();
+        let asymmetric = options.is_asymmetric();
+        let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
+        let gradient = conv2d_backward(
+            &x.tensor,
+            &weight.tensor,
+            &output_grad.tensor,
+            &options,
+            Conv2dGradient::Input,
+        );
+        let gradient = if asymmetric {
+            // The gradient of the padded input, cropped to the input.
+            gradient
+                .narrow(2, begins[0] as i64, input_size[2])
+                .narrow(3, begins[1] as i64, input_size[3])
+        } else {
+            gradient
+        };
+        TchTensor::new(gradient)
+    }
+
     fn conv2d_weight_backward(
         x: TchTensor,
         weight: TchTensor,
@@ -137,26 +231,13 @@ impl ModuleOps<Self> for LibTorch {
         options: ConvOptions<2>,
     ) -> TchTensor {
         let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
-        let x = crate::memory_format::for_convolution(&x.tensor);
-        let output_grad = crate::memory_format::for_convolution(&output_grad.tensor);
-        let gradient = tch::with_grad(|| {
-            let weight = weight.tensor.detach().set_requires_grad(true);
-            let output = x.detach().conv2d(
-                &weight,
-                None::<tch::Tensor>,
-                options.stride.map(|i| i as i64),
-                options.padding_begin().map(|i| i as i64),
-                options.dilation.map(|i| i as i64),
-                options.groups as i64,
-            );
-            // d(sum(output * g)) / d(output) is g, so this is the convolution's backward pass
-            // for the output gradient g.
-            let seed = (&output * output_grad.detach()).sum(output.kind());
-            tch::Tensor::run_backward(&[seed], &[&weight], false, false)
-                .pop()
-                .expect("one gradient per input")
-        });
-        TchTensor::new(gradient)
+        TchTensor::new(conv2d_backward(
+            &x.tensor,
+            &weight.tensor,
+            &output_grad.tensor,
+            &options,
+            Conv2dGradient::Weight,
+        ))
     }
 
     fn conv3d(
@@ -227,8 +308,7 @@ impl ModuleOps<Self> for LibTorch {
         bias: Option<TchTensor>,
         options: ConvTransposeOptions<2>,
     ) -> TchTensor {
-        // Lanner's patch: channels-last input when asked (src/memory_format.rs); burn's
-        // autodiff computes a convolution's input gradient with this.
+        // Lanner's patch: channels-last input when asked (src/memory_format.rs).
         let x = crate::memory_format::for_convolution(&x.tensor);
         let tensor = tch::Tensor::conv_transpose2d(
             &x,
