@@ -213,15 +213,16 @@ fn libtorch_folder() -> Option<PathBuf> {
     reason = "burn 0.22 deprecates burn-tch, which the `torch` build is"
 )]
 mod tests {
-    use burn::tensor::module::conv2d;
+    use burn::tensor::module::{batch_norm_train, conv2d};
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::{Device, Tensor, TensorData};
 
     use super::*;
 
-    /// Three convolutions as the backbones have them (depthwise; strided with Keras' "same"
-    /// padding, which is asymmetric; pointwise), forward and backward on `device`: the output
-    /// and the gradients of the input and of each weight.
+    /// Three convolutions as the backbones have them (depthwise, then BatchNorm with the
+    /// batch's statistics; strided with asymmetric padding, as Keras' "same" pads; pointwise),
+    /// forward and backward on `device`: the output, the batch statistics, and the gradients
+    /// of BatchNorm's weight and bias, of the input and of each convolution's weight.
     fn convolutions(device: &Device) -> Vec<Vec<f32>> {
         let device = device.clone().autodiff();
         let values = |n: usize, seed: usize| -> Vec<f32> {
@@ -243,6 +244,13 @@ mod tests {
             None,
             ConvOptions::new([1, 1], [1, 1], [1, 1], 4),
         );
+        // BatchNorm with the batch's statistics, as `--from-scratch` trains it.
+        let gamma =
+            Tensor::<1>::from_data(TensorData::new(values(4, 5), [4]), &device).require_grad();
+        let beta =
+            Tensor::<1>::from_data(TensorData::new(values(4, 6), [4]), &device).require_grad();
+        let normalized = batch_norm_train(hidden, gamma.clone(), beta.clone(), 1e-3);
+        let hidden = normalized.output;
         let hidden = conv2d(
             hidden,
             strided.clone(),
@@ -257,7 +265,14 @@ mod tests {
         );
         let gradients = (output.clone() * output.clone()).sum().backward();
         let read = |t: Tensor<4>| t.into_data().to_vec::<f32>().unwrap();
-        let mut results = vec![read(output.inner())];
+        let read_1 = |t: Tensor<1>| t.into_data().to_vec::<f32>().unwrap();
+        let mut results = vec![
+            read(output.inner()),
+            read_1(normalized.mean.inner()),
+            read_1(normalized.variance.inner()),
+            read_1(gamma.grad(&gradients).unwrap()),
+            read_1(beta.grad(&gradients).unwrap()),
+        ];
         for input in [x, depthwise, strided, pointwise] {
             results.push(read(input.grad(&gradients).unwrap()));
         }
@@ -278,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn libtorch_convolutions_and_their_gradients_match_burn_flex_in_both_memory_orders() {
+    fn libtorch_convolutions_and_batch_norm_match_burn_flex_in_both_memory_orders() {
         let want = convolutions(&Device::flex());
         // SAFETY of the global switch: this is the only test of this binary that sets it.
         unsafe { std::env::remove_var("LANNER_MEMORY_FORMAT") };

@@ -2,7 +2,7 @@ use crate::{IntoKind, LibTorch, TchTensor};
 use burn_backend::{
     IntDType, TensorMetadata,
     ops::{
-        AttentionModuleOptions, ConvOptions, ConvTransposeOptions, DeformConv2dBackward,
+        AttentionModuleOptions, BatchNormTrain, BatchNormTrainBackward, ConvOptions, ConvTransposeOptions, DeformConv2dBackward,
         DeformConvOptions, InterpolateMode, InterpolateOptions, MaxPool1dWithIndices,
         MaxPool2dBackward, MaxPool2dWithIndices, ModuleOps, attention::attention_fallback,
         conv::pad_asymmetric_conv_input,
@@ -24,6 +24,24 @@ unsafe extern "C" {
         error: *mut std::ffi::c_char,
         error_size: usize,
     ) -> *mut torch_sys::C_tensor;
+    fn lanner_batch_norm_train_backward(
+        grad_output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        weight: *const torch_sys::C_tensor,
+        mean: *const torch_sys::C_tensor,
+        variance: *const torch_sys::C_tensor,
+        epsilon: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_size: usize,
+    ) -> bool;
+}
+
+/// The message a shim of src/lanner_ops.cpp left in `error`.
+fn shim_error(error: &[u8]) -> String {
+    std::ffi::CStr::from_bytes_until_nul(error)
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Which gradient [`conv2d_backward`] computes.
@@ -66,10 +84,7 @@ fn conv2d_backward(
         )
     };
     if result.is_null() {
-        let message = std::ffi::CStr::from_bytes_until_nul(&error)
-            .map(|m| m.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        panic!("convolution_backward failed: {message}");
+        panic!("convolution_backward failed: {}", shim_error(&error));
     }
     // SAFETY: a new at::Tensor that the returned tch tensor owns (and frees on drop).
     unsafe { tch::Tensor::from_ptr(result) }
@@ -190,6 +205,57 @@ impl ModuleOps<Self> for LibTorch {
             true,
         );
         TchTensor::new(tensor)
+    }
+
+    // Lanner's patch (see vendor/burn-tch/LANNER.md): batch normalisation with the batch's
+    // statistics as ATen's `var_mean` (one pass) and `batch_norm`, and its backward as
+    // `native_batch_norm_backward`; burn's defaults record about a dozen tensor operations.
+    fn batch_norm_train(
+        x: TchTensor,
+        gamma: TchTensor,
+        beta: TchTensor,
+        epsilon: f64,
+    ) -> BatchNormTrain<Self> {
+        let reduced: Vec<i64> = (0..x.tensor.dim() as i64).filter(|&d| d != 1).collect();
+        let (variance, mean) = x.tensor.var_mean_correction(reduced.as_slice(), 0, false);
+        let mean = TchTensor::new(mean);
+        let variance = TchTensor::new(variance);
+        let output = Self::batch_norm(x, gamma, beta, mean.clone(), variance.clone(), epsilon);
+        BatchNormTrain::new(output, mean, variance)
+    }
+
+    fn batch_norm_train_backward(
+        x: TchTensor,
+        gamma: TchTensor,
+        mean: TchTensor,
+        variance: TchTensor,
+        epsilon: f64,
+        output_grad: TchTensor,
+    ) -> BatchNormTrainBackward<Self> {
+        let mut out = [std::ptr::null_mut(); 3];
+        let mut error = [0u8; 512];
+        // SAFETY: live tch tensors (pointers to at::Tensor), room for the three results, and
+        // `error` with the size passed with it.
+        let done = unsafe {
+            lanner_batch_norm_train_backward(
+                output_grad.tensor.as_ptr(),
+                x.tensor.as_ptr(),
+                gamma.tensor.as_ptr(),
+                mean.tensor.as_ptr(),
+                variance.tensor.as_ptr(),
+                epsilon,
+                out.as_mut_ptr(),
+                error.as_mut_ptr().cast(),
+                error.len(),
+            )
+        };
+        if !done {
+            panic!("native_batch_norm_backward failed: {}", shim_error(&error));
+        }
+        // SAFETY: three new at::Tensor that the TchTensors now own (tch frees them on drop).
+        let [x_grad, gamma_grad, beta_grad] =
+            out.map(|tensor| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }));
+        BatchNormTrainBackward::new(x_grad, gamma_grad, beta_grad)
     }
 
     // Lanner's patch (see vendor/burn-tch/LANNER.md): both gradients of a 2-D convolution
