@@ -310,4 +310,24 @@ mod tests {
         );
         burn_tch::memory_format::set_channels_last(false);
     }
+
+    #[test]
+    fn hard_activations_match_burn_flex() {
+        let run = |device: &Device| {
+            let values: Vec<f32> = (0..80).map(|i| i as f32 / 8.0 - 5.0).collect();
+            let x = Tensor::<1>::from_data(TensorData::new(values, [80]), device);
+            [
+                burn::tensor::activation::hard_sigmoid(x.clone(), 1.0 / 6.0, 0.5),
+                burn::tensor::activation::hard_sigmoid(x.clone(), 0.2, 0.5),
+                burn::tensor::activation::hard_swish(x),
+            ]
+            .map(|t| t.into_data().to_vec::<f32>().unwrap())
+        };
+        let want = run(&Device::flex());
+        for (got, want) in run(&Device::libtorch()).iter().zip(&want) {
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+            }
+        }
+    }
 }

@@ -1,4 +1,5 @@
 use crate::{LibTorch, TchTensor};
+use burn_backend::Scalar;
 use burn_backend::ops::ActivationOps;
 
 impl ActivationOps<Self> for LibTorch {
@@ -18,6 +19,19 @@ impl ActivationOps<Self> for LibTorch {
         let tensor = tensor.tensor.gelu_backward(&grad.tensor, "none");
 
         TchTensor::from_existing(tensor, storage)
+    }
+
+    // Lanner's patch (see LANNER.md): MobileNetV3's hard sigmoid, `clamp(x / 6 + 1 / 2, 0, 1)`,
+    // is ATen's one-kernel `hardsigmoid`; burn's default makes four passes (and two casts
+    // below f32). Other slopes and offsets take ATen's three operations.
+    fn hard_sigmoid(tensor: TchTensor, alpha: Scalar, beta: Scalar) -> TchTensor {
+        let (alpha, beta) = (alpha.elem::<f64>(), beta.elem::<f64>());
+        let result = if (alpha - 1.0 / 6.0).abs() < 1e-12 && (beta - 0.5).abs() < 1e-12 {
+            tensor.tensor.hardsigmoid()
+        } else {
+            (tensor.tensor * alpha + beta).clamp(0.0, 1.0)
+        };
+        TchTensor::new(result)
     }
 
     fn sigmoid(tensor: TchTensor) -> TchTensor {
