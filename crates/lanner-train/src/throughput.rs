@@ -204,30 +204,24 @@ fn time_steps(
     started: Instant,
     mut step: impl FnMut(usize) -> StepLogits,
 ) -> (f64, Vec<f64>) {
-    std::hint::black_box(step(0).read());
+    // Run the steps of `indices`, then read the last one's logits (which waits for them all).
+    let mut run = |indices: std::ops::Range<usize>| {
+        if let Some(logits) = indices.map(&mut step).last() {
+            std::hint::black_box(logits.read());
+        }
+    };
+    run(0..1);
     let first = started.elapsed().as_secs_f64();
-    let mut last = None;
-    for index in 1..=config.warmup {
-        last = Some(step(index));
-    }
-    if let Some(logits) = last {
-        std::hint::black_box(logits.read());
-    }
+    run(1..1 + config.warmup);
     let every = config.readback_every.max(1);
     let mut seconds = Vec::with_capacity(config.steps);
+    let end = 1 + config.warmup + config.steps;
     let mut index = 1 + config.warmup;
-    let end = index + config.steps;
     while index < end {
         let group = every.min(end - index);
         let group_started = Instant::now();
-        let mut last = None;
-        for _ in 0..group {
-            last = Some(step(index));
-            index += 1;
-        }
-        if let Some(logits) = last {
-            std::hint::black_box(logits.read());
-        }
+        run(index..index + group);
+        index += group;
         let each = group_started.elapsed().as_secs_f64() / group as f64;
         seconds.extend(std::iter::repeat_n(each, group));
     }

@@ -376,7 +376,8 @@ impl TchTensor {
                 // SAFETY: `bytes` holds `dims`' elements of `E` in row-major order and outlives
                 // the view, which `_pin_memory` copies before it is dropped.
                 let view = unsafe {
-                    tch::Tensor::from_blob(bytes.as_ptr(), dims, &strides, E::kind(), tch::Device::Cpu)
+                    let cpu = tch::Device::Cpu;
+                    tch::Tensor::from_blob(bytes.as_ptr(), dims, &strides, E::kind(), cpu)
                 };
                 view.internal_pin_memory(device)
                     .to_device_(device, E::kind(), true, false)
