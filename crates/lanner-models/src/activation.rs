@@ -19,6 +19,9 @@ impl Activation {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Activation::Relu => activation::relu(x),
+            Activation::HardSwish if crate::fused::available(&x.device()) => {
+                crate::fused::hard_swish(x)
+            }
             Activation::HardSwish => activation::hard_swish(x),
         }
     }

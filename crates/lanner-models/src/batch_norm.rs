@@ -99,8 +99,19 @@ impl BatchNorm2d {
         let statistic =
             |state: &RunningState<Tensor<1>>| in_dtype(state.value().to_device(&device), dtype);
         let (mean, variance) = (statistic(&self.running_mean), statistic(&self.running_var));
+        if crate::fused::available(&device) {
+            // One operation each way, which the `torch` build runs as ATen's kernels.
+            return crate::fused::frozen_batch_norm(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                mean,
+                variance,
+                self.epsilon,
+            );
+        }
         if !device.is_autodiff() {
-            // One operation, which a backend may run as one kernel (the `torch` build does).
+            // One operation, which a backend may run as one kernel.
             return burn::tensor::module::batch_norm(
                 x,
                 self.weight.val(),

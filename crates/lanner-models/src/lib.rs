@@ -32,6 +32,7 @@ pub mod channels;
 pub mod conv;
 pub mod folded;
 pub mod frozen;
+pub mod fused;
 pub mod head;
 pub mod hub;
 pub mod keras_layers;

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdio>
 #include <exception>
+#include <optional>
 
 extern "C" {
 
@@ -30,26 +31,42 @@ at::Tensor *lanner_conv2d_backward(const at::Tensor *grad_output, const at::Tens
   }
 }
 
-// The gradients of batch normalisation with the batch's own statistics (training mode) for
-// the output gradient `grad_output`: the input's, the weight's and the bias', from ATen's
-// native_batch_norm_backward. `mean` and `variance` are the batch's (biased variance). The
-// weight, the mean and the inverse standard deviation go in as float, the mixed-precision
-// case PyTorch's kernels support for bf16 and f16 inputs; the weight and bias gradients come
-// back in the weight's type. Writes three new tensors to `out`, or returns false with the
-// reason in `error`.
-bool lanner_batch_norm_train_backward(const at::Tensor *grad_output, const at::Tensor *input,
-                                      const at::Tensor *weight, const at::Tensor *mean,
-                                      const at::Tensor *variance, double epsilon,
-                                      at::Tensor **out, char *error, size_t error_size) {
+// The gradients of batch normalisation for the output gradient `grad_output`: the input's,
+// the weight's and the bias', from ATen's native_batch_norm_backward, each only where
+// `needed` says so (an output not computed is returned as nullptr). With `training`, `mean`
+// and `variance` are the batch's own statistics (biased variance); without, they are fixed
+// statistics (the running ones, as in PyTorch's eval mode), which the output depends on only
+// through the normalisation. The weight and the statistics go in as float, the
+// mixed-precision case PyTorch's kernels support for bf16 and f16 inputs; the weight and bias
+// gradients come back in the weight's type. Writes three results to `out`, or returns false
+// with the reason in `error`.
+bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor *input,
+                                const at::Tensor *weight, const at::Tensor *mean,
+                                const at::Tensor *variance, double epsilon, bool training,
+                                const bool *needed, at::Tensor **out, char *error,
+                                size_t error_size) {
   try {
     const auto weight_type = weight->scalar_type();
-    auto inverse_std = (variance->to(at::kFloat) + epsilon).rsqrt();
-    auto gradients = at::native_batch_norm_backward(
-        *grad_output, *input, weight->to(at::kFloat), std::nullopt, std::nullopt,
-        mean->to(at::kFloat), inverse_std, true, epsilon, {true, true, true});
-    out[0] = new at::Tensor(std::get<0>(gradients));
-    out[1] = new at::Tensor(std::get<1>(gradients).to(weight_type));
-    out[2] = new at::Tensor(std::get<2>(gradients).to(weight_type));
+    const auto mean_f = mean->to(at::kFloat);
+    const auto variance_f = variance->to(at::kFloat);
+    const std::array<bool, 3> mask{needed[0], needed[1], needed[2]};
+    auto gradients =
+        training ? at::native_batch_norm_backward(*grad_output, *input, weight->to(at::kFloat),
+                                                  std::nullopt, std::nullopt, mean_f,
+                                                  (variance_f + epsilon).rsqrt(), true, epsilon,
+                                                  mask)
+                 : at::native_batch_norm_backward(*grad_output, *input, weight->to(at::kFloat),
+                                                  mean_f, variance_f, std::nullopt,
+                                                  std::nullopt, false, epsilon, mask);
+    auto result = [](const at::Tensor &tensor, std::optional<at::ScalarType> type) {
+      if (!tensor.defined()) {
+        return static_cast<at::Tensor *>(nullptr);
+      }
+      return new at::Tensor(type ? tensor.to(*type) : tensor);
+    };
+    out[0] = result(std::get<0>(gradients), std::nullopt);
+    out[1] = result(std::get<1>(gradients), weight_type);
+    out[2] = result(std::get<2>(gradients), weight_type);
     return true;
   } catch (const std::exception &e) {
     std::snprintf(error, error_size, "%s", e.what());

@@ -16,6 +16,7 @@
 
 mod backend;
 mod element;
+pub mod fused;
 pub mod memory_format;
 mod ops;
 mod tensor;

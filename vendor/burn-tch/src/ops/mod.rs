@@ -8,3 +8,4 @@ mod tensor;
 mod transaction;
 
 pub(crate) use base::*;
+pub(crate) use module::shim_error;

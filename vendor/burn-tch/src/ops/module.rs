@@ -24,21 +24,10 @@ unsafe extern "C" {
         error: *mut std::ffi::c_char,
         error_size: usize,
     ) -> *mut torch_sys::C_tensor;
-    fn lanner_batch_norm_train_backward(
-        grad_output: *const torch_sys::C_tensor,
-        input: *const torch_sys::C_tensor,
-        weight: *const torch_sys::C_tensor,
-        mean: *const torch_sys::C_tensor,
-        variance: *const torch_sys::C_tensor,
-        epsilon: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        error: *mut std::ffi::c_char,
-        error_size: usize,
-    ) -> bool;
 }
 
 /// The message a shim of src/lanner_ops.cpp left in `error`.
-fn shim_error(error: &[u8]) -> String {
+pub(crate) fn shim_error(error: &[u8]) -> String {
     std::ffi::CStr::from_bytes_until_nul(error)
         .map(|m| m.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -232,29 +221,17 @@ impl ModuleOps<Self> for LibTorch {
         epsilon: f64,
         output_grad: TchTensor,
     ) -> BatchNormTrainBackward<Self> {
-        let mut out = [std::ptr::null_mut(); 3];
-        let mut error = [0u8; 512];
-        // SAFETY: live tch tensors (pointers to at::Tensor), room for the three results, and
-        // `error` with the size passed with it.
-        let done = unsafe {
-            lanner_batch_norm_train_backward(
-                output_grad.tensor.as_ptr(),
-                x.tensor.as_ptr(),
-                gamma.tensor.as_ptr(),
-                mean.tensor.as_ptr(),
-                variance.tensor.as_ptr(),
-                epsilon,
-                out.as_mut_ptr(),
-                error.as_mut_ptr().cast(),
-                error.len(),
-            )
-        };
-        if !done {
-            panic!("native_batch_norm_backward failed: {}", shim_error(&error));
-        }
-        // SAFETY: three new at::Tensor that the TchTensors now own (tch frees them on drop).
-        let [x_grad, gamma_grad, beta_grad] =
-            out.map(|tensor| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }));
+        let [x_grad, gamma_grad, beta_grad] = crate::fused::batch_norm_backward(
+            &x,
+            &gamma,
+            &mean,
+            &variance,
+            epsilon,
+            &output_grad,
+            crate::fused::Statistics::Batch,
+            [true; 3],
+        )
+        .map(|gradient| gradient.expect("every gradient was asked for"));
         BatchNormTrainBackward::new(x_grad, gamma_grad, beta_grad)
     }
 
