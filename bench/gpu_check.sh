@@ -33,8 +33,9 @@
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
 #   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
-#   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step  the `torch` build with
-#               its memory order and logit readback switched from their defaults
+#   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step,
+#   torch-*-composite-layers  the `torch` build with its memory order, logit readback and
+#               fused layers switched from their defaults
 set -u
 OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
 mkdir -p "$OUT"
@@ -215,6 +216,13 @@ if [ -x "$TORCH_BIN" ]; then
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
     "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
     --device "$GPU" --json --precision bf16 --step frozen --step full
+  # Frozen-statistics BatchNorm and hard swish as burn's composites instead of one ATen
+  # operation each way (lanner_models::fused).
+  for batch in 32 256; do
+    LANNER_FUSED_LAYERS=off stage "torch-mobilenet-b$batch-bf16-composite-layers" 60 \
+      "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size "$batch" --steps 5 \
+      --warmup 2 --device "$GPU" --json --precision bf16 --step fine-tune --step inference
+  done
 fi
 [ -x "$BIN" ] && check_build cuda "$BIN" 100
 [ -x "$UNFUSED" ] && LANNER_KERNEL_CACHE=$WORK/kernels-unfused \

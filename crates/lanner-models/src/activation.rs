@@ -29,5 +29,8 @@ impl Activation {
 
 /// PyTorch's `hardsigmoid`: `relu6(x + 3) / 6`, the squeeze-excitation gate of MobileNetV3.
 pub fn hard_sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if crate::fused::available(&x.device()) {
+        return crate::fused::hard_sigmoid(x);
+    }
     activation::hard_sigmoid(x, 1.0 / 6.0, 0.5)
 }

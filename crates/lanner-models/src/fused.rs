@@ -1,13 +1,16 @@
-//! Two layers as one operation each, forward and backward, where burn composes them out of
-//! several tensor operations: BatchNorm with frozen statistics (the backbone's, always) and
-//! MobileNetV3's hard swish.
+//! Layers as one operation each, forward and backward, where burn composes them out of several
+//! tensor operations: BatchNorm with frozen statistics (the backbone's, always), MobileNetV3's
+//! hard swish and hard sigmoid, and global average pooling.
 //!
 //! Under burn's autodiff, `x · scale + shift` records two operations forward and, backward, a
 //! product for the input's gradient plus a product and a reduction per broadcast dimension for
-//! the scale's and the shift's; hard swish records four or five forward and as many backward.
-//! On a GPU each is a kernel launch and a pass over the activation. PyTorch runs one kernel
-//! each way for both layers (`batch_norm`/`native_batch_norm_backward`, `hardswish`/
-//! `hardswish_backward`), and so does the `torch` build through this module.
+//! the scale's and the shift's; hard swish and hard sigmoid record four or five each way, and a
+//! mean over height then width two forward and eight backward. On a GPU each is a kernel
+//! launch, and most a pass over the activation. PyTorch runs one operation forward and one or
+//! two backward for each of these layers (`batch_norm`/`native_batch_norm_backward`,
+//! `hardswish`/`hardswish_backward`, `hardsigmoid`/`hardsigmoid_backward`, `mean`/`expand` and
+//! `div`), and so does the `torch` build through this module (pooling as ATen's
+//! `adaptive_avg_pool2d` and its backward).
 //!
 //! [`FusedOps`] is a burn backend extension: the forward passes, implemented by each backend
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
@@ -31,9 +34,22 @@ use burn::backend::{Autodiff, Dispatch, Flex};
 use burn::backend::{Backend, DispatchDevice, Scalar, Shape, TensorMetadata, backend_extension};
 use burn::backend::{get_or_init_device_settings, tensor::FloatTensor};
 use burn::tensor::{Device, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether tensors on `device` (with or without autodiff) run [`FusedOps`].
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turn the fused layers off (burn's composites everywhere) or back on, for the whole process:
+/// to compare the two on the same machine (`LANNER_FUSED_LAYERS`).
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether tensors on `device` (with or without autodiff) run [`FusedOps`]: on burn-flex and
+/// libtorch devices, unless [`set_enabled`] turned them off.
 pub fn available(device: &Device) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return false;
+    }
     match device.clone().inner().as_dispatch() {
         DispatchDevice::Flex(_) => true,
         #[cfg(feature = "torch")]
@@ -68,6 +84,20 @@ pub fn hard_swish<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::hard_swish(x.into_dispatch()))
 }
 
+/// `relu6(x + 3) / 6` (PyTorch's `hardsigmoid`) as one operation. Only on a device where
+/// [`available`] holds.
+pub fn hard_sigmoid<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::hard_sigmoid_gate(x.into_dispatch()))
+}
+
+/// The mean over height and width, `[batch, channels, height, width]` → `[batch, channels, 1,
+/// 1]`, as one operation each way on libtorch. Only on a device where [`available`] holds.
+pub fn global_average_pool(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::global_average_pool(
+        x.into_dispatch(),
+    ))
+}
+
 /// The forward passes, one operation each.
 #[backend_extension(Flex, LibTorch: cfg(feature = "torch"), Autodiff)]
 pub trait FusedOps: Backend {
@@ -95,6 +125,21 @@ pub trait FusedOps: Backend {
             1.0.into(),
         );
         Self::float_mul(x, gate)
+    }
+
+    /// `clamp(x / 6 + 1/2, 0, 1)`: PyTorch's `hardsigmoid`, the squeeze-excitation gate of
+    /// MobileNetV3 (burn's own `hard_sigmoid` takes the slope and offset as arguments).
+    fn hard_sigmoid_gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_clamp(
+            Self::float_add_scalar(Self::float_mul_scalar(x, scalar(1.0 / 6.0)), 0.5.into()),
+            0.0.into(),
+            1.0.into(),
+        )
+    }
+
+    /// The mean over dimensions 2 and 3, kept as size 1.
+    fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_mean_dim(Self::float_mean_dim(x, 2), 3)
     }
 }
 
@@ -150,6 +195,32 @@ pub trait FusedBackward: Backend {
         let slope = Self::float_mask_fill(slope, above, 1.0.into());
         Self::float_mul(grad, slope)
     }
+
+    /// The gradient of [`FusedOps::hard_sigmoid_gate`] at `x` for the output gradient `grad`:
+    /// PyTorch's `hardsigmoid_backward` (1/6 strictly between −3 and 3, else 0).
+    fn hard_sigmoid_gate_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let bools = get_or_init_device_settings::<Self>(&x.device()).bool_dtype;
+        let outside = Self::bool_or(
+            Self::float_lower_equal_elem(x.clone(), (-3.0).into(), bools),
+            Self::float_greater_equal_elem(x, 3.0.into(), bools),
+        );
+        let grad = Self::float_mul_scalar(grad, scalar(1.0 / 6.0));
+        Self::float_mask_fill(grad, outside, 0.0.into())
+    }
+
+    /// The gradient of [`FusedOps::global_average_pool`] with respect to `x` for the output
+    /// gradient `grad` (`[batch, channels, 1, 1]`): `grad / (height · width)` everywhere.
+    fn global_average_pool_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let area = (shape[2] * shape[3]) as f64;
+        Self::float_mul_scalar(Self::float_expand(grad, shape), scalar(1.0 / area))
+    }
 }
 
 fn scalar(value: f64) -> Scalar {
@@ -164,11 +235,20 @@ mod torch {
     //! ATen's kernels, through Lanner's patch of burn-tch.
 
     use super::{FloatTensor, FusedBackward, FusedOps, LibTorch};
+    use burn::backend::ops::ModuleOps;
     use burn_tch::fused::{self, Statistics};
 
     impl FusedOps for LibTorch {
         fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
             fused::hard_swish(&x)
+        }
+
+        fn hard_sigmoid_gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            fused::hard_sigmoid(&x)
+        }
+
+        fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            Self::adaptive_avg_pool2d(x, [1, 1])
         }
     }
 
@@ -190,6 +270,20 @@ mod torch {
 
         fn hard_swish_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
             fused::hard_swish_backward(&x, &grad)
+        }
+
+        fn hard_sigmoid_gate_backward(
+            x: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            fused::hard_sigmoid_backward(&x, &grad)
+        }
+
+        fn global_average_pool_backward(
+            x: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            Self::adaptive_avg_pool2d_backward(x, grad)
         }
     }
 }
@@ -265,54 +359,98 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
     }
 
     fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct HardSwish;
+        unary::<B, C>(x, Unary::HardSwish)
+    }
 
-        impl<B: FusedBackward> Backward<B, 1> for HardSwish {
-            /// The input.
-            type State = FloatTensor<B>;
+    fn hard_sigmoid_gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        unary::<B, C>(x, Unary::HardSigmoidGate)
+    }
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [parent] = ops.parents;
-                if let Some(parent) = parent {
-                    grads.register::<B>(parent.id, B::hard_swish_backward(ops.state, grad));
-                }
-            }
+    fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        unary::<B, C>(x, Unary::GlobalAveragePool)
+    }
+}
+
+/// The one-input operations of [`FusedOps`].
+#[derive(Clone, Copy, Debug)]
+enum Unary {
+    HardSwish,
+    HardSigmoidGate,
+    GlobalAveragePool,
+}
+
+impl Unary {
+    fn forward<B: FusedOps>(self, x: FloatTensor<B>) -> FloatTensor<B> {
+        match self {
+            Self::HardSwish => B::hard_swish(x),
+            Self::HardSigmoidGate => B::hard_sigmoid_gate(x),
+            Self::GlobalAveragePool => B::global_average_pool(x),
         }
+    }
 
-        match HardSwish
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = x.into_primitive();
-                let output = B::hard_swish(x.clone());
-                prep.finish(x, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::hard_swish(x.into_primitive())),
+    fn backward<B: FusedBackward>(self, x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        match self {
+            Self::HardSwish => B::hard_swish_backward(x, grad),
+            Self::HardSigmoidGate => B::hard_sigmoid_gate_backward(x, grad),
+            Self::GlobalAveragePool => B::global_average_pool_backward(x, grad),
         }
+    }
+}
+
+impl<B: FusedBackward> Backward<B, 1> for Unary {
+    /// The input.
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, Unary::backward::<B>(self, ops.state, grad));
+        }
+    }
+}
+
+/// `operation` on `x` under autodiff, keeping `x` for the backward pass.
+fn unary<B: FusedOps + FusedBackward, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    operation: Unary,
+) -> FloatTensor<Autodiff<B, C>> {
+    match operation
+        .prepare::<C>([x.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let x = x.into_primitive();
+            let output = operation.forward::<B>(x.clone());
+            prep.finish(x, output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(operation.forward::<B>(x.into_primitive())),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Tensor, TensorData, activation};
+    use burn::tensor::activation::{self, relu};
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{Device, Tensor, TensorData};
 
     use super::*;
 
-    /// BatchNorm with frozen statistics, then hard swish, forward and backward on `device`,
-    /// fused or as burn's composites: the output and the gradients of the input (when it
-    /// requires one), the weight and the bias.
+    /// A MobileNetV3 block's tail on `device`, forward and backward, with the fused layers or
+    /// burn's composites: BatchNorm with frozen statistics, hard swish, then squeeze-excitation
+    /// (global average pool, a 1x1 convolution with bias, ReLU, hard sigmoid, the product).
+    /// Returns the output and the gradients of the input (when it requires one), BatchNorm's
+    /// weight and bias, and the convolution's weight and bias.
     fn layers(device: &Device, fused: bool, input_gradient: bool) -> Vec<Vec<f32>> {
         let device = device.clone().autodiff();
-        // Irregular values across hard swish's three pieces, never exactly ±3.
+        // Irregular values across the activations' pieces, never exactly ±3.
         let values = |n: usize, seed: usize, spread: f32| -> Vec<f32> {
             (0..n)
                 .map(|i| ((((i * 7919 + seed * 104729) % 1009) as f32) / 1009.0 - 0.5) * spread)
@@ -328,8 +466,11 @@ mod tests {
         let weight = channel(2, 2.0, 1.0).require_grad();
         let bias = channel(3, 2.0, 0.0).require_grad();
         let (mean, variance) = (channel(4, 2.0, 0.0), channel(5, 1.0, 1.0));
+        let conv_weight = TensorData::new(values(9, 7, 8.0), [3, 3, 1, 1]);
+        let conv_weight = Tensor::<4>::from_data(conv_weight, &device).require_grad();
+        let conv_bias = channel(8, 2.0, 0.0).require_grad();
         let epsilon = 1e-3;
-        let output = if fused {
+        let hidden = if fused {
             let normalised = frozen_batch_norm(
                 x.clone(),
                 weight.clone(),
@@ -345,6 +486,24 @@ mod tests {
             let normalised = x.clone() * scale.reshape([1, 3, 1, 1]) + shift.reshape([1, 3, 1, 1]);
             activation::hard_swish(normalised)
         };
+        let squeezed = if fused {
+            global_average_pool(hidden.clone())
+        } else {
+            hidden.clone().mean_dims(&[2, 3])
+        };
+        let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        let gate = relu(conv2d(
+            squeezed,
+            conv_weight.clone(),
+            Some(conv_bias.clone()),
+            options,
+        ));
+        let gate = if fused {
+            hard_sigmoid(gate)
+        } else {
+            activation::hard_sigmoid(gate, 1.0 / 6.0, 0.5)
+        };
+        let output = hidden * gate;
         let weights = Tensor::<4>::from_data(TensorData::new(values(120, 6, 2.0), shape), &device);
         let gradients = (output.clone() * weights).sum().backward();
         let read = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
@@ -353,6 +512,8 @@ mod tests {
             read(output.inner()),
             read_1(weight.grad(&gradients).unwrap()),
             read_1(bias.grad(&gradients).unwrap()),
+            read(conv_weight.grad(&gradients).unwrap()),
+            read_1(conv_bias.grad(&gradients).unwrap()),
         ];
         match x.grad(&gradients) {
             Some(gradient) => results.push(read(gradient)),
@@ -392,15 +553,20 @@ mod tests {
             TensorData::new((0..80).map(|i| i as f32 / 8.0 - 5.05).collect(), [80]),
             &device,
         );
-        let got = hard_swish(x.clone())
+        let read = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+        let got = [hard_swish(x.clone()), hard_sigmoid(x.clone())].map(read);
+        let want = [
+            activation::hard_swish(x.clone()),
+            activation::hard_sigmoid(x.clone(), 1.0 / 6.0, 0.5),
+        ]
+        .map(read);
+        assert_close(&got, &want, "hard swish and hard sigmoid");
+        let x = x.reshape([2, 4, 2, 5]);
+        let got = global_average_pool(x.clone())
             .into_data()
-            .try_into_vec::<f32>()
-            .unwrap();
-        let want = activation::hard_swish(x)
-            .into_data()
-            .try_into_vec::<f32>()
-            .unwrap();
-        assert_close(&[got], &[want], "hard swish");
+            .try_into_vec::<f32>();
+        let want = x.mean_dims(&[2, 3]).into_data().try_into_vec::<f32>();
+        assert_close(&[got.unwrap()], &[want.unwrap()], "global average pool");
     }
 
     #[cfg(feature = "torch")]

@@ -54,7 +54,12 @@ impl ClassifierHead {
 /// (Keras' `GlobalAveragePooling2D`).
 pub fn global_average_pool(features: Tensor<4>) -> Tensor<2> {
     let [batch, channels, _, _] = features.dims();
-    features.mean_dims(&[2, 3]).reshape([batch, channels])
+    let pooled = if crate::fused::available(&features.device()) {
+        crate::fused::global_average_pool(features)
+    } else {
+        features.mean_dims(&[2, 3])
+    };
+    pooled.reshape([batch, channels])
 }
 
 #[cfg(test)]

@@ -52,7 +52,11 @@ pub struct SqueezeExcite {
 impl SqueezeExcite {
     /// Gate the channels of `x`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let squeezed = x.clone().mean_dims(&[2, 3]);
+        let squeezed = if crate::fused::available(&x.device()) {
+            crate::fused::global_average_pool(x.clone())
+        } else {
+            x.clone().mean_dims(&[2, 3])
+        };
         let gate = self
             .conv_expand
             .forward(relu(self.conv_reduce.forward(squeezed)));

@@ -204,6 +204,20 @@ pub fn choose_memory_format(device: &Device, precision: Precision) -> Result<Opt
     Ok(None)
 }
 
+/// Whether BatchNorm with frozen statistics and hard swish run as one operation each way
+/// (`lanner_models::fused`; the default) or as burn's composites: `LANNER_FUSED_LAYERS=on|off`.
+pub fn choose_fused_layers() -> Result<()> {
+    let enabled = match std::env::var("LANNER_FUSED_LAYERS").as_deref() {
+        Err(_) | Ok("on") => true,
+        Ok("off") => false,
+        Ok(value) => {
+            bail!("LANNER_FUSED_LAYERS={value} is neither on nor off; set one, or unset it")
+        }
+    };
+    lanner_models::fused::set_enabled(enabled);
+    Ok(())
+}
+
 /// Steps run between two readbacks of their logits on `device` (see
 /// `lanner_train::TrainingJob::readback_every`): `LANNER_READBACK_EVERY` when set, else 1 on
 /// the CPU and 16 on a GPU.

@@ -86,3 +86,14 @@ pub fn hard_swish(x: &TchTensor) -> TchTensor {
 pub fn hard_swish_backward(x: &TchTensor, output_grad: &TchTensor) -> TchTensor {
     TchTensor::new(x.tensor.hardswish_backward(&output_grad.tensor))
 }
+
+/// MobileNetV3's hard sigmoid, `relu6(x + 3) / 6`, as ATen's one-kernel `hardsigmoid`.
+pub fn hard_sigmoid(x: &TchTensor) -> TchTensor {
+    TchTensor::new(x.tensor.hardsigmoid())
+}
+
+/// The gradient of [`hard_sigmoid`] at `x` for the output gradient `output_grad`, as ATen's
+/// one-kernel `hardsigmoid_backward` (1/6 strictly between −3 and 3, else 0).
+pub fn hard_sigmoid_backward(x: &TchTensor, output_grad: &TchTensor) -> TchTensor {
+    TchTensor::new(x.tensor.hardsigmoid_backward(&output_grad.tensor))
+}

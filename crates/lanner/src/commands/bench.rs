@@ -85,6 +85,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         bail!("--image-size {image_size} is too small; use at least 32");
     }
     let (device, label) = args.device.resolve()?;
+    crate::device::choose_fused_layers()?;
     let label = match crate::device::choose_memory_format(&device, args.precision)? {
         Some(format) => format!("{label}, {format}"),
         None => label,

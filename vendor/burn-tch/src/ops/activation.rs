@@ -34,6 +34,12 @@ impl ActivationOps<Self> for LibTorch {
         TchTensor::new(result)
     }
 
+    // Lanner's patch (see LANNER.md): ReLU's gradient as ATen's one `threshold_backward`, what
+    // PyTorch's autograd runs; burn's default is a comparison and a masked fill.
+    fn relu_backward(output: TchTensor, grad: TchTensor) -> TchTensor {
+        TchTensor::new(output.tensor.threshold_backward(&grad.tensor, 0.0))
+    }
+
     fn sigmoid(tensor: TchTensor) -> TchTensor {
         tensor.unary_ops(|mut tensor| tensor.sigmoid_(), |tensor| tensor.sigmoid())
     }

@@ -239,6 +239,16 @@ impl ModuleOps<Self> for LibTorch {
     // from ATen's `convolution_backward`. burn's defaults compute the input gradient as a
     // transposed convolution and the weight gradient with one convolution per group (per
     // channel of a depthwise convolution).
+    // Lanner's patch (see vendor/burn-tch/LANNER.md): a convolution's bias gradient as one sum
+    // over the batch and both spatial dimensions; burn's default transposes the output
+    // gradient, copies it into a matrix and sums that.
+    fn conv2d_bias_backward(x: TchTensor, bias: TchTensor, output_grad: TchTensor) -> TchTensor {
+        let _ = (x, bias);
+        let kind = output_grad.tensor.kind();
+        let gradient = output_grad.tensor.sum_dim_intlist([0i64, 2, 3].as_slice(), false, kind);
+        TchTensor::new(gradient)
+    }
+
     fn conv2d_x_backward(
         x: TchTensor,
         weight: TchTensor,
