@@ -116,15 +116,7 @@ pub trait FusedOps: Backend {
 
     /// `x · clamp(x / 6 + 1/2, 0, 1)`.
     fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let gate = Self::float_clamp(
-            Self::float_add_scalar(
-                Self::float_mul_scalar(x.clone(), scalar(1.0 / 6.0)),
-                0.5.into(),
-            ),
-            0.0.into(),
-            1.0.into(),
-        );
-        Self::float_mul(x, gate)
+        Self::float_mul(x.clone(), Self::hard_sigmoid_gate(x))
     }
 
     /// `clamp(x / 6 + 1/2, 0, 1)`: PyTorch's `hardsigmoid`, the squeeze-excitation gate of
