@@ -204,8 +204,9 @@ pub fn choose_memory_format(device: &Device, precision: Precision) -> Result<Opt
     Ok(None)
 }
 
-/// Whether BatchNorm with frozen statistics and hard swish run as one operation each way
-/// (`lanner_models::fused`; the default) or as burn's composites: `LANNER_FUSED_LAYERS=on|off`.
+/// Whether the fused layers (`lanner_models::fused`: BatchNorm with frozen statistics, hard
+/// swish, hard sigmoid, global average pooling) run as one operation each way (the default)
+/// or as burn's composites: `LANNER_FUSED_LAYERS=on|off`.
 pub fn choose_fused_layers() -> Result<()> {
     let enabled = match std::env::var("LANNER_FUSED_LAYERS").as_deref() {
         Err(_) | Ok("on") => true,
