@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
-# Needs, prepared on the build machine (see README "GPU build"):
+# Needs, prepared on the build machine (`bash bench/gpu_package.sh` builds them all; see README
+# "GPU build"):
 #   bench/work/gpu/lanner-torch  LIBTORCH=<torch/ of the GPU machine's PyTorch version> \
 #                                cargo build --release -p lanner --features torch
 #   bench/work/gpu/lanner        cargo build --release -p lanner --features cuda
