@@ -514,7 +514,7 @@ mod tests {
         results
     }
 
-    pub(super) fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: number of results");
         for (index, (a, b)) in got.iter().zip(want).enumerate() {
             assert_eq!(a.len(), b.len(), "{what}, result {index}");
