@@ -12,8 +12,8 @@ PyTorch it was built against importable (with timm), and g++: the script compile
 bench/aten_ops.cpp against that PyTorch and preloads it into every process it runs. It counts
 the operations the framework itself issues: outermost ATen calls, and for PyTorch also the
 calls made directly by its autograd backward nodes (not the operations ATen runs inside an
-operation), and separately those that are more than a view or a no-op conversion (on a GPU:
-the kernel launches). Each row runs twice in fresh processes, with 2 and with 6 steps after one warm-up
+operation), and separately those that are more than a view, a no-op conversion or the read
+of a CPU scalar (on a GPU: the kernel launches). Each row runs twice in fresh processes, with 2 and with 6 steps after one warm-up
 step; per step = the difference / 4, so model building and the first step cancel out.
 
 Rows (the seed's recipe, as bench/cpu_speed.py runs them): frozen (phase 1, Adam on the
@@ -96,19 +96,24 @@ def torch_child(args):
 VIEWS = {"aten::reshape", "aten::view", "aten::slice", "aten::select", "aten::transpose", "aten::t",
          "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::detach",
          "aten::alias", "aten::as_strided", "aten::lift_fresh", "aten::to"}
+# Operations that run on the host only in the GPU setting: `item` reads a CPU scalar here
+# (PyTorch's Adam keeps its step counters on the CPU unless `capturable`, and reads each
+# one per parameter to compute the bias corrections).
+HOST_ONLY = {"aten::item"}
 
 
 def count(command, library, env):
-    """(issued operations, issued operations other than VIEWS) of one run."""
+    """(issued operations, issued operations other than VIEWS and HOST_ONLY) of one run."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "ops")
         env = dict(env, LD_PRELOAD=library, ATEN_OPS_OUT=out)
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             lines = f.read().splitlines()
-    views = sum(int(n) for n, name in (line.split(" ", 1) for line in lines[1:]) if name in VIEWS)
+    no_kernel = sum(int(n) for n, name in (line.split(" ", 1) for line in lines[1:])
+                    if name in VIEWS or name in HOST_ONLY)
     issued = int(lines[0].split()[0])
-    return issued, issued - views
+    return issued, issued - no_kernel
 
 
 def per_step(make_command, library, env):
@@ -161,8 +166,8 @@ def main():
                    LANNER_MEMORY_FORMAT="nchw")
         print(f"ATen operations issued per step; PyTorch {torch.__version__}, batch {BATCH}, "
               f"{SIZE}x{SIZE}, f32, NCHW")
-        print("all: every issued operation; compute: less those that only make a view or hand "
-              "their input back (no kernel)")
+        print("all: every issued operation; compute: less those that only make a view, hand "
+              "their input back or read a CPU scalar (no kernel)")
         print(f"{'model':<20} {'step':<14} {'Lanner all':>10} {'PyTorch all':>11} {'ratio':>6} "
               f"{'Lanner compute':>14} {'PyTorch compute':>15} {'ratio':>6}")
         for arch in args.arch:

@@ -29,8 +29,10 @@
 #               kernel cache, then again with the cache the first run filled
 #   torch-syncs-*  how often the `torch` build's steps make the host wait for the GPU
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
-#               and data on the CPU and on the GPU (f32, then bf16); B-compare: the weights
-#               must agree, and `lanner evaluate` of the GPU model must agree on both devices
+#               and data on the CPU and on the GPU (f32, then bf16); B-scratch-f32: one
+#               epoch of every layer training, BatchNorm on batch statistics, from the same
+#               weights; B-compare: the weights must agree, and `lanner evaluate` of the GPU
+#               model must agree on both devices
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
 #   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
@@ -131,6 +133,14 @@ check_build() {
       --fine-tune-layer 100 --model-dir "$WORK/model-$b-$precision" \
       --output-data-dir "$WORK/out-$b-$precision"
   done
+  # Every layer training with BatchNorm on batch statistics (and updating its running ones),
+  # from the same weights: one epoch on each device.
+  [ -f "$WORK/scratch-cpu/weights.safetensors" ] || stage scratch-cpu 120 "$bin" "${TRAIN[@]}" \
+    --device cpu --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
+    --model-dir "$WORK/scratch-cpu"
+  stage "$b-scratch-f32" 120 "$bin" "${TRAIN[@]}" --device "$GPU" --precision f32 \
+    --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
+    --model-dir "$WORK/scratch-$b-f32"
   local device
   for device in cpu "$GPU"; do
     stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
@@ -140,13 +150,15 @@ check_build() {
 import json, sys
 from safetensors.numpy import load_file
 work, out, b, gpu_device = sys.argv[1:]
-cpu = load_file(f"{work}/model-cpu/weights.safetensors")
 start = load_file(f"{work}/start/weights.safetensors")
-for precision in ("f32", "bf16"):
+runs = [("model-cpu", f"model-{b}-f32", "f32"), ("model-cpu", f"model-{b}-bf16", "bf16"),
+        ("scratch-cpu", f"scratch-{b}-f32", "from-scratch f32")]
+for cpu_run, gpu_run, what in runs:
     try:
-        gpu = load_file(f"{work}/model-{b}-{precision}/weights.safetensors")
+        cpu = load_file(f"{work}/{cpu_run}/weights.safetensors")
+        gpu = load_file(f"{work}/{gpu_run}/weights.safetensors")
     except Exception as error:
-        print(precision, error)
+        print(what, error)
         continue
     worst = max((abs(cpu[k] - gpu[k]).max() / (abs(cpu[k]).max() + 1e-12), k) for k in cpu)
     # The training updates (trained - start) are what a wrong gradient would change most.
@@ -154,13 +166,28 @@ for precision in ("f32", "bf16"):
     worst_update = max((abs((gpu[k] - start[k]) - (cpu[k] - start[k])).max()
                         / abs(cpu[k] - start[k]).max(), k) for k in moved)
     unmoved = sum(int(abs(gpu[k] - start[k]).max() > 0) for k in cpu if k not in moved)
-    print(f"weights, cpu vs {b} {precision}:",
+    # With BatchNorm on batch statistics, some biases have a gradient of exactly zero in
+    # theory (a per-channel shift that the next BatchNorm removes): Adam turns its rounding
+    # noise into steps of ±lr, on each device differently. The `.weight` tensors and the
+    # running statistics (a running mean in units of its channel's standard deviation)
+    # show whether the layers agree.
+    weights = max((abs(cpu[k] - gpu[k]).max() / abs(cpu[k]).max(), k)
+                  for k in cpu if k.endswith(".weight"))
+    means = [(abs(cpu[k] - gpu[k]).max() / (cpu[k[:-4] + "var"].min() + 1e-5) ** 0.5, k)
+             for k in cpu if k.endswith(".running_mean")]
+    variances = [(abs(cpu[k] - gpu[k]).max() / abs(cpu[k]).max(), k)
+                 for k in cpu if k.endswith(".running_var")]
+    print(f"weights, cpu vs {b} {what}:",
           json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
                       "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1],
                       "tensors_trained": len(moved),
                       "worst_update_difference": float(worst_update[0]),
                       "worst_update_tensor": worst_update[1],
-                      "frozen_on_cpu_but_changed": unmoved}))
+                      "frozen_on_cpu_but_changed": unmoved,
+                      "worst_weight_difference": float(weights[0]), "worst_weight": weights[1],
+                      "worst_running_mean_in_stds": float(max(means)[0]) if means else None,
+                      "worst_running_var_difference":
+                          float(max(variances)[0]) if variances else None}))
 for run in ("cpu", f"{b}-f32", f"{b}-bf16"):
     try:
         lines = [json.loads(l) for l in open(f"{work}/out-{run}/metrics.jsonl")]
@@ -217,12 +244,14 @@ if [ -x "$TORCH_BIN" ]; then
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
     "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
     --device "$GPU" --json --precision bf16 --step frozen --step full
-  # Frozen-statistics BatchNorm and hard swish as burn's composites instead of one ATen
-  # operation each way (lanner_models::fused).
+  # BatchNorm, hard swish, hard sigmoid and pooling as burn's composites, and each
+  # convolution gradient from its own call, instead of one ATen operation each way
+  # (lanner_models::fused).
   for batch in 32 256; do
     LANNER_FUSED_LAYERS=off stage "torch-mobilenet-b$batch-bf16-composite-layers" 60 \
       "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size "$batch" --steps 5 \
-      --warmup 2 --device "$GPU" --json --precision bf16 --step fine-tune --step inference
+      --warmup 2 --device "$GPU" --json --precision bf16 --step fine-tune --step full \
+      --step inference
   done
 fi
 [ -x "$BIN" ] && check_build cuda "$BIN" 100

@@ -133,6 +133,21 @@ impl BatchNorm2d {
 
     fn forward_batch_statistics(&self, x: Tensor<4>) -> Tensor<4> {
         let device = x.device();
+        if crate::fused::available(&device) {
+            // One operation each way, which the `torch` build runs as PyTorch's train-mode
+            // BatchNorm does (ATen's `native_batch_norm`, running statistics included).
+            let (output, mean, var) = crate::fused::batch_norm_training(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                self.running_mean.value_sync().to_device(&device),
+                self.running_var.value_sync().to_device(&device),
+                self.epsilon,
+                self.momentum,
+            );
+            self.update_running_statistics(mean, var);
+            return output;
+        }
         let [batch, _, height, width] = x.dims();
         // PyTorch keeps the unbiased variance in `running_var`; burn returns the biased one.
         let count = (batch * height * width) as f64;
@@ -156,12 +171,16 @@ impl BatchNorm2d {
             mean.mul_scalar(keep) + in_dtype(result.mean.detach(), dtype).mul_scalar(self.momentum);
         let var = var.mul_scalar(keep)
             + in_dtype(result.variance.detach(), dtype).mul_scalar(self.momentum * unbiased);
+        self.update_running_statistics(mean, var);
+        result.output
+    }
+
+    fn update_running_statistics(&self, mean: Tensor<1>, var: Tensor<1>) {
         self.running_mean.update(mean.detach());
         self.running_var.update(var.detach());
         // burn keeps an update pending until the next one; fold it in now, so that
         // inference, `valid()` and a saved model see the statistics of every batch.
         let _ = self.running_mean.value_sync();
         let _ = self.running_var.value_sync();
-        result.output
     }
 }

@@ -3,7 +3,27 @@
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
-use burn::tensor::Device;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, Tensor};
+
+/// `conv.forward(x)`. When training on a device where the fused layers run
+/// ([`crate::fused`]), its gradients come from one backward operation, as in PyTorch, where
+/// burn's autodiff makes one call per gradient.
+pub fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if device.is_autodiff() && crate::fused::available(&device) =>
+        {
+            let padding = [(top, bottom), (left, right)];
+            let options =
+                ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+            let bias = conv.bias.as_ref().map(|bias| bias.val());
+            crate::fused::conv2d(x, conv.weight.val(), bias, options)
+        }
+        _ => conv.forward(x),
+    }
+}
 
 /// A square convolution without bias; `groups == in_channels == out_channels` makes it
 /// depthwise.

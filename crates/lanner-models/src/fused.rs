@@ -1,6 +1,7 @@
 //! Layers as one operation each, forward and backward, where burn composes them out of several
 //! tensor operations: BatchNorm with frozen statistics (the backbone's, always), MobileNetV3's
-//! hard swish and hard sigmoid, and global average pooling.
+//! hard swish and hard sigmoid, and global average pooling; and, for training every layer,
+//! BatchNorm with batch statistics and the convolutions' backward pass.
 //!
 //! Under burn's autodiff, `x · scale + shift` records two operations forward and, backward, a
 //! product for the input's gradient plus a product and a reduction per broadcast dimension for
@@ -11,6 +12,13 @@
 //! `hardswish`/`hardswish_backward`, `hardsigmoid`/`hardsigmoid_backward`, `mean`/`expand` and
 //! `div`), and so does the `torch` build through this module (pooling as ATen's
 //! `adaptive_avg_pool2d` and its backward).
+//!
+//! BatchNorm with batch statistics is burn's `batch_norm_train` plus the running statistics'
+//! update as tensor operations (eight per layer, and two more to invert the variance for the
+//! backward pass); PyTorch's train-mode BatchNorm is one `native_batch_norm`, which updates the
+//! running statistics in the same kernel, and so is the `torch` build's (on copies of them: two
+//! small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
+//! one call each; [`conv2d`] asks for them in one, as PyTorch's `convolution_backward` does.
 //!
 //! [`FusedOps`] is a burn backend extension: the forward passes, implemented by each backend
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
@@ -31,12 +39,26 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 #[allow(unused_imports)] // Named by the code `backend_extension` generates.
 use burn::backend::{Autodiff, Dispatch, Flex};
-use burn::backend::{Backend, DispatchDevice, Scalar, Shape, TensorMetadata, backend_extension};
+use burn::backend::{
+    AutodiffBackend, Backend, DispatchDevice, Scalar, Shape, TensorMetadata, backend_extension,
+};
 use burn::backend::{get_or_init_device_settings, tensor::FloatTensor};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Hands each tracked parent of a backward step its gradient, where there is one.
+macro_rules! register {
+    ($parents:expr, $gradients:expr, $grads:expr) => {
+        for (parent, gradient) in $parents.into_iter().zip($gradients) {
+            if let (Some(parent), Some(gradient)) = (parent, gradient) {
+                $grads.register::<B>(parent.id, gradient);
+            }
+        }
+    };
+}
 
 /// Turn the fused layers off (burn's composites everywhere) or back on, for the whole process:
 /// to compare the two on the same machine (`LANNER_FUSED_LAYERS`).
@@ -79,6 +101,55 @@ pub fn frozen_batch_norm(
     ))
 }
 
+/// BatchNorm over `[batch, channels, height, width]` while training, with the batch's own
+/// statistics: returns the output and the running statistics moved toward the batch's by
+/// `momentum` (PyTorch's convention: the weight of the batch; the variance unbiased), in the
+/// running statistics' type. One operation forward and one backward on libtorch (PyTorch's
+/// train-mode `BatchNorm2d`). Gradients reach `x`, `weight` and `bias`; the running
+/// statistics returned carry none. Only on a device where [`available`] holds.
+pub fn batch_norm_training(
+    x: Tensor<4>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    running_mean: Tensor<1>,
+    running_var: Tensor<1>,
+    epsilon: f64,
+    momentum: f64,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    let (output, _, _, mean, var) = <Dispatch as FusedOps>::batch_norm_training(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        running_mean.into_dispatch(),
+        running_var.into_dispatch(),
+        epsilon,
+        momentum,
+    );
+    (
+        Tensor::from_dispatch(output),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(var),
+    )
+}
+
+/// burn's `conv2d`, whose gradients come from one backward operation (ATen's
+/// `convolution_backward` on libtorch, as in PyTorch's autograd) where burn's autodiff makes
+/// one call per gradient. Only on a device where [`available`] holds.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(bias) => {
+            <Dispatch as FusedOps>::biased_convolution(x, weight, bias.into_dispatch(), options)
+        }
+        None => <Dispatch as FusedOps>::convolution(x, weight, options),
+    })
+}
+
 /// `x · relu6(x + 3) / 6` as one operation. Only on a device where [`available`] holds.
 pub fn hard_swish<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::hard_swish(x.into_dispatch()))
@@ -112,6 +183,79 @@ pub trait FusedOps: Backend {
         epsilon: f64,
     ) -> FloatTensor<Self> {
         Self::batch_norm(x, weight, bias, mean, variance, epsilon)
+    }
+
+    /// BatchNorm with the batch's own statistics, and the running statistics moved toward
+    /// them by `momentum` (the weight of the batch; the variance unbiased, as PyTorch keeps
+    /// it). Returns the output, the batch mean and inverse standard deviation `1/√(variance
+    /// + ε)` (what the backward pass takes), and the new running mean and variance in the
+    /// running statistics' type. Defaults to the backend's `batch_norm_train` and the update
+    /// as tensor operations.
+    #[allow(clippy::type_complexity)]
+    fn batch_norm_training(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        epsilon: f64,
+        momentum: f64,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let shape = x.shape();
+        let count = (shape.num_elements() / shape[1]) as f64;
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let statistics_type = running_mean.dtype();
+        let as_statistic = |t: FloatTensor<Self>| {
+            if t.dtype() == statistics_type {
+                t
+            } else {
+                Self::float_cast(t, statistics_type.into())
+            }
+        };
+        let batch = Self::batch_norm_train(x, weight, bias, epsilon);
+        let inverse_std = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
+            batch.variance.clone(),
+            scalar(epsilon),
+        )));
+        let keep = scalar(1.0 - momentum);
+        let mean = Self::float_add(
+            Self::float_mul_scalar(running_mean, keep),
+            Self::float_mul_scalar(as_statistic(batch.mean.clone()), scalar(momentum)),
+        );
+        let var = Self::float_add(
+            Self::float_mul_scalar(running_var, keep),
+            Self::float_mul_scalar(as_statistic(batch.variance), scalar(momentum * unbiased)),
+        );
+        (batch.output, batch.mean, inverse_std, mean, var)
+    }
+
+    /// A 2-D convolution without bias: the backend's `conv2d`.
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, options)
+    }
+
+    /// A 2-D convolution with a bias: the backend's `conv2d`.
+    fn biased_convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, Some(bias), options)
     }
 
     /// `x · clamp(x / 6 + 1/2, 0, 1)`.
@@ -175,6 +319,76 @@ pub trait FusedBackward: Backend {
         [x_grad, weight_grad, bias_grad]
     }
 
+    /// The gradients of [`FusedOps::batch_norm_training`] with respect to `x`, `weight` and
+    /// `bias` for the output gradient `grad`, from the batch statistics its forward pass
+    /// returned, each only where `needed` says so. With `x̂ = (x − mean)·inverse_std` and `N`
+    /// values per channel: `bias' = Σ grad`, `weight' = Σ grad·x̂`, and
+    /// `x' = weight·inverse_std/N · (N·grad − bias' − x̂·weight')`.
+    fn batch_norm_training_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        inverse_std: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let shape = x.shape();
+        let channels = shape[1];
+        let count = (shape.num_elements() / channels) as f64;
+        let mut broadcast = vec![1; shape.num_dims()];
+        broadcast[1] = channels;
+        let per_channel = |t| Self::float_reshape(t, Shape::from(broadcast.clone()));
+        let reduced: Vec<usize> = (0..shape.num_dims()).filter(|&d| d != 1).collect();
+        let sum_per_channel = |t: FloatTensor<Self>| {
+            let summed = reduced.iter().fold(t, |t, &d| Self::float_sum_dim(t, d));
+            Self::float_reshape(summed, Shape::new([channels]))
+        };
+        let centred = Self::float_sub(x, per_channel(mean));
+        let normalised = Self::float_mul(centred, per_channel(inverse_std.clone()));
+        let bias_grad = sum_per_channel(grad.clone());
+        let weight_grad = sum_per_channel(Self::float_mul(grad.clone(), normalised.clone()));
+        let x_grad = needed[0].then(|| {
+            let scale =
+                Self::float_mul_scalar(Self::float_mul(weight, inverse_std), scalar(1.0 / count));
+            let inner = Self::float_sub(
+                Self::float_sub(
+                    Self::float_mul_scalar(grad, scalar(count)),
+                    per_channel(bias_grad.clone()),
+                ),
+                Self::float_mul(normalised, per_channel(weight_grad.clone())),
+            );
+            Self::float_mul(inner, per_channel(scale))
+        });
+        [
+            x_grad,
+            needed[1].then_some(weight_grad),
+            needed[2].then_some(bias_grad),
+        ]
+    }
+
+    /// The gradients of [`FusedOps::convolution`] with respect to `x`, `weight` and `bias`
+    /// for the output gradient `grad`, each only where `needed` says so: the backend's own
+    /// backward operations, one per gradient.
+    fn convolution_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let x_grad = needed[0].then(|| {
+            Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
+        });
+        let weight_grad = needed[1]
+            .then(|| Self::conv2d_weight_backward(x.clone(), weight, grad.clone(), options));
+        let bias_grad = match bias {
+            Some(bias) if needed[2] => Some(Self::conv2d_bias_backward(x, bias, grad)),
+            _ => None,
+        };
+        [x_grad, weight_grad, bias_grad]
+    }
+
     /// The gradient of [`FusedOps::hard_swish`] at `x` for the output gradient `grad`:
     /// PyTorch's `hardswish_backward` (0 below −3, 1 above 3, `x/3 + 1/2` between).
     fn hard_swish_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -226,11 +440,38 @@ impl FusedBackward for Flex {}
 mod torch {
     //! ATen's kernels, through Lanner's patch of burn-tch.
 
-    use super::{FloatTensor, FusedBackward, FusedOps, LibTorch};
+    use super::{ConvOptions, FloatTensor, FusedBackward, FusedOps, LibTorch};
     use burn::backend::ops::ModuleOps;
     use burn_tch::fused::{self, Statistics};
 
     impl FusedOps for LibTorch {
+        fn batch_norm_training(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+            running_mean: FloatTensor<Self>,
+            running_var: FloatTensor<Self>,
+            epsilon: f64,
+            momentum: f64,
+        ) -> (
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+            FloatTensor<Self>,
+        ) {
+            let [output, mean, inverse_std, running_mean, running_var] = fused::batch_norm_training(
+                &x,
+                &weight,
+                &bias,
+                &running_mean,
+                &running_var,
+                momentum,
+                epsilon,
+            );
+            (output, mean, inverse_std, running_mean, running_var)
+        }
+
         fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
             fused::hard_swish(&x)
         }
@@ -245,6 +486,39 @@ mod torch {
     }
 
     impl FusedBackward for LibTorch {
+        fn batch_norm_training_backward(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            mean: FloatTensor<Self>,
+            inverse_std: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            needed: [bool; 3],
+        ) -> [Option<FloatTensor<Self>>; 3] {
+            // ε only enters through the saved inverse standard deviation.
+            let (epsilon, statistics) = (0.0, Statistics::Saved);
+            fused::batch_norm_backward(
+                &x,
+                &weight,
+                &mean,
+                &inverse_std,
+                epsilon,
+                &grad,
+                statistics,
+                needed,
+            )
+        }
+
+        fn convolution_backward(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            _bias: Option<FloatTensor<Self>>,
+            grad: FloatTensor<Self>,
+            options: ConvOptions<2>,
+            needed: [bool; 3],
+        ) -> [Option<FloatTensor<Self>>; 3] {
+            fused::conv2d_backward(x, &weight, &grad, options, needed)
+        }
+
         fn frozen_batch_norm_backward(
             x: FloatTensor<Self>,
             weight: FloatTensor<Self>,
@@ -281,6 +555,114 @@ mod torch {
 }
 
 impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn batch_norm_training(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        epsilon: f64,
+        momentum: f64,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        #[derive(Debug)]
+        struct BatchNormTraining;
+
+        impl<B: FusedBackward> Backward<B, 3> for BatchNormTraining {
+            /// The input, the weight, and the batch mean and inverse standard deviation.
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, weight, mean, inverse_std) = ops.state;
+                let needed = ops.parents.each_ref().map(Option::is_some);
+                let gradients =
+                    B::batch_norm_training_backward(x, weight, mean, inverse_std, grad, needed);
+                register!(ops.parents, gradients, grads);
+            }
+        }
+
+        let running_mean = running_mean.into_primitive();
+        let running_var = running_var.into_primitive();
+        let untracked = <Self as AutodiffBackend>::from_inner;
+        match BatchNormTraining
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                let (output, mean, inverse_std, running_mean, running_var) = B::batch_norm_training(
+                    x.clone(),
+                    weight.clone(),
+                    bias.into_primitive(),
+                    running_mean,
+                    running_var,
+                    epsilon,
+                    momentum,
+                );
+                let state = (x, weight, mean.clone(), inverse_std.clone());
+                (
+                    prep.finish(state, output),
+                    untracked(mean),
+                    untracked(inverse_std),
+                    untracked(running_mean),
+                    untracked(running_var),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (output, mean, inverse_std, running_mean, running_var) = B::batch_norm_training(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                    running_mean,
+                    running_var,
+                    epsilon,
+                    momentum,
+                );
+                (
+                    prep.finish(output),
+                    untracked(mean),
+                    untracked(inverse_std),
+                    untracked(running_mean),
+                    untracked(running_var),
+                )
+            }
+        }
+    }
+
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        convolution::<B, C>(x, weight, None, options)
+    }
+
+    fn biased_convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        convolution::<B, C>(x, weight, Some(bias), options)
+    }
+
     fn frozen_batch_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -313,11 +695,7 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
                 let needed = ops.parents.each_ref().map(Option::is_some);
                 let gradients =
                     B::frozen_batch_norm_backward(x, weight, mean, variance, epsilon, grad, needed);
-                for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
-                    if let (Some(parent), Some(gradient)) = (parent, gradient) {
-                        grads.register::<B>(parent.id, gradient);
-                    }
-                }
+                register!(ops.parents, gradients, grads);
             }
         }
 
@@ -360,6 +738,83 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
 
     fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
         unary::<B, C>(x, Unary::GlobalAveragePool)
+    }
+}
+
+/// [`FusedOps::convolution`] (without `bias`) or [`FusedOps::biased_convolution`] under
+/// autodiff, with [`FusedBackward::convolution_backward`] as its backward.
+fn convolution<B: FusedOps + FusedBackward, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    weight: FloatTensor<Autodiff<B, C>>,
+    bias: Option<FloatTensor<Autodiff<B, C>>>,
+    options: ConvOptions<2>,
+) -> FloatTensor<Autodiff<B, C>> {
+    /// With a bias (`N` = 3: input, weight, bias) or without (`N` = 2).
+    #[derive(Debug)]
+    struct Convolution<const N: usize>;
+
+    impl<B: FusedBackward, const N: usize> Backward<B, N> for Convolution<N> {
+        /// The input, the weight, the bias and the options.
+        type State = (
+            FloatTensor<B>,
+            FloatTensor<B>,
+            Option<FloatTensor<B>>,
+            ConvOptions<2>,
+        );
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, N>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad = grads.consume::<B>(&ops.node);
+            let (x, weight, bias, options) = ops.state;
+            let needed = [0, 1, 2].map(|i| ops.parents.get(i).is_some_and(Option::is_some));
+            let gradients = B::convolution_backward(x, weight, bias, grad, options, needed);
+            register!(ops.parents, gradients, grads);
+        }
+    }
+
+    fn forward<B: FusedOps>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<B> {
+        match bias {
+            Some(bias) => B::biased_convolution(x, weight, bias, options),
+            None => B::convolution(x, weight, options),
+        }
+    }
+
+    macro_rules! convolve {
+        ($parents:literal, $nodes:expr) => {
+            match Convolution::<$parents>
+                .prepare::<C>($nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let (x, weight) = (x.into_primitive(), weight.into_primitive());
+                    let bias = bias.map(|bias| bias.into_primitive());
+                    let (input, kernel) = (x.clone(), weight.clone());
+                    let output = forward::<B>(input, kernel, bias.clone(), options.clone());
+                    prep.finish((x, weight, bias, options), output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward::<B>(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.map(|bias| bias.into_primitive()),
+                    options,
+                )),
+            }
+        };
+    }
+
+    match bias.as_ref().map(|bias| bias.node()) {
+        Some(bias_node) => convolve!(3, [x.node(), weight.node(), bias_node]),
+        None => convolve!(2, [x.node(), weight.node()]),
     }
 }
 
@@ -514,6 +969,97 @@ mod tests {
         results
     }
 
+    /// A training step's convolution and BatchNorm on `device`, forward and backward, with
+    /// the fused layers or burn's own: BatchNorm with batch statistics (updating running
+    /// statistics), a strided convolution with asymmetric padding and a bias, then a
+    /// depthwise convolution without bias. Returns the output, the new running mean and variance, and
+    /// the gradients of every weight and (when it requires one) of the input.
+    fn training_layers(device: &Device, fused: bool, input_gradient: bool) -> Vec<Vec<f32>> {
+        use burn::tensor::module::batch_norm_train;
+
+        let device = device.clone().autodiff();
+        let values = |n: usize, seed: usize, spread: f32, offset: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((((i * 7919 + seed * 104729) % 1009) as f32) / 1009.0 - 0.5) * spread)
+                .map(|v| v + offset)
+                .collect()
+        };
+        let tensor_4 = |shape: [usize; 4], seed, spread| {
+            let n = shape.iter().product();
+            Tensor::<4>::from_data(
+                TensorData::new(values(n, seed, spread, 0.0), shape),
+                &device,
+            )
+        };
+        let tensor_1 = |n: usize, seed, spread, offset| {
+            Tensor::<1>::from_data(
+                TensorData::new(values(n, seed, spread, offset), [n]),
+                &device,
+            )
+        };
+        let x = tensor_4([2, 3, 7, 6], 1, 4.0);
+        let x = if input_gradient { x.require_grad() } else { x };
+        let bn_weight = tensor_1(3, 4, 1.0, 1.0).require_grad();
+        let bn_bias = tensor_1(3, 5, 1.0, 0.0).require_grad();
+        let (running_mean, running_var) = (tensor_1(3, 6, 1.0, 0.0), tensor_1(3, 7, 1.0, 1.0));
+        let conv_weight = tensor_4([4, 3, 3, 3], 2, 1.0).require_grad();
+        let conv_bias = tensor_1(4, 3, 1.0, 0.0).require_grad();
+        let depthwise = tensor_4([4, 1, 3, 3], 8, 1.0).require_grad();
+        let strided = ConvOptions::new_with_padding([2, 2], [(1, 0), (1, 0)], [1, 1], 1);
+        let grouped = ConvOptions::new([1, 1], [1, 1], [1, 1], 4);
+        let (epsilon, momentum) = (1e-3, 0.1);
+        let (output, mean, var) = if fused {
+            let (normalised, mean, var) = batch_norm_training(
+                x.clone(),
+                bn_weight.clone(),
+                bn_bias.clone(),
+                running_mean,
+                running_var,
+                epsilon,
+                momentum,
+            );
+            let bias = Some(conv_bias.clone());
+            let hidden = super::conv2d(normalised, conv_weight.clone(), bias, strided);
+            (
+                super::conv2d(hidden, depthwise.clone(), None, grouped),
+                mean,
+                var,
+            )
+        } else {
+            let count = (2 * 7 * 6) as f64;
+            let batch = batch_norm_train(x.clone(), bn_weight.clone(), bn_bias.clone(), epsilon);
+            let mean =
+                running_mean.mul_scalar(1.0 - momentum) + batch.mean.detach().mul_scalar(momentum);
+            let var = running_var.mul_scalar(1.0 - momentum)
+                + batch
+                    .variance
+                    .detach()
+                    .mul_scalar(momentum * count / (count - 1.0));
+            let bias = Some(conv_bias.clone());
+            let hidden = conv2d(batch.output, conv_weight.clone(), bias, strided);
+            (conv2d(hidden, depthwise.clone(), None, grouped), mean, var)
+        };
+        let weights = tensor_4(output.dims(), 9, 2.0);
+        let gradients = (output.clone() * weights).sum().backward();
+        let read = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+        let read_1 = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+        let mut results = vec![
+            read(output.inner()),
+            read_1(mean.inner()),
+            read_1(var.inner()),
+            read(conv_weight.grad(&gradients).unwrap()),
+            read_1(conv_bias.grad(&gradients).unwrap()),
+            read_1(bn_weight.grad(&gradients).unwrap()),
+            read_1(bn_bias.grad(&gradients).unwrap()),
+            read(depthwise.grad(&gradients).unwrap()),
+        ];
+        match x.grad(&gradients) {
+            Some(gradient) => results.push(read(gradient)),
+            None => assert!(!input_gradient, "no gradient for the input"),
+        }
+        results
+    }
+
     fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: number of results");
         for (index, (a, b)) in got.iter().zip(want).enumerate() {
@@ -534,6 +1080,15 @@ mod tests {
         for input_gradient in [true, false] {
             let want = layers(&Device::flex(), false, input_gradient);
             let got = layers(&Device::flex(), true, input_gradient);
+            assert_close(&got, &want, &format!("input gradient {input_gradient}"));
+        }
+    }
+
+    #[test]
+    fn fused_training_batch_norm_and_convolution_match_burn_on_burn_flex() {
+        for input_gradient in [true, false] {
+            let want = training_layers(&Device::flex(), false, input_gradient);
+            let got = training_layers(&Device::flex(), true, input_gradient);
             assert_close(&got, &want, &format!("input gradient {input_gradient}"));
         }
     }
@@ -572,6 +1127,10 @@ mod tests {
                 &want,
                 &format!("libtorch, input gradient {input_gradient}"),
             );
+            let want = training_layers(&Device::flex(), false, input_gradient);
+            let got = training_layers(&Device::libtorch(), true, input_gradient);
+            let what = format!("libtorch training layers, input gradient {input_gradient}");
+            assert_close(&got, &want, &what);
         }
     }
 }

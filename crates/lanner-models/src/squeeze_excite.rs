@@ -57,9 +57,8 @@ impl SqueezeExcite {
         } else {
             x.clone().mean_dims(&[2, 3])
         };
-        let gate = self
-            .conv_expand
-            .forward(relu(self.conv_reduce.forward(squeezed)));
+        let reduced = relu(crate::conv::forward(&self.conv_reduce, squeezed));
+        let gate = crate::conv::forward(&self.conv_expand, reduced);
         x * hard_sigmoid(gate)
     }
 }

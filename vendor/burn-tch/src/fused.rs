@@ -11,34 +11,51 @@ unsafe extern "C" {
         input: *const torch_sys::C_tensor,
         weight: *const torch_sys::C_tensor,
         mean: *const torch_sys::C_tensor,
-        variance: *const torch_sys::C_tensor,
+        spread: *const torch_sys::C_tensor,
         epsilon: f64,
-        training: bool,
+        statistics: i64,
         needed: *const bool,
+        out: *mut *mut torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_size: usize,
+    ) -> bool;
+    fn lanner_batch_norm_training(
+        input: *const torch_sys::C_tensor,
+        weight: *const torch_sys::C_tensor,
+        bias: *const torch_sys::C_tensor,
+        running_mean: *const torch_sys::C_tensor,
+        running_var: *const torch_sys::C_tensor,
+        momentum: f64,
+        epsilon: f64,
         out: *mut *mut torch_sys::C_tensor,
         error: *mut std::ffi::c_char,
         error_size: usize,
     ) -> bool;
 }
 
-/// Which statistics a batch normalisation normalised with.
+/// Which statistics a batch normalisation normalised with, and so what the two statistics
+/// passed to [`batch_norm_backward`] are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Statistics {
-    /// The batch's own (biased variance), so the output depends on every row of the batch.
-    Batch,
-    /// Fixed ones (running statistics, PyTorch's eval mode).
-    Fixed,
+    /// Fixed ones (running statistics, PyTorch's eval mode): the mean and the variance.
+    Fixed = 0,
+    /// The batch's own, so the output depends on every row of the batch: the mean and the
+    /// biased variance.
+    Batch = 1,
+    /// The batch's own, as [`batch_norm_training`] saved them: the mean and the inverse
+    /// standard deviation `1/√(variance + ε)`.
+    Saved = 2,
 }
 
 /// The gradients of batch normalisation with respect to its input, weight and bias for the
 /// output gradient `output_grad`, from ATen's `native_batch_norm_backward` (one kernel for the
-/// input's, one reduction for the other two on a GPU). Only those that `needed` asks for are
-/// computed; the others are `None`.
+/// input's, one reduction for the other two on a GPU). `mean` and `spread` are the statistics
+/// `statistics` names. Only those that `needed` asks for are computed; the others are `None`.
 pub fn batch_norm_backward(
     x: &TchTensor,
     weight: &TchTensor,
     mean: &TchTensor,
-    variance: &TchTensor,
+    spread: &TchTensor,
     epsilon: f64,
     output_grad: &TchTensor,
     statistics: Statistics,
@@ -54,9 +71,9 @@ pub fn batch_norm_backward(
             x.tensor.as_ptr(),
             weight.tensor.as_ptr(),
             mean.tensor.as_ptr(),
-            variance.tensor.as_ptr(),
+            spread.tensor.as_ptr(),
             epsilon,
-            statistics == Statistics::Batch,
+            statistics as i64,
             needed.as_ptr(),
             out.as_mut_ptr(),
             error.as_mut_ptr().cast(),
@@ -74,6 +91,64 @@ pub fn batch_norm_backward(
     out.map(|tensor| {
         (!tensor.is_null()).then(|| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }))
     })
+}
+
+/// Batch normalisation while training, as PyTorch's `BatchNorm2d` runs it in train mode:
+/// ATen's `native_batch_norm` normalises `x` with the batch's own statistics and moves copies
+/// of the running statistics toward them by `momentum` (the weight of the batch; the variance
+/// unbiased), in one kernel on a GPU. The weight and bias are taken in the running statistics'
+/// type (float: the mixed-precision case for bf16 and f16 inputs). Returns the output, the
+/// batch mean and inverse standard deviation for [`batch_norm_backward`] with
+/// [`Statistics::Saved`], and the new running mean and variance.
+pub fn batch_norm_training(
+    x: &TchTensor,
+    weight: &TchTensor,
+    bias: &TchTensor,
+    running_mean: &TchTensor,
+    running_var: &TchTensor,
+    momentum: f64,
+    epsilon: f64,
+) -> [TchTensor; 5] {
+    let mut out = [std::ptr::null_mut(); 5];
+    let mut error = [0u8; 512];
+    // SAFETY: live tch tensors (pointers to at::Tensor), room for the five results, and
+    // `error` with the size passed with it.
+    let done = unsafe {
+        lanner_batch_norm_training(
+            x.tensor.as_ptr(),
+            weight.tensor.as_ptr(),
+            bias.tensor.as_ptr(),
+            running_mean.tensor.as_ptr(),
+            running_var.tensor.as_ptr(),
+            momentum,
+            epsilon,
+            out.as_mut_ptr(),
+            error.as_mut_ptr().cast(),
+            error.len(),
+        )
+    };
+    if !done {
+        panic!(
+            "native_batch_norm failed: {}",
+            crate::ops::shim_error(&error)
+        );
+    }
+    // SAFETY: five new at::Tensor, each now owned by its TchTensor (tch frees it on drop).
+    out.map(|tensor| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }))
+}
+
+/// The gradients of a 2-D convolution with respect to its input, weight and bias for the
+/// output gradient `output_grad`, each only where `needed` says so, from one call of ATen's
+/// `convolution_backward` (PyTorch's autograd makes the same call; cuDNN runs one kernel per
+/// gradient). burn's autodiff asks for each gradient separately.
+pub fn conv2d_backward(
+    x: TchTensor,
+    weight: &TchTensor,
+    output_grad: &TchTensor,
+    options: burn_backend::ops::ConvOptions<2>,
+    needed: [bool; 3],
+) -> [Option<TchTensor>; 3] {
+    crate::ops::conv2d_gradients(x, weight, output_grad, options, needed)
 }
 
 /// MobileNetV3's hard swish, `x · relu6(x + 3) / 6`, as ATen's one-kernel `hardswish`.

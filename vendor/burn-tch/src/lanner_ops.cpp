@@ -6,58 +6,72 @@
 #include <cstdio>
 #include <exception>
 #include <optional>
+#include <vector>
 
 extern "C" {
 
-// One gradient of a 2-D convolution for the output gradient `grad_output`, from ATen's
-// convolution_backward (cuDNN's backward-data or backward-filter kernels on NVIDIA GPUs):
-// the input's when `which` is 0, the weight's when it is 1; nothing else is computed.
-// Returns a new tensor, or nullptr with the reason in `error`.
-at::Tensor *lanner_conv2d_backward(const at::Tensor *grad_output, const at::Tensor *input,
-                                   const at::Tensor *weight, const int64_t *stride,
-                                   const int64_t *padding, const int64_t *dilation,
-                                   int64_t groups, int64_t which, char *error,
-                                   size_t error_size) {
+// The gradients of a 2-D convolution for the output gradient `grad_output`, from one call
+// of ATen's convolution_backward (cuDNN's backward-data and backward-filter kernels on NVIDIA
+// GPUs, as PyTorch's autograd runs them): the input's, the weight's and the bias' (a sum
+// over the batch and both spatial dimensions), each only where `needed` says so (one not
+// computed is returned as nullptr). Writes three results to `out`, or returns false with the
+// reason in `error`.
+bool lanner_conv2d_backward(const at::Tensor *grad_output, const at::Tensor *input,
+                            const at::Tensor *weight, const int64_t *stride,
+                            const int64_t *padding, const int64_t *dilation, int64_t groups,
+                            const bool *needed, at::Tensor **out, char *error,
+                            size_t error_size) {
   try {
     const std::array<int64_t, 2> no_output_padding{0, 0};
+    const std::vector<int64_t> bias_sizes{weight->size(0)};
     auto gradients = at::convolution_backward(
-        *grad_output, *input, *weight, std::nullopt, at::IntArrayRef(stride, 2),
-        at::IntArrayRef(padding, 2), at::IntArrayRef(dilation, 2), false, no_output_padding,
-        groups, {which == 0, which == 1, false});
-    return new at::Tensor(which == 0 ? std::get<0>(gradients) : std::get<1>(gradients));
+        *grad_output, *input, *weight, at::OptionalIntArrayRef(bias_sizes),
+        at::IntArrayRef(stride, 2), at::IntArrayRef(padding, 2), at::IntArrayRef(dilation, 2),
+        false, no_output_padding, groups, {needed[0], needed[1], needed[2]});
+    auto result = [](const at::Tensor &tensor) {
+      return tensor.defined() ? new at::Tensor(tensor) : static_cast<at::Tensor *>(nullptr);
+    };
+    out[0] = result(std::get<0>(gradients));
+    out[1] = result(std::get<1>(gradients));
+    out[2] = result(std::get<2>(gradients));
+    return true;
   } catch (const std::exception &e) {
     std::snprintf(error, error_size, "%s", e.what());
-    return nullptr;
+    return false;
   }
 }
 
 // The gradients of batch normalisation for the output gradient `grad_output`: the input's,
 // the weight's and the bias', from ATen's native_batch_norm_backward, each only where
-// `needed` says so (an output not computed is returned as nullptr). With `training`, `mean`
-// and `variance` are the batch's own statistics (biased variance); without, they are fixed
-// statistics (the running ones, as in PyTorch's eval mode), which the output depends on only
-// through the normalisation. The weight and the statistics go in as float, the
-// mixed-precision case PyTorch's kernels support for bf16 and f16 inputs; the weight and bias
-// gradients come back in the weight's type. Writes three results to `out`, or returns false
-// with the reason in `error`.
+// `needed` says so (an output not computed is returned as nullptr). `statistics` says what
+// `mean` and `spread` are:
+// - 0: fixed statistics, the mean and variance (the running ones, as in PyTorch's eval
+//   mode), which the output depends on only through the normalisation;
+// - 1: the batch's own mean and biased variance;
+// - 2: the batch's own mean and inverse standard deviation, as lanner_batch_norm_training
+//   saved them.
+// The weight and the statistics go in as float, the mixed-precision case PyTorch's kernels
+// support for bf16 and f16 inputs; the weight and bias gradients come back in the weight's
+// type. Writes three results to `out`, or returns false with the reason in `error`.
 bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor *input,
                                 const at::Tensor *weight, const at::Tensor *mean,
-                                const at::Tensor *variance, double epsilon, bool training,
+                                const at::Tensor *spread, double epsilon, int64_t statistics,
                                 const bool *needed, at::Tensor **out, char *error,
                                 size_t error_size) {
   try {
     const auto weight_type = weight->scalar_type();
     const auto mean_f = mean->to(at::kFloat);
-    const auto variance_f = variance->to(at::kFloat);
+    const auto spread_f = spread->to(at::kFloat);
+    const auto weight_f = weight->to(at::kFloat);
     const std::array<bool, 3> mask{needed[0], needed[1], needed[2]};
     auto gradients =
-        training ? at::native_batch_norm_backward(*grad_output, *input, weight->to(at::kFloat),
-                                                  std::nullopt, std::nullopt, mean_f,
-                                                  (variance_f + epsilon).rsqrt(), true, epsilon,
-                                                  mask)
-                 : at::native_batch_norm_backward(*grad_output, *input, weight->to(at::kFloat),
-                                                  mean_f, variance_f, std::nullopt,
-                                                  std::nullopt, false, epsilon, mask);
+        statistics == 0
+            ? at::native_batch_norm_backward(*grad_output, *input, weight_f, mean_f, spread_f,
+                                             std::nullopt, std::nullopt, false, epsilon, mask)
+            : at::native_batch_norm_backward(
+                  *grad_output, *input, weight_f, std::nullopt, std::nullopt, mean_f,
+                  statistics == 1 ? (spread_f + epsilon).rsqrt() : spread_f, true, epsilon,
+                  mask);
     auto result = [](const at::Tensor &tensor, std::optional<at::ScalarType> type) {
       if (!tensor.defined()) {
         return static_cast<at::Tensor *>(nullptr);
@@ -67,6 +81,36 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
     out[0] = result(std::get<0>(gradients), std::nullopt);
     out[1] = result(std::get<1>(gradients), weight_type);
     out[2] = result(std::get<2>(gradients), weight_type);
+    return true;
+  } catch (const std::exception &e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return false;
+  }
+}
+
+// Batch normalisation while training, as PyTorch's BatchNorm2d in train mode runs it: ATen's
+// native_batch_norm normalises `input` with the batch's own statistics and moves copies of
+// the running statistics toward them by `momentum` (the variance unbiased). The weight and
+// bias go in the running statistics' type (float: the mixed-precision case for bf16 and
+// f16 inputs). Writes five results to `out`: the output, the batch mean and inverse
+// standard deviation that the backward pass takes (statistics 2 above), and the new running
+// mean and variance. Returns false with the reason in `error`.
+bool lanner_batch_norm_training(const at::Tensor *input, const at::Tensor *weight,
+                                const at::Tensor *bias, const at::Tensor *running_mean,
+                                const at::Tensor *running_var, double momentum,
+                                double epsilon, at::Tensor **out, char *error,
+                                size_t error_size) {
+  try {
+    const auto type = running_mean->scalar_type();
+    auto new_mean = running_mean->clone();
+    auto new_var = running_var->clone();
+    auto results = at::native_batch_norm(*input, weight->to(type), bias->to(type), new_mean,
+                                         new_var, true, momentum, epsilon);
+    out[0] = new at::Tensor(std::get<0>(results));
+    out[1] = new at::Tensor(std::get<1>(results));
+    out[2] = new at::Tensor(std::get<2>(results));
+    out[3] = new at::Tensor(new_mean);
+    out[4] = new at::Tensor(new_var);
     return true;
   } catch (const std::exception &e) {
     std::snprintf(error, error_size, "%s", e.what());

@@ -88,12 +88,12 @@ impl DepthwiseSeparable {
         let shortcut = self.has_skip.then(|| x.clone());
         let x = self
             .activation
-            .forward(self.bn1.forward(self.conv_dw.forward(x)));
+            .forward(self.bn1.forward(crate::conv::forward(&self.conv_dw, x)));
         let x = match &self.se {
             Some(se) => se.forward(x),
             None => x,
         };
-        let x = self.bn2.forward(self.conv_pw.forward(x));
+        let x = self.bn2.forward(crate::conv::forward(&self.conv_pw, x));
         match shortcut {
             Some(shortcut) => x + shortcut,
             None => x,
@@ -195,15 +195,15 @@ impl InvertedResidual {
         let shortcut = self.has_skip.then(|| x.clone());
         let x = self
             .activation
-            .forward(self.bn1.forward(self.conv_pw.forward(x)));
+            .forward(self.bn1.forward(crate::conv::forward(&self.conv_pw, x)));
         let x = self
             .activation
-            .forward(self.bn2.forward(self.conv_dw.forward(x)));
+            .forward(self.bn2.forward(crate::conv::forward(&self.conv_dw, x)));
         let x = match &self.se {
             Some(se) => se.forward(x),
             None => x,
         };
-        let x = self.bn3.forward(self.conv_pwl.forward(x));
+        let x = self.bn3.forward(crate::conv::forward(&self.conv_pwl, x));
         match shortcut {
             Some(shortcut) => x + shortcut,
             None => x,
@@ -271,7 +271,7 @@ impl ConvBnAct {
     /// Apply the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.activation
-            .forward(self.bn1.forward(self.conv.forward(x)))
+            .forward(self.bn1.forward(crate::conv::forward(&self.conv, x)))
     }
 
     fn map_batch_norms(mut self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {

@@ -175,7 +175,7 @@ impl MobileNetV3 {
     /// across stages. See [`crate::Backbone::unit_count`].
     pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
         let x = if units.contains(&0) {
-            hard_swish(self.bn1.forward(self.conv_stem.forward(x)))
+            hard_swish(self.bn1.forward(crate::conv::forward(&self.conv_stem, x)))
         } else {
             x
         };

@@ -86,7 +86,7 @@ pub struct SeparableConv2d {
 impl SeparableConv2d {
     /// Apply the layer.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.pointwise.forward(self.conv1.forward(x))
+        crate::conv::forward(&self.pointwise, crate::conv::forward(&self.conv1, x))
     }
 }
 
@@ -210,8 +210,8 @@ impl XceptionBlock {
             .iter()
             .fold(input.clone(), |x, layer| layer.forward(x));
         let shortcut = match (&self.skip, &self.skipbn) {
-            (Some(skip), Some(bn)) => bn.forward(skip.forward(input)),
-            (Some(skip), None) => skip.forward(input),
+            (Some(skip), Some(bn)) => bn.forward(crate::conv::forward(skip, input)),
+            (Some(skip), None) => crate::conv::forward(skip, input),
             (None, _) => input,
         };
         x + shortcut

@@ -172,8 +172,8 @@ impl Xception {
     /// Units `units` of the network (see [`unit_of`]): each takes the previous one's output.
     pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
         units.fold(x, |x, unit| match unit {
-            0 => relu(self.bn1.forward(self.conv1.forward(x))),
-            1 => relu(self.bn2.forward(self.conv2.forward(x))),
+            0 => relu(self.bn1.forward(crate::conv::forward(&self.conv1, x))),
+            1 => relu(self.bn2.forward(crate::conv::forward(&self.conv2, x))),
             2..=13 => self.blocks()[unit - 2].forward(x),
             14 => relu(self.bn3.forward(self.conv3.forward(x))),
             15 => relu(self.bn4.forward(self.conv4.forward(x))),

@@ -8,4 +8,4 @@ mod tensor;
 mod transaction;
 
 pub(crate) use base::*;
-pub(crate) use module::shim_error;
+pub(crate) use module::{conv2d_gradients, shim_error};

@@ -20,10 +20,11 @@ unsafe extern "C" {
         padding: *const i64,
         dilation: *const i64,
         groups: i64,
-        which: i64,
+        needed: *const bool,
+        out: *mut *mut torch_sys::C_tensor,
         error: *mut std::ffi::c_char,
         error_size: usize,
-    ) -> *mut torch_sys::C_tensor;
+    ) -> bool;
 }
 
 /// The message a shim of src/lanner_ops.cpp left in `error`.
@@ -33,50 +34,65 @@ pub(crate) fn shim_error(error: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// Which gradient [`conv2d_backward`] computes.
-#[derive(Clone, Copy)]
-enum Conv2dGradient {
-    Input = 0,
-    Weight = 1,
-}
-
-/// Lanner's patch (see LANNER.md): one gradient of a 2-D convolution with symmetric padding,
-/// from ATen's `convolution_backward` (what PyTorch's autograd runs: cuDNN's backward-data or
+/// Lanner's patch (see LANNER.md): the gradients of a 2-D convolution with respect to its
+/// input, weight and bias, each only where `needed` says so, from one call of ATen's
+/// `convolution_backward` (what PyTorch's autograd runs: cuDNN's backward-data and
 /// backward-filter on GPUs), through src/lanner_ops.cpp since tch does not wrap it.
-fn conv2d_backward(
-    x: &tch::Tensor,
-    weight: &tch::Tensor,
-    output_grad: &tch::Tensor,
-    options: &ConvOptions<2>,
-    gradient: Conv2dGradient,
-) -> tch::Tensor {
-    let x = crate::memory_format::for_convolution(x);
-    let output_grad = crate::memory_format::for_convolution(output_grad);
+/// Asymmetric padding is applied to the input first, and its gradient cropped back.
+pub(crate) fn conv2d_gradients(
+    x: TchTensor,
+    weight: &TchTensor,
+    output_grad: &TchTensor,
+    options: ConvOptions<2>,
+    needed: [bool; 3],
+) -> [Option<TchTensor>; 3] {
+    let input_size = x.tensor.size();
+    let begins = options.padding_begin();
+    let asymmetric = options.is_asymmetric();
+    let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
+    let x = crate::memory_format::for_convolution(&x.tensor);
+    let output_grad = crate::memory_format::for_convolution(&output_grad.tensor);
     let stride = options.stride.map(|i| i as i64);
     let padding = options.padding_begin().map(|i| i as i64);
     let dilation = options.dilation.map(|i| i as i64);
+    let mut out = [std::ptr::null_mut(); 3];
     let mut error = [0u8; 512];
     // SAFETY: the tensors are live tch tensors (pointers to at::Tensor, as tch passes them),
-    // the arrays hold two values each, and `error` has the size passed with it.
-    let result = unsafe {
+    // the arrays hold two values each, `needed` three flags, `out` room for three results,
+    // and `error` has the size passed with it.
+    let done = unsafe {
         lanner_conv2d_backward(
             output_grad.as_ptr(),
             x.as_ptr(),
-            weight.as_ptr(),
+            weight.tensor.as_ptr(),
             stride.as_ptr(),
             padding.as_ptr(),
             dilation.as_ptr(),
             options.groups as i64,
-            gradient as i64,
+            needed.as_ptr(),
+            out.as_mut_ptr(),
             error.as_mut_ptr().cast(),
             error.len(),
         )
     };
-    if result.is_null() {
+    if !done {
         panic!("convolution_backward failed: {}", shim_error(&error));
     }
-    // SAFETY: a new at::Tensor that the returned tch tensor owns (and frees on drop).
-    unsafe { tch::Tensor::from_ptr(result) }
+    // SAFETY: each non-null pointer is a new at::Tensor that its tch tensor now owns (and
+    // frees on drop).
+    let [x_grad, weight_grad, bias_grad] =
+        out.map(|tensor| (!tensor.is_null()).then(|| unsafe { tch::Tensor::from_ptr(tensor) }));
+    let x_grad = x_grad.map(|gradient| {
+        if asymmetric {
+            // The gradient of the padded input, cropped to the input.
+            gradient
+                .narrow(2, begins[0] as i64, input_size[2])
+                .narrow(3, begins[1] as i64, input_size[3])
+        } else {
+            gradient
+        }
+    });
+    [x_grad, weight_grad, bias_grad].map(|gradient| gradient.map(TchTensor::new))
 }
 
 impl ModuleOps<Self> for LibTorch {
@@ -235,10 +251,6 @@ impl ModuleOps<Self> for LibTorch {
         BatchNormTrainBackward::new(x_grad, gamma_grad, beta_grad)
     }
 
-    // Lanner's patch (see vendor/burn-tch/LANNER.md): both gradients of a 2-D convolution
-    // from ATen's `convolution_backward`. burn's defaults compute the input gradient as a
-    // transposed convolution and the weight gradient with one convolution per group (per
-    // channel of a depthwise convolution).
     // Lanner's patch (see vendor/burn-tch/LANNER.md): a convolution's bias gradient as one sum
     // over the batch and both spatial dimensions; burn's default transposes the output
     // gradient, copies it into a matrix and sums that.
@@ -249,32 +261,20 @@ impl ModuleOps<Self> for LibTorch {
         TchTensor::new(gradient)
     }
 
+    // Lanner's patch (see vendor/burn-tch/LANNER.md): each gradient of a 2-D convolution
+    // from ATen's `convolution_backward` (`lanner_models::fused::conv2d` asks for all of
+    // them in one call). burn's defaults compute the input gradient as a transposed
+    // convolution and the weight gradient with one convolution per group (per channel of a
+    // depthwise convolution).
     fn conv2d_x_backward(
         x: TchTensor,
         weight: TchTensor,
         output_grad: TchTensor,
         options: ConvOptions<2>,
     ) -> TchTensor {
-        let input_size = x.tensor.size();
-        let begins = options.padding_begin();
-        let asymmetric = options.is_asymmetric();
-        let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
-        let gradient = conv2d_backward(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-            Conv2dGradient::Input,
-        );
-        let gradient = if asymmetric {
-            // The gradient of the padded input, cropped to the input.
-            gradient
-                .narrow(2, begins[0] as i64, input_size[2])
-                .narrow(3, begins[1] as i64, input_size[3])
-        } else {
-            gradient
-        };
-        TchTensor::new(gradient)
+        let [x_grad, _, _] =
+            conv2d_gradients(x, &weight, &output_grad, options, [true, false, false]);
+        x_grad.expect("the input gradient was asked for")
     }
 
     fn conv2d_weight_backward(
@@ -283,14 +283,9 @@ impl ModuleOps<Self> for LibTorch {
         output_grad: TchTensor,
         options: ConvOptions<2>,
     ) -> TchTensor {
-        let (x, options) = pad_asymmetric_conv_input::<LibTorch, 2>(x, options);
-        TchTensor::new(conv2d_backward(
-            &x.tensor,
-            &weight.tensor,
-            &output_grad.tensor,
-            &options,
-            Conv2dGradient::Weight,
-        ))
+        let [_, weight_grad, _] =
+            conv2d_gradients(x, &weight, &output_grad, options, [false, true, false]);
+        weight_grad.expect("the weight gradient was asked for")
     }
 
     fn conv3d(

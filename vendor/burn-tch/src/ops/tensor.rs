@@ -148,6 +148,12 @@ impl FloatTensorOps<Self> for LibTorch {
 
     fn float_div_scalar(lhs: TchTensor, rhs: Scalar) -> TchTensor {
         let rhs: f64 = rhs.elem();
+        // Lanner's patch (see LANNER.md): dividing by one is the tensor itself. burn's
+        // `RunningState` divides the statistics it keeps by the number of threads that
+        // updated them, one outside data-parallel training: a kernel per statistic per step.
+        if rhs == 1.0 {
+            return lhs;
+        }
 
         lhs.unary_ops(
             |mut tensor| tensor.f_div_scalar_(rhs).unwrap(),
