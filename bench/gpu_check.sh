@@ -39,6 +39,9 @@
 #   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step,
 #   torch-*-composite-layers  the `torch` build with its memory order, logit readback and
 #               fused layers switched from their defaults
+#   torch-train-*-copy-stream-on|off  `lanner train` from 2,048 image files (MobileNetV3-L,
+#               224, batch 256, bf16): images/s and the share of time waiting for data per
+#               epoch, with host-to-GPU copies on their own stream and on the compute stream
 set -u
 OUT=${1:-${OUT:-/tmp/lanner-gpu-check}}
 mkdir -p "$OUT"
@@ -240,6 +243,24 @@ if [ -x "$TORCH_BIN" ]; then
     LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
       "$WORK/lanner-torch" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
       --device "$GPU" --json --precision bf16 --step fine-tune --step full
+  done
+  # Training from image files, where each batch is decoded by the loader's workers and
+  # copied to the GPU: with the copy on a stream of its own (overlapping the step before)
+  # and on the compute stream. `lanner bench` reuses one batch on the device.
+  "$SHAPES" "$WORK/large" --per-class 1024 --size 224x224 --seed 4 >/dev/null
+  for copy_stream in on off; do
+    LANNER_COPY_STREAM=$copy_stream stage "torch-train-mobilenet-b256-bf16-copy-stream-$copy_stream" \
+      90 "$WORK/lanner-torch" train --train "$WORK/large/train" \
+      --validation "$WORK/large/validation" --arch mobilenet_v3_large --image-size 224 \
+      --batch-size 256 --weights none --initial-epochs 1 --fine-tune-epochs 3 \
+      --fine-tune-layer 0 --precision bf16 --device "$GPU" --overwrite \
+      --model-dir "$WORK/large-model-$copy_stream" --output-data-dir "$WORK/large-out-$copy_stream"
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("   epoch", r.get("epoch"), r.get("phase"), "%.0f images/s" % r["train_images_per_second"],
+          "waited for data %.0f%%" % (100 * r["data_wait_share"]))' \
+      "$WORK/large-out-$copy_stream/metrics.jsonl" 2>&1 | tee -a "$OUT/log.txt"
   done
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
     "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \

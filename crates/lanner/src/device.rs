@@ -204,19 +204,37 @@ pub fn choose_memory_format(device: &Device, precision: Precision) -> Result<Opt
     Ok(None)
 }
 
-/// Whether the fused layers (`lanner_models::fused`: BatchNorm with frozen statistics, hard
-/// swish, hard sigmoid, global average pooling) run as one operation each way (the default)
-/// or as burn's composites: `LANNER_FUSED_LAYERS=on|off`.
+/// Whether the fused layers (`lanner_models::fused`: BatchNorm, hard swish, hard sigmoid,
+/// global average pooling, and each convolution's gradients from one operation) run as one
+/// operation each way (the default) or as burn's composites: `LANNER_FUSED_LAYERS=on|off`.
 pub fn choose_fused_layers() -> Result<()> {
-    let enabled = match std::env::var("LANNER_FUSED_LAYERS").as_deref() {
-        Err(_) | Ok("on") => true,
-        Ok("off") => false,
-        Ok(value) => {
-            bail!("LANNER_FUSED_LAYERS={value} is neither on nor off; set one, or unset it")
-        }
-    };
-    lanner_models::fused::set_enabled(enabled);
+    lanner_models::fused::set_enabled(switch("LANNER_FUSED_LAYERS")?);
     Ok(())
+}
+
+/// In the `torch` build, whether copies to a GPU run on a stream of their own, overlapping
+/// the step the GPU is computing (the default), or on the compute stream after it:
+/// `LANNER_COPY_STREAM=on|off` (vendor/burn-tch/src/copy_stream.rs). Other builds check the
+/// value only.
+pub fn choose_copy_stream() -> Result<()> {
+    let enabled = switch("LANNER_COPY_STREAM")?;
+    #[cfg(feature = "torch")]
+    #[allow(
+        deprecated,
+        reason = "burn 0.22 deprecates burn-tch, which the `torch` build is"
+    )]
+    burn_tch::copy_stream::set_enabled(enabled);
+    let _ = enabled;
+    Ok(())
+}
+
+/// The environment switch `name`: on unless set to `off`.
+fn switch(name: &str) -> Result<bool> {
+    match std::env::var(name).as_deref() {
+        Err(_) | Ok("on") => Ok(true),
+        Ok("off") => Ok(false),
+        Ok(value) => bail!("{name}={value} is neither on nor off; set one, or unset it"),
+    }
 }
 
 /// Steps run between two readbacks of their logits on `device` (see

@@ -86,4 +86,14 @@ fn a_table_by_default_and_one_sentence_for_bad_settings() {
         text(&out.stderr).trim(),
         "error: LANNER_FUSED_LAYERS=maybe is neither on nor off; set one, or unset it"
     );
+    let out = common::lanner_command()
+        .args(["bench", "--device", "cpu", "--step", "inference"])
+        .env("LANNER_COPY_STREAM", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "error: LANNER_COPY_STREAM=1 is neither on nor off; set one, or unset it"
+    );
 }

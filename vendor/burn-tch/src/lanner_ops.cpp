@@ -1,10 +1,14 @@
 // Lanner's patch (see LANNER.md): ATen operations that tch 0.22 does not wrap, called from
 // src/ops/module.rs. Tensors cross as tch does it: pointers to heap-allocated at::Tensor.
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <array>
 #include <cstdio>
 #include <exception>
+#include <map>
 #include <optional>
 #include <vector>
 
@@ -115,6 +119,42 @@ bool lanner_batch_norm_training(const at::Tensor *input, const at::Tensor *weigh
   } catch (const std::exception &e) {
     std::snprintf(error, error_size, "%s", e.what());
     return false;
+  }
+}
+
+// A copy of the host tensor `host` (in pinned memory) to GPU `device_index` that overlaps the
+// work queued there: it runs on a stream of its own (one per device and host thread, from
+// libtorch's pool), and the stream that was current waits for it before anything queued on it
+// later. Nothing waits on the host. The copy is allocated on the copy stream and marked as
+// used by the current one, so the caching allocator does not hand its memory out again
+// before the current stream is done with it. Returns a new tensor, or nullptr with the reason
+// in `error`.
+at::Tensor *lanner_copy_to_gpu(const at::Tensor *host, int64_t device_index, char *error,
+                               size_t error_size) {
+  try {
+    const c10::Device device(c10::DeviceType::CUDA,
+                             static_cast<c10::DeviceIndex>(device_index));
+    const c10::impl::VirtualGuardImpl backend(device.type());
+    const c10::Stream current = backend.getStream(device);
+    thread_local std::map<int64_t, c10::Stream> copy_streams;
+    auto copy_stream = copy_streams.find(device_index);
+    if (copy_stream == copy_streams.end()) {
+      copy_stream =
+          copy_streams.emplace(device_index, backend.getStreamFromGlobalPool(device)).first;
+    }
+    at::Tensor copy;
+    {
+      const c10::StreamGuard on_copy_stream(copy_stream->second);
+      copy = host->to(device, /*non_blocking=*/true);
+    }
+    c10::Event copied(device.type());
+    copied.record(copy_stream->second);
+    copied.block(current);
+    copy.record_stream(current);
+    return new at::Tensor(copy);
+  } catch (const std::exception &e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return nullptr;
   }
 }
 }

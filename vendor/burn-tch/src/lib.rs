@@ -15,6 +15,7 @@
 //! - CPU backends: `burn-cpu` (CubeCL) or `burn-flex` (pure Rust, std/no_std/WASM)
 
 mod backend;
+pub mod copy_stream;
 mod element;
 pub mod fused;
 pub mod memory_format;

@@ -363,11 +363,12 @@ impl TchTensor {
         let tensor = match device {
             // Lanner's patch (see LANNER.md): a copy to a GPU from pageable memory waits for
             // everything queued on the GPU first (PyTorch synchronises the stream), so every
-            // batch would stall the pipeline. From pinned memory, without blocking, the copy is
-            // queued behind the work already there and the host goes on; libtorch's pinned
-            // allocator keeps the staging buffer until the copy has run. The data is copied
-            // once on the host, straight into the pinned buffer.
-            tch::Device::Cuda(_) if !bytes.is_empty() => {
+            // batch would stall the pipeline. From pinned memory, without blocking, on a copy
+            // stream of its own (`copy_stream`), the copy runs while the GPU computes what was
+            // queued before it, and the host goes on; libtorch's pinned allocator keeps the
+            // staging buffer until the copy has run. The data is copied once on the host,
+            // straight into the pinned buffer.
+            tch::Device::Cuda(index) if !bytes.is_empty() => {
                 let dims = &shape_tch.dims;
                 let mut strides = vec![1i64; dims.len()];
                 for axis in (0..dims.len().saturating_sub(1)).rev() {
@@ -379,8 +380,7 @@ impl TchTensor {
                     let cpu = tch::Device::Cpu;
                     tch::Tensor::from_blob(bytes.as_ptr(), dims, &strides, E::kind(), cpu)
                 };
-                view.internal_pin_memory(device)
-                    .to_device_(device, E::kind(), true, false)
+                crate::copy_stream::copy_to_gpu(&view.internal_pin_memory(device), index)
             }
             _ => tch::Tensor::from_data_size(bytes, &shape_tch.dims, E::kind()).to(device),
         };

@@ -86,6 +86,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let (device, label) = args.device.resolve()?;
     crate::device::choose_fused_layers()?;
+    crate::device::choose_copy_stream()?;
     let label = match crate::device::choose_memory_format(&device, args.precision)? {
         Some(format) => format!("{label}, {format}"),
         None => label,

@@ -89,6 +89,7 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     let (device, device_name) = args.device.resolve()?;
     check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;
+    crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;
     let predictor = Predictor::load(&model_dir, device, args.precision)?;
     drop(model_dir);

@@ -110,6 +110,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let (device, device_name) = args.device.resolve()?;
     check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;
+    crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;
     let host = args.host.unwrap_or(if in_sagemaker() {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)

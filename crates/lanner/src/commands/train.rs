@@ -579,6 +579,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let device = devices.remove(0);
     check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;
+    crate::device::choose_copy_stream()?;
     let readback_every = crate::device::readback_every(&device)?;
     let device_name = match crate::device::choose_memory_format(&device, args.precision)? {
         Some(format) => format!("{device_name}, {format}"),
