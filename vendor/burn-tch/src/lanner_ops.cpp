@@ -12,6 +12,13 @@
 #include <optional>
 #include <vector>
 
+namespace {
+// `tensor` in `type`: itself when it already is, without a call through the dispatcher.
+at::Tensor in_type(const at::Tensor &tensor, at::ScalarType type) {
+  return tensor.scalar_type() == type ? tensor : tensor.to(type);
+}
+} // namespace
+
 extern "C" {
 
 // The gradients of a 2-D convolution for the output gradient `grad_output`, from one call
@@ -64,9 +71,9 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
                                 size_t error_size) {
   try {
     const auto weight_type = weight->scalar_type();
-    const auto mean_f = mean->to(at::kFloat);
-    const auto spread_f = spread->to(at::kFloat);
-    const auto weight_f = weight->to(at::kFloat);
+    const auto mean_f = in_type(*mean, at::kFloat);
+    const auto spread_f = in_type(*spread, at::kFloat);
+    const auto weight_f = in_type(*weight, at::kFloat);
     const std::array<bool, 3> mask{needed[0], needed[1], needed[2]};
     auto gradients =
         statistics == 0
@@ -80,7 +87,7 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
       if (!tensor.defined()) {
         return static_cast<at::Tensor *>(nullptr);
       }
-      return new at::Tensor(type ? tensor.to(*type) : tensor);
+      return new at::Tensor(type ? in_type(tensor, *type) : tensor);
     };
     out[0] = result(std::get<0>(gradients), std::nullopt);
     out[1] = result(std::get<1>(gradients), weight_type);
@@ -108,8 +115,8 @@ bool lanner_batch_norm_training(const at::Tensor *input, const at::Tensor *weigh
     const auto type = running_mean->scalar_type();
     auto new_mean = running_mean->clone();
     auto new_var = running_var->clone();
-    auto results = at::native_batch_norm(*input, weight->to(type), bias->to(type), new_mean,
-                                         new_var, true, momentum, epsilon);
+    auto results = at::native_batch_norm(*input, in_type(*weight, type), in_type(*bias, type),
+                                         new_mean, new_var, true, momentum, epsilon);
     out[0] = new at::Tensor(std::get<0>(results));
     out[1] = new at::Tensor(std::get<1>(results));
     out[2] = new at::Tensor(std::get<2>(results));
