@@ -255,7 +255,7 @@ if [ -x "$TORCH_BIN" ]; then
       --batch-size 256 --weights none --initial-epochs 1 --fine-tune-epochs 3 \
       --fine-tune-layer 0 --precision bf16 --device "$GPU" --overwrite \
       --model-dir "$WORK/large-model-$copy_stream" --output-data-dir "$WORK/large-out-$copy_stream"
-    python3 -c 'import json, sys
+    [ -f "$WORK/large-out-$copy_stream/metrics.jsonl" ] && python3 -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print("   epoch", r.get("epoch"), r.get("phase"), "%.0f images/s" % r["train_images_per_second"],
