@@ -29,9 +29,9 @@
 #               kernel cache, then again with the cache the first run filled
 #   torch-syncs-*  how often the `torch` build's steps make the host wait for the GPU
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
-#               and data on the CPU and on the GPU (f32, then bf16); B-scratch-f32: one
+#               and data on the CPU and on the GPU (f32, then bf16); B-scratch-*: one
 #               epoch of every layer training, BatchNorm on batch statistics, from the same
-#               weights; B-compare: the weights must agree, and `lanner evaluate` of the GPU
+#               weights (f32, bf16); B-compare: the weights must agree, and `lanner evaluate` of the GPU
 #               model must agree on both devices
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
@@ -141,9 +141,11 @@ check_build() {
   [ -f "$WORK/scratch-cpu/weights.safetensors" ] || stage scratch-cpu 120 "$bin" "${TRAIN[@]}" \
     --device cpu --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
     --model-dir "$WORK/scratch-cpu"
-  stage "$b-scratch-f32" 120 "$bin" "${TRAIN[@]}" --device "$GPU" --precision f32 \
-    --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
-    --model-dir "$WORK/scratch-$b-f32"
+  for precision in f32 bf16; do
+    stage "$b-scratch-$precision" 120 "$bin" "${TRAIN[@]}" --device "$GPU" \
+      --precision "$precision" --weights "$START" --from-scratch --initial-epochs 1 \
+      --fine-tune-epochs 0 --model-dir "$WORK/scratch-$b-$precision"
+  done
   local device
   for device in cpu "$GPU"; do
     stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
@@ -155,7 +157,8 @@ from safetensors.numpy import load_file
 work, out, b, gpu_device = sys.argv[1:]
 start = load_file(f"{work}/start/weights.safetensors")
 runs = [("model-cpu", f"model-{b}-f32", "f32"), ("model-cpu", f"model-{b}-bf16", "bf16"),
-        ("scratch-cpu", f"scratch-{b}-f32", "from-scratch f32")]
+        ("scratch-cpu", f"scratch-{b}-f32", "from-scratch f32"),
+        ("scratch-cpu", f"scratch-{b}-bf16", "from-scratch bf16")]
 for cpu_run, gpu_run, what in runs:
     try:
         cpu = load_file(f"{work}/{cpu_run}/weights.safetensors")
