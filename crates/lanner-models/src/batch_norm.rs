@@ -94,8 +94,10 @@ impl BatchNorm2d {
     }
 
     fn forward_running_statistics(&self, x: Tensor<4>) -> Tensor<4> {
-        let (device, dtype) = (x.device(), x.dtype());
-        // The statistics stay f32; a bf16 or f16 pass normalises with them in its own type.
+        let (device, dtype) = (x.device(), self.weight.val().dtype());
+        // The statistics stay f32; they are used in the weight's type: the pass' own below
+        // f32, except where BatchNorm takes f32 parameters with any input
+        // (`crate::fused::batch_norm_in_f32`).
         let statistic =
             |state: &RunningState<Tensor<1>>| in_dtype(state.value().to_device(&device), dtype);
         let (mean, variance) = (statistic(&self.running_mean), statistic(&self.running_var));

@@ -80,6 +80,22 @@ pub fn available(device: &Device) -> bool {
     }
 }
 
+/// Whether BatchNorm on `device` takes its weight, bias and statistics in f32 whatever the
+/// input's type, as PyTorch's autocast leaves BatchNorm: on libtorch with the fused layers,
+/// whose ATen kernels normalise bf16 and f16 inputs with f32 parameters. Elsewhere a bf16 or
+/// f16 pass casts them to its own type.
+pub fn batch_norm_in_f32(device: &Device) -> bool {
+    #[cfg(feature = "torch")]
+    if available(device) {
+        return matches!(
+            device.clone().inner().as_dispatch(),
+            DispatchDevice::LibTorch(_)
+        );
+    }
+    let _ = device;
+    false
+}
+
 /// BatchNorm over `[batch, channels, height, width]` with the given (frozen) statistics, as
 /// one operation; gradients reach `x`, `weight` and `bias`, never the statistics.
 /// Only on a device where [`available`] holds.

@@ -73,36 +73,50 @@ pub fn in_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
 /// `module` with every float parameter cast to `dtype`. BatchNorm running statistics stay
 /// f32 (the layers cast them as they use them): burn shares a `RunningState` between a module
 /// and its clones and casts it in place, so casting them here would round the master model's
-/// statistics too. On an autodiff device the casts are part of the graph: gradients flow back
-/// to the original f32 parameters, keyed by the same parameter ids.
+/// statistics too. So do BatchNorm weights and biases on devices whose BatchNorm takes f32
+/// parameters with any input ([`crate::fused::batch_norm_in_f32`]): no cast there, forward
+/// or back. On an autodiff device the casts are part of the graph: gradients flow back to the
+/// original f32 parameters, keyed by the same parameter ids.
 pub fn cast_floats<M: Module>(module: M, dtype: DType) -> M {
     module.map(&mut CastFloats {
         dtype,
         path: Vec::new(),
+        containers: Vec::new(),
     })
 }
 
 /// The fields of [`crate::batch_norm::BatchNorm2d`] that hold running statistics.
 const RUNNING_STATISTICS: [&str; 2] = ["running_mean", "running_var"];
 
+/// What burn's derived `Module` names a field's container when it is a BatchNorm.
+const BATCH_NORM: &str = "Struct:BatchNorm2d";
+
 struct CastFloats {
     dtype: DType,
     /// The field names from the root module down to the one being mapped.
     path: Vec<String>,
+    /// The type of the module holding each of those fields.
+    containers: Vec<String>,
 }
 
 impl ModuleMapper for CastFloats {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.path.pop();
+        self.containers.pop();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let field = self.path.last().map(String::as_str).unwrap_or_default();
         if RUNNING_STATISTICS.contains(&field) {
+            return param;
+        }
+        let in_batch_norm = self.containers.last().is_some_and(|c| c == BATCH_NORM);
+        if in_batch_norm && crate::fused::batch_norm_in_f32(&param.val().device()) {
             return param;
         }
         let id = param.id;
@@ -144,5 +158,44 @@ mod tests {
             assert_eq!(statistics.value().dtype(), DType::F32);
         }
         assert_eq!(layer.running_mean.value().into_data(), mean);
+    }
+
+    /// On libtorch a bf16 pass keeps BatchNorm's weight and bias in f32 (ATen's kernels take
+    /// them so, as PyTorch's autocast leaves them), still casts the convolutions', and trains:
+    /// the output is bf16 and the gradients reach the f32 masters.
+    #[cfg(feature = "torch")]
+    #[test]
+    #[allow(
+        deprecated,
+        reason = "burn 0.22 deprecates burn-tch, the `torch` build"
+    )]
+    fn on_libtorch_batch_norm_parameters_stay_f32_in_a_bf16_pass() {
+        use crate::batch_norm::BatchNorm2dConfig;
+        use burn::tensor::{Device, TensorData};
+
+        let device = Device::libtorch().autodiff();
+        let layer = BatchNorm2dConfig::new(3).init(&device);
+        let conv = crate::conv::conv2d(3, 3, 1, 1, 1, &device);
+        let values: Vec<f32> = (0..48).map(|i| (i % 7) as f32 - 3.0).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(values, [2, 3, 2, 4]), &device);
+        for frozen in [false, true] {
+            // A fresh copy each time: backward consumes the casts' graph.
+            let (layer_copy, conv_copy) = cast_floats((layer.clone(), conv.clone()), DType::BF16);
+            assert_eq!(layer_copy.weight.val().dtype(), DType::F32);
+            assert_eq!(conv_copy.weight.val().dtype(), DType::BF16);
+            let layer_copy = layer_copy.with_frozen_statistics(frozen);
+            let y = layer_copy.forward(crate::conv::forward(
+                &conv_copy,
+                in_dtype(x.clone(), DType::BF16),
+            ));
+            assert_eq!(y.dtype(), DType::BF16, "frozen statistics {frozen}");
+            let gradients = in_dtype(y, DType::F32).sum().backward();
+            let weight_grad = layer.weight.grad(&gradients).expect("a weight gradient");
+            assert_eq!(weight_grad.dtype(), DType::F32);
+            assert!(
+                conv.weight.grad(&gradients).is_some(),
+                "a convolution gradient"
+            );
+        }
     }
 }
