@@ -308,16 +308,9 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let shape = x.shape();
-        let channels = shape[1];
-        let mut broadcast = vec![1; shape.num_dims()];
-        broadcast[1] = channels;
-        let per_channel = |t| Self::float_reshape(t, Shape::from(broadcast.clone()));
-        let reduced: Vec<usize> = (0..shape.num_dims()).filter(|&d| d != 1).collect();
-        let sum_per_channel = |t: FloatTensor<Self>| {
-            let summed = reduced.iter().fold(t, |t, &d| Self::float_sum_dim(t, d));
-            Self::float_reshape(summed, Shape::new([channels]))
-        };
+        let channels = Channels::of(&x.shape());
+        let per_channel = |t| channels.broadcast::<Self>(t);
+        let sum_per_channel = |t| channels.sum::<Self>(t);
         let inverse_std = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
             variance,
             scalar(epsilon),
@@ -348,17 +341,10 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let shape = x.shape();
-        let channels = shape[1];
-        let count = (shape.num_elements() / channels) as f64;
-        let mut broadcast = vec![1; shape.num_dims()];
-        broadcast[1] = channels;
-        let per_channel = |t| Self::float_reshape(t, Shape::from(broadcast.clone()));
-        let reduced: Vec<usize> = (0..shape.num_dims()).filter(|&d| d != 1).collect();
-        let sum_per_channel = |t: FloatTensor<Self>| {
-            let summed = reduced.iter().fold(t, |t, &d| Self::float_sum_dim(t, d));
-            Self::float_reshape(summed, Shape::new([channels]))
-        };
+        let channels = Channels::of(&x.shape());
+        let count = channels.count as f64;
+        let per_channel = |t| channels.broadcast::<Self>(t);
+        let sum_per_channel = |t| channels.sum::<Self>(t);
         let centred = Self::float_sub(x, per_channel(mean));
         let normalised = Self::float_mul(centred, per_channel(inverse_std.clone()));
         let bias_grad = sum_per_channel(grad.clone());
@@ -442,6 +428,44 @@ pub trait FusedBackward: Backend {
         let shape = x.shape();
         let area = (shape[2] * shape[3]) as f64;
         Self::float_mul_scalar(Self::float_expand(grad, shape), scalar(1.0 / area))
+    }
+}
+
+/// The channel dimension (1) of `[batch, channels, …]` tensors of one shape, for the
+/// per-channel parameters of a composite BatchNorm backward.
+struct Channels {
+    /// `[1, channels, 1, …]`.
+    broadcast: Shape,
+    /// Every dimension but the channels'.
+    reduced: Vec<usize>,
+    /// `[channels]`.
+    vector: Shape,
+    /// Values per channel.
+    count: usize,
+}
+
+impl Channels {
+    fn of(shape: &Shape) -> Self {
+        let channels = shape[1];
+        let mut broadcast = vec![1; shape.num_dims()];
+        broadcast[1] = channels;
+        Self {
+            broadcast: Shape::from(broadcast),
+            reduced: (0..shape.num_dims()).filter(|&d| d != 1).collect(),
+            vector: Shape::new([channels]),
+            count: shape.num_elements() / channels,
+        }
+    }
+
+    /// A `[channels]` tensor shaped to broadcast against the full one.
+    fn broadcast<B: Backend>(&self, t: FloatTensor<B>) -> FloatTensor<B> {
+        B::float_reshape(t, self.broadcast.clone())
+    }
+
+    /// The sum of a full tensor over everything but the channels, as `[channels]`.
+    fn sum<B: Backend>(&self, t: FloatTensor<B>) -> FloatTensor<B> {
+        let summed = self.reduced.iter().fold(t, |t, &d| B::float_sum_dim(t, d));
+        B::float_reshape(summed, self.vector.clone())
     }
 }
 

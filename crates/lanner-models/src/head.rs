@@ -54,12 +54,17 @@ impl ClassifierHead {
 /// (Keras' `GlobalAveragePooling2D`).
 pub fn global_average_pool(features: Tensor<4>) -> Tensor<2> {
     let [batch, channels, _, _] = features.dims();
-    let pooled = if crate::fused::available(&features.device()) {
+    spatial_mean(features).reshape([batch, channels])
+}
+
+/// The mean over height and width, kept as size 1: one operation each way where the fused
+/// layers run ([`crate::fused::global_average_pool`]).
+pub(crate) fn spatial_mean(features: Tensor<4>) -> Tensor<4> {
+    if crate::fused::available(&features.device()) {
         crate::fused::global_average_pool(features)
     } else {
         features.mean_dims(&[2, 3])
-    };
-    pooled.reshape([batch, channels])
+    }
 }
 
 #[cfg(test)]

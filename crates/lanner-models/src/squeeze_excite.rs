@@ -52,11 +52,7 @@ pub struct SqueezeExcite {
 impl SqueezeExcite {
     /// Gate the channels of `x`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let squeezed = if crate::fused::available(&x.device()) {
-            crate::fused::global_average_pool(x.clone())
-        } else {
-            x.clone().mean_dims(&[2, 3])
-        };
+        let squeezed = crate::head::spatial_mean(x.clone());
         let reduced = relu(crate::conv::forward(&self.conv_reduce, squeezed));
         let gate = crate::conv::forward(&self.conv_expand, reduced);
         x * hard_sigmoid(gate)
