@@ -31,7 +31,8 @@
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
 #               and data on the CPU and on the GPU (f32, then bf16); B-scratch-*: one
 #               epoch of every layer training, BatchNorm on batch statistics, from the same
-#               weights (f32, bf16); B-compare: the weights must agree, and `lanner evaluate` of the GPU
+#               weights (f32, bf16), and on two replicas of the GPU (LANNER_REPLICAS=2,
+#               torch build); B-compare: the weights must agree, and `lanner evaluate` of the GPU
 #               model must agree on both devices
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
@@ -146,6 +147,12 @@ check_build() {
       --precision "$precision" --weights "$START" --from-scratch --initial-epochs 1 \
       --fine-tune-epochs 0 --model-dir "$WORK/scratch-$b-$precision"
   done
+  # The same epoch data-parallel over two replicas of the one GPU (BatchNorm statistics summed
+  # across them): the weights must agree with one replica's. burn-cuda cannot sum across
+  # replicas and trains these phases on one device, so only the `torch` build.
+  [ "$b" = torch ] && LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
+    --device "$GPU" --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
+    --model-dir "$WORK/scratch-$b-replicas"
   local device
   for device in cpu "$GPU"; do
     stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
@@ -158,7 +165,8 @@ work, out, b, gpu_device = sys.argv[1:]
 start = load_file(f"{work}/start/weights.safetensors")
 runs = [("model-cpu", f"model-{b}-f32", "f32"), ("model-cpu", f"model-{b}-bf16", "bf16"),
         ("scratch-cpu", f"scratch-{b}-f32", "from-scratch f32"),
-        ("scratch-cpu", f"scratch-{b}-bf16", "from-scratch bf16")]
+        ("scratch-cpu", f"scratch-{b}-bf16", "from-scratch bf16"),
+        (f"scratch-{b}-f32", f"scratch-{b}-replicas", "from-scratch f32, 2 replicas vs 1")]
 for cpu_run, gpu_run, what in runs:
     try:
         cpu = load_file(f"{work}/{cpu_run}/weights.safetensors")
@@ -183,7 +191,7 @@ for cpu_run, gpu_run, what in runs:
              for k in cpu if k.endswith(".running_mean")]
     variances = [(abs(cpu[k] - gpu[k]).max() / abs(cpu[k]).max(), k)
                  for k in cpu if k.endswith(".running_var")]
-    print(f"weights, cpu vs {b} {what}:",
+    print(f"weights, {cpu_run} vs {gpu_run} ({what}):",
           json.dumps({"tensors": len(cpu), "same_names": sorted(cpu) == sorted(gpu),
                       "worst_relative_difference": float(worst[0]), "worst_tensor": worst[1],
                       "tensors_trained": len(moved),

@@ -7,9 +7,10 @@
 use burn::config::Config;
 use burn::module::{Module, Param, RunningState};
 use burn::nn::Initializer;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::precision::in_dtype;
+use crate::sync_batch_norm::Share;
 
 /// Whether `tensor` (a PyTorch state-dict name) is a BatchNorm running statistic: a buffer
 /// that normalises but is never trained, which timm's parameter counts leave out.
@@ -135,6 +136,9 @@ impl BatchNorm2d {
 
     fn forward_batch_statistics(&self, x: Tensor<4>) -> Tensor<4> {
         let device = x.device();
+        if let Some(share) = crate::sync_batch_norm::current_share() {
+            return self.forward_whole_batch_statistics(x, share);
+        }
         if crate::fused::available(&device) {
             // One operation each way, which the `torch` build runs as PyTorch's train-mode
             // BatchNorm does (ATen's `native_batch_norm`, running statistics included).
@@ -175,6 +179,48 @@ impl BatchNorm2d {
             + in_dtype(result.variance.detach(), dtype).mul_scalar(self.momentum * unbiased);
         self.update_running_statistics(mean, var);
         result.output
+    }
+
+    /// [`Self::forward_batch_statistics`] on one replica's rows of a batch split between
+    /// data-parallel replicas: the statistics are the whole batch's, their per-channel sums
+    /// added across the replicas forward and back (PyTorch's `SyncBatchNorm`), in f32. The
+    /// first replica updates the running statistics, which all replicas share.
+    fn forward_whole_batch_statistics(&self, x: Tensor<4>, share: Share) -> Tensor<4> {
+        let [_, channels, height, width] = x.dims();
+        let count = (share.batch_rows * height * width) as f64;
+        let dtype = x.dtype();
+        let x = in_dtype(x, DType::F32);
+        let per_channel = |t: Tensor<4>| {
+            let summed = t.sum_dim(0).sum_dim(2).sum_dim(3).reshape([channels]);
+            crate::fused::sum_across_replicas(summed)
+        };
+        let mean = per_channel(x.clone()).div_scalar(count);
+        let centred = x - mean.clone().reshape([1, channels, 1, 1]);
+        let variance = per_channel(centred.clone().square()).div_scalar(count);
+        let weight = in_dtype(self.weight.val(), DType::F32);
+        let bias = in_dtype(self.bias.val(), DType::F32);
+        let scale = weight / variance.clone().add_scalar(self.epsilon).sqrt();
+        let output =
+            centred * scale.reshape([1, channels, 1, 1]) + bias.reshape([1, channels, 1, 1]);
+        if share.first {
+            let device = output.device();
+            let running_mean = self.running_mean.value_sync().to_device(&device);
+            let running_var = self.running_var.value_sync().to_device(&device);
+            let statistics = running_mean.dtype();
+            // PyTorch keeps the unbiased variance.
+            let unbiased = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            let keep = 1.0 - self.momentum;
+            let mean = running_mean.mul_scalar(keep)
+                + in_dtype(mean.detach(), statistics).mul_scalar(self.momentum);
+            let var = running_var.mul_scalar(keep)
+                + in_dtype(variance.detach(), statistics).mul_scalar(self.momentum * unbiased);
+            self.update_running_statistics(mean, var);
+        }
+        in_dtype(output, dtype)
     }
 
     fn update_running_statistics(&self, mean: Tensor<1>, var: Tensor<1>) {

@@ -19,6 +19,8 @@
 //! running statistics in the same kernel, and so is the `torch` build's (on copies of them: two
 //! small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
 //! one call each; [`conv2d`] asks for them in one, as PyTorch's `convolution_backward` does.
+//! [`sum_across_replicas`] adds a tensor over the replicas of a data-parallel step, forward and
+//! backward, for BatchNorm statistics over the whole batch ([`crate::sync_batch_norm`]).
 //!
 //! [`FusedOps`] is a burn backend extension: the forward passes, implemented by each backend
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
@@ -46,6 +48,8 @@ use burn::backend::{get_or_init_device_settings, tensor::FloatTensor};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sync_batch_norm::Exchange;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -185,6 +189,15 @@ pub fn global_average_pool(x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
+/// The sum over the replicas of a data-parallel step of each one's `x`, on `x`'s device; its
+/// gradient is the same sum of the replicas' gradients. Only inside
+/// [`crate::sync_batch_norm::join`] and on a device where [`available`] holds.
+pub fn sum_across_replicas(x: Tensor<1>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::sum_across_replicas(
+        x.into_dispatch(),
+    ))
+}
+
 /// The forward passes, one operation each.
 #[backend_extension(Flex, LibTorch: cfg(feature = "torch"), Autodiff)]
 pub trait FusedOps: Backend {
@@ -292,6 +305,11 @@ pub trait FusedOps: Backend {
     /// The mean over dimensions 2 and 3, kept as size 1.
     fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_mean_dim(Self::float_mean_dim(x, 2), 3)
+    }
+
+    /// See [`sum_across_replicas`]: every replica's `x`, moved to this one's device and added.
+    fn sum_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Exchange::next().sum::<Self>(x)
     }
 }
 
@@ -778,6 +796,46 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
 
     fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
         unary::<B, C>(x, Unary::GlobalAveragePool)
+    }
+
+    fn sum_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let exchange = Exchange::next();
+        match SumAcrossReplicas
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = exchange.sum::<B>(x.into_primitive());
+                prep.finish(exchange, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(exchange.sum::<B>(x.into_primitive())),
+        }
+    }
+}
+
+/// The backward pass of [`FusedOps::sum_across_replicas`]: each replica's output feeds its own
+/// loss, so the input's gradient is the sum of every replica's output gradient.
+#[derive(Debug)]
+struct SumAcrossReplicas;
+
+impl<B: Backend> Backward<B, 1> for SumAcrossReplicas {
+    type State = Exchange;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        // Every replica takes part in the sum, whether or not its input needs the gradient:
+        // the others wait for it.
+        let summed = ops.state.sum_backward::<B>(grad);
+        let [parent] = ops.parents;
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, summed);
+        }
     }
 }
 

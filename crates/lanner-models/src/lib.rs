@@ -18,7 +18,8 @@
 //! - [`folded`]: a backbone's frozen layers as a fast CPU inference network (BatchNorm folded,
 //!   channels-last, one image per thread), for phase 1, the frozen part of phase 2 and
 //!   inference; [`frozen`] picks it on the CPU and the burn modules elsewhere.
-//! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode.
+//! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode;
+//!   [`sync_batch_norm`]: its batch statistics over every replica of a data-parallel step.
 //! - [`precision`]: f32, bf16 or f16 passes over f32 master weights.
 //! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
 //!   [`conv`].
@@ -40,6 +41,7 @@ pub mod mobilenet_v3;
 pub mod precision;
 pub mod registry;
 pub mod squeeze_excite;
+pub mod sync_batch_norm;
 pub mod weights;
 pub mod xception;
 

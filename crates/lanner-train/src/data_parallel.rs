@@ -10,9 +10,13 @@
 //! rounding. Replicas run on their own threads; their gradients are moved to the first device,
 //! summed with burn's [`GradientsAccumulator`], and applied there.
 //!
-//! Phases whose BatchNorm layers update their statistics (`--from-scratch`) are not split: each
-//! replica would see only its rows' statistics (what `MirroredStrategy` does without
-//! `SyncBatchNormalization`), so one device trains them.
+//! In phases whose BatchNorm layers train on batch statistics (`--from-scratch`), the replicas
+//! of a step form a [`ReplicaGroup`]: every BatchNorm adds its per-channel sums across them, so
+//! each normalises with the whole batch's statistics, not its rows' (PyTorch's
+//! `SyncBatchNorm`; `MirroredStrategy` needs `synchronized=True` for this), and the gradients
+//! still add up to one device's. See [`lanner_models::sync_batch_norm`]. Devices without
+//! Lanner's fused layers (burn-cuda) cannot sum across replicas; there those phases train on
+//! the first device alone.
 
 use std::ops::Range;
 
@@ -24,13 +28,12 @@ use lanner_models::ModelEntry;
 use lanner_models::Normalization;
 use lanner_models::keras_layers::KerasLayerError;
 use lanner_models::precision::Precision;
+use lanner_models::sync_batch_norm::{self, ReplicaGroup};
 
 use crate::classifier::Classifier;
 use crate::optimizer::Optimizer;
 use crate::recipe::{BatchNormMode, Phase};
-use crate::trainer::{
-    BackbonePlan, DropoutDraw, Shard, StepInput, StepLogits, step_gradients, training_step,
-};
+use crate::trainer::{BackbonePlan, DropoutDraw, Shard, StepInput, StepLogits, step_gradients};
 
 /// The devices a phase trains on, each with its plan for the backbone's frozen part.
 pub struct Replicas {
@@ -50,7 +53,8 @@ pub struct StepSettings<'a> {
 
 impl Replicas {
     /// Replicas of `model` for `phase` on `devices` (the model's own device first). A phase
-    /// whose BatchNorm statistics train runs on the first device only.
+    /// whose BatchNorm statistics train runs on the first device only where the devices
+    /// cannot sum those statistics across replicas.
     pub fn for_phase(
         model: &Classifier,
         entry: &ModelEntry,
@@ -59,8 +63,10 @@ impl Replicas {
         precision: Precision,
     ) -> Result<Self, KerasLayerError> {
         let devices = match phase.batch_norm {
-            BatchNormMode::Frozen => devices,
-            BatchNormMode::Training => &devices[..1],
+            BatchNormMode::Training if !devices.iter().all(lanner_models::fused::available) => {
+                &devices[..1]
+            }
+            _ => devices,
         };
         let replicas = devices
             .iter()
@@ -104,8 +110,19 @@ impl Replicas {
         batch: Batch,
         settings: StepSettings<'_>,
     ) -> (Classifier, StepLogits) {
+        let (gradients, logits) = self.gradients(&model, batch, settings);
+        (optimizer.step(model, gradients), logits)
+    }
+
+    /// The gradients of the whole batch's loss with respect to `model`'s parameters, on the
+    /// first device, and the batch's logits in batch order, left on the replicas' devices.
+    pub fn gradients(
+        &self,
+        model: &Classifier,
+        batch: Batch,
+        settings: StepSettings<'_>,
+    ) -> (GradientsParams, StepLogits) {
         let (main_device, main_plan) = &self.replicas[0];
-        let autodiff = main_device.clone().autodiff();
         let shards = shards(batch.len(), self.replicas.len());
         if shards.len() <= 1 {
             let labels = batch.labels.clone();
@@ -116,17 +133,22 @@ impl Replicas {
                 normalization: settings.normalization,
                 dropout: settings.dropout,
             };
-            return training_step(model, main_plan, optimizer, input, &autodiff);
+            let autodiff = main_device.clone().autodiff();
+            let shard = Shard::whole(labels.len());
+            let (gradients, logits) = step_gradients(model, main_plan, input, &shard, &autodiff);
+            return (gradients, StepLogits::new(logits));
         }
 
         let size = batch.len();
         let per_image = 3 * batch.height * batch.width;
+        let group = ReplicaGroup::new(shards.len(), size);
         let results: Vec<(GradientsParams, Tensor<2>)> = std::thread::scope(|scope| {
             let workers: Vec<_> = self
                 .replicas
                 .iter()
                 .zip(&shards)
-                .map(|((device, plan), rows)| {
+                .enumerate()
+                .map(|(rank, ((device, plan), rows))| {
                     let replica_autodiff = device.clone().autodiff();
                     let replica = model.clone().fork(&replica_autodiff);
                     let pixels = Tensor::<4>::from_data(
@@ -144,6 +166,7 @@ impl Replicas {
                     };
                     let settings = &settings;
                     let main_device = main_device.clone();
+                    let group = &group;
                     scope.spawn(move || {
                         let input = StepInput {
                             pixels,
@@ -152,8 +175,9 @@ impl Replicas {
                             normalization: settings.normalization,
                             dropout,
                         };
-                        let (gradients, logits) =
-                            step_gradients(&replica, plan, input, &shard, &replica_autodiff);
+                        let (gradients, logits) = sync_batch_norm::join(group, rank, || {
+                            step_gradients(&replica, plan, input, &shard, &replica_autodiff)
+                        });
                         (gradients.to_device(&main_device, &replica), logits)
                     })
                 })
@@ -167,13 +191,10 @@ impl Replicas {
         let mut sum = GradientsAccumulator::<Classifier>::new();
         let mut logits = Vec::with_capacity(results.len());
         for (gradients, shard_logits) in results {
-            sum.accumulate(&model, gradients);
+            sum.accumulate(model, gradients);
             logits.push(shard_logits);
         }
-        (
-            optimizer.step(model, sum.grads()),
-            StepLogits::of_replicas(logits),
-        )
+        (sum.grads(), StepLogits::of_replicas(logits))
     }
 }
 
@@ -197,12 +218,16 @@ pub fn shards(batch: usize, parts: usize) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::named_tensors;
+    use crate::artifact::{apply_named_tensors, named_tensors};
     use crate::freeze::prepare;
-    use crate::optimizer::OptimizerConfig;
+    use crate::optimizer::{OptimizerConfig, parameter_names};
     use crate::recipe::{PhaseName, Trainable};
+    use burn::module::{ModuleVisitor, Param, ParamId};
     use lanner_data::rng::SplitMix64;
+    use lanner_models::batch_norm::is_running_statistic;
     use lanner_models::find;
+    use std::collections::HashMap;
+    use std::path::Path;
 
     const SIZE: usize = 32;
 
@@ -318,23 +343,110 @@ mod tests {
         compare(phase(PhaseName::FineTune), true);
     }
 
+    /// Every parameter's gradient, by name.
+    fn named_gradients(model: &Classifier, gradients: &GradientsParams) -> Vec<(String, Vec<f32>)> {
+        struct Named<'a> {
+            gradients: &'a GradientsParams,
+            names: HashMap<ParamId, String>,
+            found: Vec<(String, Vec<f32>)>,
+        }
+        impl ModuleVisitor for Named<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(gradient) = self.gradients.get::<D>(param.id) {
+                    let values = gradient.into_data().try_into_vec::<f32>().unwrap();
+                    self.found.push((self.names[&param.id].clone(), values));
+                }
+            }
+        }
+        let mut named = Named {
+            gradients,
+            names: parameter_names(model),
+            found: Vec::new(),
+        };
+        model.visit(&mut named);
+        named.found
+    }
+
+    /// One from-scratch step (BatchNorm on batch statistics) on one device and on three
+    /// replicas (shards of 2, 2 and 1 images): the same gradients, logits and running
+    /// statistics, because the replicas normalise with the whole batch's statistics.
     #[test]
-    fn phases_that_train_batch_norm_statistics_stay_on_one_device() {
+    fn three_replicas_normalise_with_the_whole_batch_statistics_as_one_device() {
         let entry = find("mobilenet_v3_small_050").unwrap();
         let device = Device::flex();
-        let model = Classifier::seeded(entry, 2, 0.2, 5, &device.clone().autodiff());
         let mut phase = phase(PhaseName::FromScratch);
         phase.trainable = Trainable::Everything;
         phase.batch_norm = BatchNormMode::Training;
-        let model = prepare(model, entry, &phase).unwrap();
-        let replicas = Replicas::for_phase(
-            &model,
-            entry,
-            &phase,
-            &[device.clone(), device],
-            Precision::F32,
+        let autodiff = device.clone().autodiff();
+        let start = named_tensors(&Classifier::seeded(entry, 2, 0.2, 5, &autodiff));
+        let run = |replicas: usize| {
+            // A fresh copy each time: clones share their running statistics.
+            let model = Classifier::new(entry, 2, 0.2, &autodiff);
+            let model = apply_named_tensors(model, start.clone(), Path::new("<start>")).unwrap();
+            let model = prepare(model, entry, &phase).unwrap();
+            let devices = vec![device.clone(); replicas];
+            let replicas =
+                Replicas::for_phase(&model, entry, &phase, &devices, Precision::F32).unwrap();
+            let settings = StepSettings {
+                class_weights: &[1.0, 2.0],
+                normalization: &entry.pretrained.normalization,
+                dropout: DropoutDraw {
+                    rate: 0.2,
+                    seed: 5,
+                    epoch: 0,
+                    step: 0,
+                },
+            };
+            let (gradients, logits) = replicas.gradients(&model, batch(0, 5), settings);
+            let statistics: Vec<_> = named_tensors(&model)
+                .into_iter()
+                .filter(|(name, _)| is_running_statistic(name))
+                .collect();
+            (
+                replicas.len(),
+                named_gradients(&model, &gradients),
+                logits.read(),
+                statistics,
+            )
+        };
+        let (one_device, one_gradients, one_logits, one_statistics) = run(1);
+        let (three_devices, three_gradients, three_logits, three_statistics) = run(3);
+        assert_eq!((one_device, three_devices), (1, 3));
+
+        let close = |a: f32, b: f32, scale: f32| (a - b).abs() <= 1e-4 * scale.max(1e-3);
+        for (a, b) in one_logits.iter().zip(&three_logits) {
+            assert!(close(*a, *b, a.abs()), "logits {a} vs {b}");
+        }
+        assert_eq!(one_gradients.len(), three_gradients.len());
+        assert!(one_gradients.len() > 100, "every tensor trains");
+        let largest = |values: &[f32]| values.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let overall = one_gradients
+            .iter()
+            .fold(0f32, |m, (_, g)| m.max(largest(g)));
+        for ((name, one), (other, three)) in one_gradients.iter().zip(&three_gradients) {
+            assert_eq!(name, other);
+            // Some gradients are zero in theory (a BatchNorm's shift feeding another
+            // BatchNorm); theirs are rounding noise, judged against the model's gradients.
+            let scale = largest(one).max(1e-3 * overall);
+            for (a, b) in one.iter().zip(three) {
+                assert!(close(*a, *b, scale), "gradient of {name}: {a} vs {b}");
+            }
+        }
+        assert!(one_statistics.len() > 50);
+        let mut moved = 0;
+        for ((name, one), (_, three)) in one_statistics.iter().zip(&three_statistics) {
+            let one = one.clone().try_into_vec::<f32>().unwrap();
+            let three = three.clone().try_into_vec::<f32>().unwrap();
+            for (a, b) in one.iter().zip(&three) {
+                assert!(close(*a, *b, a.abs()), "{name}: {a} vs {b}");
+            }
+            moved += usize::from(one.iter().any(|v| *v != 0.0 && *v != 1.0));
+        }
+        assert_eq!(
+            moved,
+            one_statistics.len(),
+            "every statistic took the batch's"
         );
-        assert_eq!(replicas.unwrap().len(), 1);
     }
 
     #[test]

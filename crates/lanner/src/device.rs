@@ -138,17 +138,11 @@ impl DeviceChoice {
                      on a machine with NVIDIA GPUs, or leave --gpus out"
                 );
             }
-            return Ok(TrainingDevices {
-                devices: vec![device],
-                name,
-            });
+            return replicate(device, name);
         };
         let wanted = gpus.unwrap_or(if self == Self::Auto { usize::MAX } else { 1 });
         if wanted == 1 {
-            return Ok(TrainingDevices {
-                devices: vec![device],
-                name,
-            });
+            return replicate(device, name);
         }
         let visible = gpu::count().map_err(anyhow::Error::msg)?;
         if gpus.is_some() && first + wanted > visible {
@@ -159,17 +153,53 @@ impl DeviceChoice {
             );
         }
         let count = wanted.min(visible.saturating_sub(first)).max(1);
+        if count == 1 {
+            return replicate(device, name);
+        }
+        if replicas()? > 1 {
+            bail!(
+                "LANNER_REPLICAS replicates one device, but training runs on {count} GPUs; unset \
+                 it, or pass --gpus 1"
+            );
+        }
         Ok(TrainingDevices {
             devices: (first..first + count).map(gpu::device).collect(),
-            name: if count == 1 {
-                name
-            } else {
-                format!(
-                    "cuda:{first}..cuda:{} (data-parallel over {count} GPUs)",
-                    first + count - 1
-                )
-            },
+            name: format!(
+                "cuda:{first}..cuda:{} (data-parallel over {count} GPUs)",
+                first + count - 1
+            ),
         })
+    }
+}
+
+/// Training on `device` alone, or data-parallel over `LANNER_REPLICAS` replicas of it.
+fn replicate(device: Device, name: String) -> Result<TrainingDevices> {
+    let replicas = replicas()?;
+    Ok(TrainingDevices {
+        devices: vec![device; replicas],
+        name: if replicas == 1 {
+            name
+        } else {
+            format!("{name} (data-parallel over {replicas} replicas of it, LANNER_REPLICAS)")
+        },
+    })
+}
+
+/// How many replicas of its one device a run trains on: `LANNER_REPLICAS` (default 1).
+/// Data parallelism is for several GPUs; replicas of one device gain nothing, but they run the
+/// same code (shards, BatchNorm statistics summed across replicas, summed gradients) where
+/// there is one GPU or none, as XLA's `--xla_force_host_platform_device_count` does for JAX.
+/// Tests and `bench/gpu_check.sh` use it.
+fn replicas() -> Result<usize> {
+    match std::env::var("LANNER_REPLICAS") {
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!(
+                "LANNER_REPLICAS={value} is not a number of replicas; set it to 1 or more, or \
+                 unset it"
+            ),
+        },
+        Err(_) => Ok(1),
     }
 }
 

@@ -320,6 +320,73 @@ fn reading_logits_steps_late_changes_no_number() {
     );
 }
 
+/// Data-parallel training from scratch on three replicas of the CPU (the GPUs' code path:
+/// shards, BatchNorm statistics summed across replicas, gradients summed) reports what one
+/// device reports on the same batches, up to float rounding.
+///
+/// Two epochs at a learning rate of 0.001: training from scratch on batches of 16 amplifies
+/// rounding differences (from adding in another order) about tenfold per epoch from the
+/// third on, and faster at higher rates, as it would between two GPUs of different models.
+#[test]
+fn three_cpu_replicas_train_from_scratch_as_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let train = |name: &str, replicas: &str| {
+        let model = dir.path().join(name);
+        let output = dir.path().join(format!("{name}-output"));
+        let mut args = scratch_args(&data, &model);
+        for (name, value) in [
+            ("--initial-epochs", "2"),
+            ("--fine-tune-epochs", "0"),
+            ("--learning-rate", "0.001"),
+        ] {
+            let at = args.iter().position(|a| a == name).unwrap();
+            args[at + 1] = value.into();
+        }
+        args.extend(["--output-data-dir".into(), output.to_str().unwrap().into()]);
+        let result = common::lanner_command()
+            .args(&args)
+            .env("LANNER_REPLICAS", replicas)
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", text(&result.stderr));
+        let numbers: Vec<Vec<f64>> = json_lines(&output.join("metrics.jsonl"))
+            .iter()
+            .map(|epoch| {
+                ["loss", "accuracy", "val_loss", "val_accuracy"]
+                    .iter()
+                    .map(|key| epoch[*key].as_f64().unwrap())
+                    .collect()
+            })
+            .collect();
+        (numbers, text(&result.stdout) + &text(&result.stderr))
+    };
+    let (one, _) = train("one", "1");
+    let (three, log) = train("three", "3");
+    assert!(log.contains("data-parallel over 3 replicas"), "{log}");
+    assert_eq!(one.len(), 2);
+    for (one, three) in one.iter().zip(&three) {
+        // loss, accuracy (192 images), val_loss, val_accuracy (48 images)
+        let tolerances = [1e-3 * one[0], 1.5 / 192.0, 1e-3 * one[2], 1.5 / 48.0];
+        for ((a, b), tolerance) in one.iter().zip(three).zip(tolerances) {
+            assert!((a - b).abs() <= tolerance, "{one:?} vs {three:?}");
+        }
+    }
+
+    let refused = common::lanner_command()
+        .args(scratch_args(&data, &dir.path().join("refused")))
+        .env("LANNER_REPLICAS", "0")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        common::last_line(&refused.stderr).contains("LANNER_REPLICAS=0 is not a number"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
 #[test]
 fn bad_hyperparameters_and_data_are_refused_before_training() {
     let dir = tempfile::tempdir().unwrap();
