@@ -244,6 +244,20 @@ mod tests {
         }
     }
 
+    /// Step `step` of epoch 0: class weights 1 and 2, dropout 0.2.
+    fn settings(entry: &'static ModelEntry, step: u64) -> StepSettings<'static> {
+        StepSettings {
+            class_weights: &[1.0, 2.0],
+            normalization: &entry.pretrained.normalization,
+            dropout: DropoutDraw {
+                rate: 0.2,
+                seed: 5,
+                epoch: 0,
+                step,
+            },
+        }
+    }
+
     /// Two steps of `phase` on one device and on three replicas of it (shards of 2, 2 and 1
     /// images): the same weights and logits, up to float rounding.
     fn compare(phase: Phase, burn_modules: bool) {
@@ -270,18 +284,8 @@ mod tests {
             let mut optimizer = phase.optimizer.init();
             let mut logits = Vec::new();
             for step in 0..2 {
-                let settings = StepSettings {
-                    class_weights: &[1.0, 2.0],
-                    normalization: &entry.pretrained.normalization,
-                    dropout: DropoutDraw {
-                        rate: 0.2,
-                        seed: 5,
-                        epoch: 0,
-                        step,
-                    },
-                };
                 let (updated, step_logits) =
-                    replicas.step(model, &mut optimizer, batch(step, 5), settings);
+                    replicas.step(model, &mut optimizer, batch(step, 5), settings(entry, step));
                 model = updated;
                 logits.extend(step_logits.read());
             }
@@ -368,7 +372,7 @@ mod tests {
     }
 
     /// One from-scratch step (BatchNorm on batch statistics) on one device and on three
-    /// replicas (shards of 2, 2 and 1 images): the same gradients, logits and running
+    /// replicas (shards of 3, 3 and 2 images): the same gradients, logits and running
     /// statistics, because the replicas normalise with the whole batch's statistics.
     #[test]
     fn three_replicas_normalise_with_the_whole_batch_statistics_as_one_device() {
@@ -387,17 +391,7 @@ mod tests {
             let devices = vec![device.clone(); replicas];
             let replicas =
                 Replicas::for_phase(&model, entry, &phase, &devices, Precision::F32).unwrap();
-            let settings = StepSettings {
-                class_weights: &[1.0, 2.0],
-                normalization: &entry.pretrained.normalization,
-                dropout: DropoutDraw {
-                    rate: 0.2,
-                    seed: 5,
-                    epoch: 0,
-                    step: 0,
-                },
-            };
-            let (gradients, logits) = replicas.gradients(&model, batch(0, 5), settings);
+            let (gradients, logits) = replicas.gradients(&model, batch(0, 8), settings(entry, 0));
             let statistics: Vec<_> = named_tensors(&model)
                 .into_iter()
                 .filter(|(name, _)| is_running_statistic(name))
@@ -413,13 +407,22 @@ mod tests {
         let (three_devices, three_gradients, three_logits, three_statistics) = run(3);
         assert_eq!((one_device, three_devices), (1, 3));
 
-        let close = |a: f32, b: f32, scale: f32| (a - b).abs() <= 1e-4 * scale.max(1e-3);
-        for (a, b) in one_logits.iter().zip(&three_logits) {
-            assert!(close(*a, *b, a.abs()), "logits {a} vs {b}");
-        }
+        // Differences relative to the largest value of each tensor. BatchNorm over a few rows
+        // (layers at 1x1 spatial size see 8 values per channel) amplifies rounding, and
+        // burn-flex's parallel reductions add in an order that depends on the threads' load.
+        let largest = |values: &[f32]| values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = |one: &[f32], three: &[f32], scale: f32| {
+            assert_eq!(one.len(), three.len());
+            let scale = scale.max(f32::MIN_POSITIVE);
+            one.iter()
+                .zip(three)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale))
+        };
+        let logits = worst(&one_logits, &three_logits, largest(&one_logits));
+        assert!(logits < 1e-4, "logits differ by {logits} of the largest");
+
         assert_eq!(one_gradients.len(), three_gradients.len());
         assert!(one_gradients.len() > 100, "every tensor trains");
-        let largest = |values: &[f32]| values.iter().fold(0f32, |m, g| m.max(g.abs()));
         let overall = one_gradients
             .iter()
             .fold(0f32, |m, (_, g)| m.max(largest(g)));
@@ -427,20 +430,31 @@ mod tests {
             assert_eq!(name, other);
             // Some gradients are zero in theory (a BatchNorm's shift feeding another
             // BatchNorm); theirs are rounding noise, judged against the model's gradients.
-            let scale = largest(one).max(1e-3 * overall);
-            for (a, b) in one.iter().zip(three) {
-                assert!(close(*a, *b, scale), "gradient of {name}: {a} vs {b}");
-            }
+            let difference = worst(one, three, largest(one).max(1e-3 * overall));
+            assert!(
+                difference < 1e-3,
+                "gradient of {name}: {difference} of its largest"
+            );
         }
         assert!(one_statistics.len() > 50);
+        let values = |statistics: &[(String, TensorData)]| -> HashMap<String, Vec<f32>> {
+            statistics
+                .iter()
+                .map(|(name, data)| (name.clone(), data.clone().try_into_vec().unwrap()))
+                .collect()
+        };
+        let (one, three) = (values(&one_statistics), values(&three_statistics));
         let mut moved = 0;
-        for ((name, one), (_, three)) in one_statistics.iter().zip(&three_statistics) {
-            let one = one.clone().try_into_vec::<f32>().unwrap();
-            let three = three.clone().try_into_vec::<f32>().unwrap();
-            for (a, b) in one.iter().zip(&three) {
-                assert!(close(*a, *b, a.abs()), "{name}: {a} vs {b}");
-            }
-            moved += usize::from(one.iter().any(|v| *v != 0.0 && *v != 1.0));
+        for (name, one_values) in &one {
+            let three_values = &three[name];
+            // A running mean is judged in units of its channel's running standard deviation.
+            let scale = match name.strip_suffix("mean") {
+                Some(layer) => largest(&one[&format!("{layer}var")]).sqrt(),
+                None => largest(one_values),
+            };
+            let difference = worst(one_values, three_values, scale);
+            assert!(difference < 1e-4, "{name}: {difference}");
+            moved += usize::from(one_values.iter().any(|v| *v != 0.0 && *v != 1.0));
         }
         assert_eq!(
             moved,
