@@ -66,7 +66,7 @@ pub fn write(
     write_atomically(path, &bytes).map_err(io)
 }
 
-/// Read every tensor of a file written by [`write`] (or any safetensors file of `f32`
+/// Read every tensor of a file written by [`write()`] (or any safetensors file of `f32`
 /// tensors), by name.
 pub fn read(path: &Path) -> Result<BTreeMap<String, TensorData>, TensorFileError> {
     let bytes = fs::read(path).map_err(|source| TensorFileError::Io {

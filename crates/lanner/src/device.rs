@@ -1,8 +1,8 @@
 //! `--device auto|cpu|cuda|cuda:N|libtorch-cpu`: where tensors live.
 //!
 //! Two builds reach NVIDIA GPUs, through two burn backends: `cuda` (burn-cuda, kernels compiled
-//! at run time by NVRTC; [`crate::gpu_runtime`]) and `torch` (burn-tch over PyTorch's
-//! libraries, cuDNN and cuBLAS kernels compiled ahead of time; [`crate::torch_runtime`]). A
+//! at run time by NVRTC; `gpu_runtime.rs`) and `torch` (burn-tch over PyTorch's
+//! libraries, cuDNN and cuBLAS kernels compiled ahead of time; `torch_runtime.rs`). A
 //! build has at most one of them; [`gpu`] is the one it has.
 
 use std::fmt;
