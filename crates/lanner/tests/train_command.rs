@@ -374,6 +374,26 @@ fn three_cpu_replicas_train_from_scratch_as_one_device() {
         }
     }
 
+    // Without the fused layers, BatchNorm statistics cannot be added up across replicas: the
+    // phase trains on one, and says so.
+    let mut args = scratch_args(&data, &dir.path().join("unfused"));
+    for (name, value) in [("--initial-epochs", "1"), ("--fine-tune-epochs", "0")] {
+        let at = args.iter().position(|a| a == name).unwrap();
+        args[at + 1] = value.into();
+    }
+    let unfused = common::lanner_command()
+        .args(&args)
+        .env("LANNER_REPLICAS", "2")
+        .env("LANNER_FUSED_LAYERS", "off")
+        .output()
+        .unwrap();
+    let log = text(&unfused.stdout) + &text(&unfused.stderr);
+    assert!(unfused.status.success(), "{log}");
+    assert!(
+        log.contains("so it trains on the first device alone"),
+        "{log}"
+    );
+
     let refused = common::lanner_command()
         .args(scratch_args(&data, &dir.path().join("refused")))
         .env("LANNER_REPLICAS", "0")
