@@ -447,7 +447,7 @@ mod tests {
         let mut moved = 0;
         for (name, one_values) in &one {
             let three_values = &three[name];
-            // A running mean is judged in units of its channel's running standard deviation.
+            // A running mean is judged against its layer's largest running standard deviation.
             let scale = match name.strip_suffix("mean") {
                 Some(layer) => largest(&one[&format!("{layer}var")]).sqrt(),
                 None => largest(one_values),
