@@ -155,29 +155,14 @@ impl BatchNorm2d {
             return output;
         }
         let [batch, _, height, width] = x.dims();
-        // PyTorch keeps the unbiased variance in `running_var`; burn returns the biased one.
         let count = (batch * height * width) as f64;
-        let unbiased = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
         let result = burn::tensor::module::batch_norm_train(
             x,
             self.weight.val(),
             self.bias.val(),
             self.epsilon,
         );
-        let keep = 1.0 - self.momentum;
-        let mean = self.running_mean.value_sync().to_device(&device);
-        let var = self.running_var.value_sync().to_device(&device);
-        // The statistics stay f32 also when the pass computes in bf16 or f16.
-        let dtype = mean.dtype();
-        let mean =
-            mean.mul_scalar(keep) + in_dtype(result.mean.detach(), dtype).mul_scalar(self.momentum);
-        let var = var.mul_scalar(keep)
-            + in_dtype(result.variance.detach(), dtype).mul_scalar(self.momentum * unbiased);
-        self.update_running_statistics(mean, var);
+        self.take_batch_statistics(result.mean, result.variance, count);
         result.output
     }
 
@@ -203,24 +188,30 @@ impl BatchNorm2d {
         let output =
             centred * scale.reshape([1, channels, 1, 1]) + bias.reshape([1, channels, 1, 1]);
         if share.first {
-            let device = output.device();
-            let running_mean = self.running_mean.value_sync().to_device(&device);
-            let running_var = self.running_var.value_sync().to_device(&device);
-            let statistics = running_mean.dtype();
-            // PyTorch keeps the unbiased variance.
-            let unbiased = if count > 1.0 {
-                count / (count - 1.0)
-            } else {
-                1.0
-            };
-            let keep = 1.0 - self.momentum;
-            let mean = running_mean.mul_scalar(keep)
-                + in_dtype(mean.detach(), statistics).mul_scalar(self.momentum);
-            let var = running_var.mul_scalar(keep)
-                + in_dtype(variance.detach(), statistics).mul_scalar(self.momentum * unbiased);
-            self.update_running_statistics(mean, var);
+            self.take_batch_statistics(mean, variance, count);
         }
         in_dtype(output, dtype)
+    }
+
+    /// Move the running statistics toward a batch's `mean` and biased `variance` over `count`
+    /// values per channel by `momentum`. PyTorch keeps the unbiased variance in `running_var`;
+    /// the statistics stay f32 also when the pass computes in bf16 or f16.
+    fn take_batch_statistics(&self, mean: Tensor<1>, variance: Tensor<1>, count: f64) {
+        let device = mean.device();
+        let running_mean = self.running_mean.value_sync().to_device(&device);
+        let running_var = self.running_var.value_sync().to_device(&device);
+        let statistics = running_mean.dtype();
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let keep = 1.0 - self.momentum;
+        let mean = running_mean.mul_scalar(keep)
+            + in_dtype(mean.detach(), statistics).mul_scalar(self.momentum);
+        let var = running_var.mul_scalar(keep)
+            + in_dtype(variance.detach(), statistics).mul_scalar(self.momentum * unbiased);
+        self.update_running_statistics(mean, var);
     }
 
     fn update_running_statistics(&self, mean: Tensor<1>, var: Tensor<1>) {
