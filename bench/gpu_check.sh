@@ -147,9 +147,9 @@ check_build() {
       --precision "$precision" --weights "$START" --from-scratch --initial-epochs 1 \
       --fine-tune-epochs 0 --model-dir "$WORK/scratch-$b-$precision"
   done
-  # The same epoch data-parallel over two replicas of the one GPU (BatchNorm statistics summed
-  # across them): the weights must agree with one replica's. burn-cuda cannot sum across
-  # replicas and trains these phases on one device, so only the `torch` build.
+  # The same epoch data-parallel over two replicas of the one GPU (BatchNorm statistics gathered
+  # across them): the weights must agree with one replica's. burn-cuda cannot exchange tensors
+  # between replicas and trains these phases on one device, so only the `torch` build.
   [ "$b" = torch ] && LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
     --device "$GPU" --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
     --model-dir "$WORK/scratch-$b-replicas"

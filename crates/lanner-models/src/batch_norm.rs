@@ -7,7 +7,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param, RunningState};
 use burn::nn::Initializer;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::precision::in_dtype;
 use crate::sync_batch_norm::Share;
@@ -167,26 +167,43 @@ impl BatchNorm2d {
     }
 
     /// [`Self::forward_batch_statistics`] on one replica's rows of a batch split between
-    /// data-parallel replicas: the statistics are the whole batch's, their per-channel sums
-    /// added across the replicas forward and back (PyTorch's `SyncBatchNorm`), in f32. The
-    /// first replica updates the running statistics, which all replicas share.
+    /// data-parallel replicas, with the whole batch's statistics in f32 (PyTorch's
+    /// `SyncBatchNorm`): each replica's per-channel mean and sum of squared deviations, and its
+    /// count, are gathered from every replica in one exchange and combined with Chan, Golub
+    /// and LeVeque's pairwise formula, which needs no subtraction of large sums; backward, the
+    /// gathered statistics' gradients are added across the replicas in one exchange. The first
+    /// replica updates the running statistics, which all replicas share.
     fn forward_whole_batch_statistics(&self, x: Tensor<4>, share: Share) -> Tensor<4> {
-        let [_, channels, height, width] = x.dims();
+        let [rows, channels, height, width] = x.dims();
         let count = (share.batch_rows * height * width) as f64;
-        let dtype = x.dtype();
+        let own_count = (rows * height * width) as f64;
+        let (dtype, device) = (x.dtype(), x.device());
         let x = in_dtype(x, DType::F32);
-        let per_channel = |t: Tensor<4>| {
-            let summed = t.sum_dim(0).sum_dim(2).sum_dim(3).reshape([channels]);
-            crate::fused::sum_across_replicas(summed)
-        };
-        let mean = per_channel(x.clone()).div_scalar(count);
-        let centred = x - mean.clone().reshape([1, channels, 1, 1]);
-        let variance = per_channel(centred.clone().square()).div_scalar(count);
+        let per_channel = |t: Tensor<4>| t.sum_dim(0).sum_dim(2).sum_dim(3).reshape([channels]);
+        let broadcast = |t: Tensor<1>| t.reshape([1, channels, 1, 1]);
+        let own_mean = per_channel(x.clone()).div_scalar(own_count);
+        let own_squares = per_channel((x.clone() - broadcast(own_mean.clone())).square());
+        let own_count =
+            Tensor::<1>::from_data(TensorData::new(vec![own_count as f32], [1]), &device);
+        // `[replicas, 2 · channels + 1]`: each replica's mean, squared deviations and count.
+        let gathered = crate::fused::gather_across_replicas(Tensor::cat(
+            vec![own_mean, own_squares, own_count],
+            0,
+        ));
+        let replicas = gathered.dims()[0];
+        let column = |from: usize, to: usize| gathered.clone().slice([0..replicas, from..to]);
+        let (means, squares) = (column(0, channels), column(channels, 2 * channels));
+        let shares = column(2 * channels, 2 * channels + 1).div_scalar(count);
+        let mean = (means.clone() * shares.clone()).sum_dim(0);
+        // Σ squared deviations = Σ each replica's own + Σ count · (its mean − the mean)².
+        let variance = squares.sum_dim(0).div_scalar(count)
+            + ((means - mean.clone()).square() * shares).sum_dim(0);
+        let (mean, variance) = (mean.reshape([channels]), variance.reshape([channels]));
         let weight = in_dtype(self.weight.val(), DType::F32);
         let bias = in_dtype(self.bias.val(), DType::F32);
         let scale = weight / variance.clone().add_scalar(self.epsilon).sqrt();
-        let output =
-            centred * scale.reshape([1, channels, 1, 1]) + bias.reshape([1, channels, 1, 1]);
+        let shift = bias - mean.clone() * scale.clone();
+        let output = x * broadcast(scale) + broadcast(shift);
         if share.first {
             self.take_batch_statistics(mean, variance, count);
         }

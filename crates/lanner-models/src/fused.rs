@@ -19,8 +19,9 @@
 //! running statistics in the same kernel, and so is the `torch` build's (on copies of them: two
 //! small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
 //! one call each; [`conv2d`] asks for them in one, as PyTorch's `convolution_backward` does.
-//! [`sum_across_replicas`] adds a tensor over the replicas of a data-parallel step, forward and
-//! backward, for BatchNorm statistics over the whole batch ([`crate::sync_batch_norm`]).
+//! [`gather_across_replicas`] collects a vector from every replica of a data-parallel step,
+//! forward and backward, for BatchNorm statistics over the whole batch
+//! ([`crate::sync_batch_norm`]).
 //!
 //! [`FusedOps`] is a burn backend extension: the forward passes, implemented by each backend
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
@@ -189,11 +190,13 @@ pub fn global_average_pool(x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
-/// The sum over the replicas of a data-parallel step of each one's `x`, on `x`'s device; its
-/// gradient is the same sum of the replicas' gradients. Only inside
-/// [`crate::sync_batch_norm::join`] and on a device where [`available`] holds.
-pub fn sum_across_replicas(x: Tensor<1>) -> Tensor<1> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::sum_across_replicas(
+/// Every replica's `x` (one vector each, the same length) as the rows of a `[replicas,
+/// length]` tensor in rank order, on `x`'s device: an all-gather over the replicas of a
+/// data-parallel step. Each replica's rows feed its own loss, so the gradient of `x` is the
+/// sum of its row's gradients over the replicas. Only inside [`crate::sync_batch_norm::join`]
+/// and on a device where [`available`] holds.
+pub fn gather_across_replicas(x: Tensor<1>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::gather_across_replicas(
         x.into_dispatch(),
     ))
 }
@@ -307,9 +310,10 @@ pub trait FusedOps: Backend {
         Self::float_mean_dim(Self::float_mean_dim(x, 2), 3)
     }
 
-    /// See [`sum_across_replicas`]: every replica's `x`, moved to this one's device and added.
-    fn sum_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Exchange::next().sum::<Self>(x)
+    /// See [`gather_across_replicas`]: every replica's `x`, moved to this one's device, as
+    /// the rows of a matrix.
+    fn gather_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Exchange::next().gather::<Self>(x)
     }
 }
 
@@ -798,28 +802,28 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
         unary::<B, C>(x, Unary::GlobalAveragePool)
     }
 
-    fn sum_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn gather_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let exchange = Exchange::next();
-        match SumAcrossReplicas
+        match GatherAcrossReplicas
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let output = exchange.sum::<B>(x.into_primitive());
+                let output = exchange.gather::<B>(x.into_primitive());
                 prep.finish(exchange, output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(exchange.sum::<B>(x.into_primitive())),
+            OpsKind::UnTracked(prep) => prep.finish(exchange.gather::<B>(x.into_primitive())),
         }
     }
 }
 
-/// The backward pass of [`FusedOps::sum_across_replicas`]: each replica's output feeds its own
-/// loss, so the input's gradient is the sum of every replica's output gradient.
+/// The backward pass of [`FusedOps::gather_across_replicas`]: each replica's output feeds its
+/// own loss, so the input's gradient is the sum over the replicas of its row's gradient.
 #[derive(Debug)]
-struct SumAcrossReplicas;
+struct GatherAcrossReplicas;
 
-impl<B: Backend> Backward<B, 1> for SumAcrossReplicas {
+impl<B: Backend> Backward<B, 1> for GatherAcrossReplicas {
     type State = Exchange;
 
     fn backward(
@@ -831,7 +835,7 @@ impl<B: Backend> Backward<B, 1> for SumAcrossReplicas {
         let grad = grads.consume::<B>(&ops.node);
         // Every replica takes part in the sum, whether or not its input needs the gradient:
         // the others wait for it.
-        let summed = ops.state.sum_backward::<B>(grad);
+        let summed = ops.state.gather_backward::<B>(grad);
         let [parent] = ops.parents;
         if let Some(parent) = parent {
             grads.register::<B>(parent.id, summed);

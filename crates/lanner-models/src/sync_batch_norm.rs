@@ -2,15 +2,18 @@
 //! it: PyTorch's `SyncBatchNorm`, Keras' `BatchNormalization(synchronized=True)`.
 //!
 //! Each replica runs its share of a step on a thread of its own. [`join`] makes that thread a
-//! member of the step's [`ReplicaGroup`]; a BatchNorm layer there that trains on batch
-//! statistics then adds its per-channel sums to every other replica's
-//! ([`crate::fused::sum_across_replicas`]): forward for the mean and the variance, backward
-//! for their gradients. Every replica normalises with the whole batch's statistics, and the
-//! replicas' gradients add up to one device's on the whole batch.
+//! member of the step's [`ReplicaGroup`]. A BatchNorm layer there that trains on batch
+//! statistics computes its share's per-channel mean and sum of squared deviations, gathers
+//! every replica's ([`crate::fused::gather_across_replicas`]) and combines them into the whole
+//! batch's mean and variance (Chan, Golub and LeVeque's pairwise update), as PyTorch's
+//! `SyncBatchNorm` does with `batch_norm_gather_stats_with_counts`. Backward, the gradients of
+//! the gathered statistics are added across the replicas. So each layer meets the other
+//! replicas once forward and once backward, every replica normalises with the whole batch's
+//! statistics, and the replicas' gradients add up to one device's on the whole batch.
 //!
-//! Replicas meet at every sum in the same order (their graphs are the same, and burn's
-//! autodiff orders its backward steps by the graph alone); each sum carries a tag, and a
-//! mismatch stops the step rather than adding the wrong tensors. When one replica's thread
+//! Replicas meet at every gather in the same order (their graphs are the same, and burn's
+//! autodiff orders its backward steps by the graph alone); each meeting carries a tag, and a
+//! mismatch stops the step rather than combining the wrong tensors. When one replica's thread
 //! panics, the others stop waiting and panic too, instead of hanging.
 
 use std::any::Any;
@@ -19,11 +22,12 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, TensorMetadata};
+use burn::backend::{Backend, Shape, TensorMetadata};
+use burn::tensor::Slice;
 
-/// The replicas of one data-parallel step, which meet to add tensors.
+/// The replicas of one data-parallel step, which meet to exchange tensors.
 pub struct ReplicaGroup {
-    /// How many replicas take part in every sum.
+    /// How many replicas take part in every exchange.
     size: usize,
     /// The rows of the whole batch, over all replicas.
     batch_rows: usize,
@@ -31,7 +35,7 @@ pub struct ReplicaGroup {
     all_arrived: Condvar,
 }
 
-/// The sum under way and the last one finished.
+/// The exchange under way and the last one finished.
 struct Rounds {
     /// Finished rounds.
     finished: u64,
@@ -77,8 +81,8 @@ impl ReplicaGroup {
             rounds.failed = true;
             self.all_arrived.notify_all();
             panic!(
-                "the replicas of a data-parallel step reached their BatchNorm sums in different \
-                 orders (sum {tag} against {}); this is a bug in Lanner",
+                "the replicas of a data-parallel step reached their BatchNorm exchanges in \
+                 different orders (exchange {tag} against {}); this is a bug in Lanner",
                 rounds.tag.unwrap_or_default()
             );
         }
@@ -134,7 +138,7 @@ impl fmt::Debug for ReplicaGroup {
 struct Membership {
     group: Arc<ReplicaGroup>,
     rank: usize,
-    /// The tag of this thread's next sum.
+    /// The tag of this thread's next exchange.
     next_tag: Cell<u64>,
 }
 
@@ -191,7 +195,8 @@ pub fn current_share() -> Option<Share> {
     })
 }
 
-/// One sum across the replicas, forward or backward: what the autodiff keeps for the backward.
+/// One gather across the replicas, forward or backward: what the autodiff keeps for the
+/// backward.
 #[derive(Clone, Debug)]
 pub(crate) struct Exchange {
     group: Arc<ReplicaGroup>,
@@ -199,20 +204,20 @@ pub(crate) struct Exchange {
     tag: u64,
 }
 
-/// Tags of backward sums: the forward sum's tag with the top bit set.
+/// Tags of backward exchanges: the forward gather's tag with the top bit set.
 const BACKWARD: u64 = 1 << 63;
 
 impl Exchange {
-    /// The next sum of this thread's replica.
+    /// The next gather of this thread's replica.
     ///
     /// # Panics
-    /// Outside [`join`]: only BatchNorm inside a replica's step sums across replicas.
+    /// Outside [`join`]: only BatchNorm inside a replica's step gathers across replicas.
     pub(crate) fn next() -> Self {
         MEMBERSHIP.with(|membership| {
             let membership = membership.borrow();
             let membership = membership
                 .as_ref()
-                .expect("a sum across replicas outside a data-parallel step");
+                .expect("a gather across replicas outside a data-parallel step");
             let tag = membership.next_tag.get();
             membership.next_tag.set(tag + 1);
             Self {
@@ -223,25 +228,36 @@ impl Exchange {
         })
     }
 
-    /// The sum over the replicas of each one's `x`, on `x`'s device (added in rank order, so
-    /// that every replica gets the same floats).
-    pub(crate) fn sum<B: Backend>(&self, x: FloatTensor<B>) -> FloatTensor<B> {
-        self.sum_tagged::<B>(x, self.tag)
-    }
-
-    /// [`Exchange::sum`] for the backward pass of this sum.
-    pub(crate) fn sum_backward<B: Backend>(&self, grad: FloatTensor<B>) -> FloatTensor<B> {
-        self.sum_tagged::<B>(grad, self.tag | BACKWARD)
-    }
-
-    fn sum_tagged<B: Backend>(&self, x: FloatTensor<B>, tag: u64) -> FloatTensor<B> {
+    /// Every replica's `x` (a vector, the same length on each), moved to `x`'s device, as the
+    /// rows of a `[replicas, length]` matrix in rank order.
+    pub(crate) fn gather<B: Backend>(&self, x: FloatTensor<B>) -> FloatTensor<B> {
         let device = x.device();
-        self.group
-            .exchange(self.rank, tag, x)
+        let row = Shape::new([1, x.shape().num_elements()]);
+        let rows = self
+            .group
+            .exchange(self.rank, self.tag, x)
             .into_iter()
-            .map(|given| B::float_to_device(given, &device))
+            .map(|given| B::float_reshape(B::float_to_device(given, &device), row.clone()))
+            .collect();
+        B::float_cat(rows, 0)
+    }
+
+    /// The backward pass of [`Exchange::gather`] for this replica's output gradient `grad`
+    /// (`[replicas, length]`): the sum over the replicas of their gradients' row for this one,
+    /// added in rank order, so that every replica gets the same floats.
+    pub(crate) fn gather_backward<B: Backend>(&self, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let device = grad.device();
+        let length = grad.shape()[1];
+        let rank = self.rank as isize;
+        let own_row = [Slice::new(rank, Some(rank + 1), 1), Slice::full()];
+        let summed = self
+            .group
+            .exchange(self.rank, self.tag | BACKWARD, grad)
+            .into_iter()
+            .map(|given| B::float_to_device(B::float_slice(given, &own_row), &device))
             .reduce(B::float_add)
-            .expect("a group has a member")
+            .expect("a group has a member");
+        B::float_reshape(summed, Shape::new([length]))
     }
 }
 
@@ -275,6 +291,7 @@ mod tests {
     fn batch_norm_step(
         layer: &crate::batch_norm::BatchNorm2d,
         rows: std::ops::Range<usize>,
+        offset: f32,
         device: &Device,
     ) -> [Vec<f32>; 3] {
         let per_row = 3 * 5 * 5;
@@ -282,6 +299,7 @@ mod tests {
             |seed| values(4 * per_row, seed)[rows.start * per_row..rows.end * per_row].to_vec();
         let rows_shape = [rows.len(), 3, 5, 5];
         let x = Tensor::<4>::from_data(TensorData::new(row_values(1), rows_shape), device)
+            .add_scalar(offset)
             .require_grad();
         let loss_weights =
             Tensor::<4>::from_data(TensorData::new(row_values(2), rows_shape), device);
@@ -297,7 +315,8 @@ mod tests {
 
     /// One BatchNorm step on the whole batch, and on two replicas with a half each: the same
     /// input gradients, parameter gradients (summed over the replicas) and running statistics.
-    fn halves_normalise_as_the_whole_batch(device: Device) {
+    /// The input is `offset` plus values in -2..2.
+    fn halves_normalise_as_the_whole_batch(device: Device, offset: f32) {
         let device = device.autodiff();
         let fresh = || {
             let mut layer = BatchNorm2dConfig::new(3).init(&device);
@@ -305,7 +324,7 @@ mod tests {
             layer
         };
         let whole = fresh();
-        let [x_grad, weight_grad, bias_grad] = batch_norm_step(&whole, 0..4, &device);
+        let [x_grad, weight_grad, bias_grad] = batch_norm_step(&whole, 0..4, offset, &device);
 
         let split = fresh();
         let group = ReplicaGroup::new(2, 4);
@@ -315,7 +334,9 @@ mod tests {
                 .enumerate()
                 .map(|(rank, rows)| {
                     let (group, split, device) = (&group, &split, &device);
-                    scope.spawn(move || join(group, rank, || batch_norm_step(split, rows, device)))
+                    scope.spawn(move || {
+                        join(group, rank, || batch_norm_step(split, rows, offset, device))
+                    })
                 })
                 .collect();
             members.into_iter().map(|m| m.join().unwrap()).collect()
@@ -346,7 +367,14 @@ mod tests {
 
     #[test]
     fn halves_on_two_replicas_normalise_as_the_whole_batch_on_burn_flex() {
-        halves_normalise_as_the_whole_batch(Device::flex());
+        halves_normalise_as_the_whole_batch(Device::flex(), 0.0);
+    }
+
+    /// A mean 100 times the spread: the variance must not come from subtracting large sums
+    /// (Σx² − n·mean² loses all but two digits of it in f32).
+    #[test]
+    fn halves_normalise_as_the_whole_batch_when_the_mean_dwarfs_the_spread() {
+        halves_normalise_as_the_whole_batch(Device::flex(), 100.0);
     }
 
     #[cfg(feature = "torch")]
@@ -356,7 +384,7 @@ mod tests {
         reason = "burn 0.22 deprecates burn-tch, the `torch` build"
     )]
     fn halves_on_two_replicas_normalise_as_the_whole_batch_on_libtorch() {
-        halves_normalise_as_the_whole_batch(Device::libtorch());
+        halves_normalise_as_the_whole_batch(Device::libtorch(), 0.0);
     }
 
     #[test]
@@ -405,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn members_that_disagree_on_the_order_stop_instead_of_adding() {
+    fn members_that_disagree_on_the_order_stop_instead_of_combining() {
         let group = ReplicaGroup::new(2, 4);
         let outcomes: Vec<bool> = std::thread::scope(|scope| {
             let members: Vec<_> = [(0, 7), (1, 8)]

@@ -11,12 +11,12 @@
 //! summed with burn's [`GradientsAccumulator`], and applied there.
 //!
 //! In phases whose BatchNorm layers train on batch statistics (`--from-scratch`), the replicas
-//! of a step form a [`ReplicaGroup`]: every BatchNorm adds its per-channel sums across them, so
-//! each normalises with the whole batch's statistics, not its rows' (PyTorch's
-//! `SyncBatchNorm`; `MirroredStrategy` needs `synchronized=True` for this), and the gradients
-//! still add up to one device's. See [`lanner_models::sync_batch_norm`]. Devices without
-//! Lanner's fused layers (burn-cuda) cannot sum across replicas; there those phases train on
-//! the first device alone.
+//! of a step form a [`ReplicaGroup`]: every BatchNorm gathers the replicas' statistics, so each
+//! normalises with the whole batch's statistics, not its rows' (PyTorch's `SyncBatchNorm`;
+//! `MirroredStrategy` needs `synchronized=True` for this), and the gradients still add up to
+//! one device's. See [`lanner_models::sync_batch_norm`]. Devices without Lanner's fused layers
+//! (burn-cuda) cannot exchange tensors between replicas; there those phases train on the first
+//! device alone.
 
 use std::ops::Range;
 

@@ -260,7 +260,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
         if replicas.len() < devices.len() {
             reporter.message(&format!(
                 "warning: the {} phase trains BatchNorm statistics, which only Lanner's fused \
-                 layers add up across devices (burn-cuda has none; LANNER_FUSED_LAYERS=off turns \
+                 layers combine across devices (burn-cuda has none; LANNER_FUSED_LAYERS=off turns \
                  them off), so it trains on the first device alone",
                 phase.name.as_str()
             ));
