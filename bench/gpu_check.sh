@@ -31,8 +31,8 @@
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
 #               and data on the CPU and on the GPU (f32, then bf16); B-scratch-*: one
 #               epoch of every layer training, BatchNorm on batch statistics, from the same
-#               weights (f32, bf16), and on two replicas of the GPU (LANNER_REPLICAS=2,
-#               torch build); B-compare: the weights must agree, and `lanner evaluate` of the GPU
+#               weights (f32, bf16), and on two replicas of the GPU (LANNER_REPLICAS=2);
+#               B-compare: the weights must agree, and `lanner evaluate` of the GPU
 #               model must agree on both devices
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
@@ -148,9 +148,8 @@ check_build() {
       --fine-tune-epochs 0 --model-dir "$WORK/scratch-$b-$precision"
   done
   # The same epoch data-parallel over two replicas of the one GPU (BatchNorm statistics gathered
-  # across them): the weights must agree with one replica's. burn-cuda cannot exchange tensors
-  # between replicas and trains these phases on one device, so only the `torch` build.
-  [ "$b" = torch ] && LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
+  # across them): the weights must agree with one replica's.
+  LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
     --device "$GPU" --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
     --model-dir "$WORK/scratch-$b-replicas"
   local device

@@ -27,8 +27,9 @@
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
 //! are [`FusedBackward`], whose default bodies compose burn's tensor operations (what burn-flex
 //! runs); the `torch` build overrides them with ATen's kernels (vendor/burn-tch,
-//! `burn_tch::fused`). Backends not listed (burn-cuda, whose fusion already merges
-//! element-wise chains) keep the composite layers: see [`available`].
+//! `burn_tch::fused`). burn-cuda, whose fusion already merges element-wise chains, keeps the
+//! composite layers (see [`available`]) and implements the extension for
+//! [`gather_across_replicas`] alone, which every backend needs for data-parallel training.
 
 // burn-tch (LibTorch) is deprecated upstream; Lanner patches and keeps it (vendor/burn-tch).
 #![cfg_attr(feature = "torch", allow(deprecated))]
@@ -193,8 +194,8 @@ pub fn global_average_pool(x: Tensor<4>) -> Tensor<4> {
 /// Every replica's `x` (one vector each, the same length) as the rows of a `[replicas,
 /// length]` tensor in rank order, on `x`'s device: an all-gather over the replicas of a
 /// data-parallel step. Each replica's rows feed its own loss, so the gradient of `x` is the
-/// sum of its row's gradients over the replicas. Only inside [`crate::sync_batch_norm::join`]
-/// and on a device where [`available`] holds.
+/// sum of its row's gradients over the replicas. Only inside [`crate::sync_batch_norm::join`];
+/// on every backend, with or without the other fused layers.
 pub fn gather_across_replicas(x: Tensor<1>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::gather_across_replicas(
         x.into_dispatch(),
@@ -202,10 +203,17 @@ pub fn gather_across_replicas(x: Tensor<1>) -> Tensor<2> {
 }
 
 /// The forward passes, one operation each.
-#[backend_extension(Flex, LibTorch: cfg(feature = "torch"), Autodiff)]
+#[backend_extension(
+    Flex,
+    LibTorch: cfg(feature = "torch"),
+    Cube: cfg(feature = "cuda"),
+    Fusion: cfg(all(feature = "cuda", feature = "fusion")),
+    Autodiff
+)]
 pub trait FusedOps: Backend {
     /// BatchNorm with fixed statistics: `(x − mean) / √(variance + ε) · weight + bias` per
     /// channel (dimension 1). Defaults to the backend's own `batch_norm`.
+    #[fusion(default)]
     fn frozen_batch_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -224,6 +232,7 @@ pub trait FusedOps: Backend {
     /// running statistics' type. Defaults to the backend's `batch_norm_train` and the update
     /// as tensor operations.
     #[allow(clippy::type_complexity)]
+    #[fusion(default)]
     fn batch_norm_training(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -272,6 +281,7 @@ pub trait FusedOps: Backend {
     }
 
     /// A 2-D convolution without bias: the backend's `conv2d`.
+    #[fusion(default)]
     fn convolution(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -281,6 +291,7 @@ pub trait FusedOps: Backend {
     }
 
     /// A 2-D convolution with a bias: the backend's `conv2d`.
+    #[fusion(default)]
     fn biased_convolution(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -291,12 +302,14 @@ pub trait FusedOps: Backend {
     }
 
     /// `x · clamp(x / 6 + 1/2, 0, 1)`.
+    #[fusion(default)]
     fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_mul(x.clone(), Self::hard_sigmoid_gate(x))
     }
 
     /// `clamp(x / 6 + 1/2, 0, 1)`: PyTorch's `hardsigmoid`, the squeeze-excitation gate of
     /// MobileNetV3 (burn's own `hard_sigmoid` takes the slope and offset as arguments).
+    #[fusion(default)]
     fn hard_sigmoid_gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_clamp(
             Self::float_add_scalar(Self::float_mul_scalar(x, scalar(1.0 / 6.0)), 0.5.into()),
@@ -306,12 +319,14 @@ pub trait FusedOps: Backend {
     }
 
     /// The mean over dimensions 2 and 3, kept as size 1.
+    #[fusion(default)]
     fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_mean_dim(Self::float_mean_dim(x, 2), 3)
     }
 
     /// See [`gather_across_replicas`]: every replica's `x`, moved to this one's device, as
     /// the rows of a matrix.
+    #[fusion(default)]
     fn gather_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Exchange::next().gather::<Self>(x)
     }
@@ -497,6 +512,19 @@ fn scalar(value: f64) -> Scalar {
 
 impl FusedOps for Flex {}
 impl FusedBackward for Flex {}
+
+// burn-cuda: the composed defaults. Only the exchange between replicas runs there ([`available`]
+// is false on its devices: burn's fusion already merges the composite layers' element-wise
+// chains into few kernels).
+#[cfg(feature = "cuda")]
+impl FusedOps for burn_cubecl::CubeBackend {}
+#[cfg(feature = "cuda")]
+impl FusedBackward for burn_cubecl::CubeBackend {}
+#[cfg(all(feature = "cuda", feature = "fusion"))]
+impl<B: burn::backend::fusion::FusionBackend + FusedBackward> FusedBackward
+    for burn::backend::fusion::Fusion<B>
+{
+}
 
 #[cfg(feature = "torch")]
 mod torch {

@@ -14,9 +14,7 @@
 //! of a step form a [`ReplicaGroup`]: every BatchNorm gathers the replicas' statistics, so each
 //! normalises with the whole batch's statistics, not its rows' (PyTorch's `SyncBatchNorm`;
 //! `MirroredStrategy` needs `synchronized=True` for this), and the gradients still add up to
-//! one device's. See [`lanner_models::sync_batch_norm`]. Devices without Lanner's fused layers
-//! (burn-cuda) cannot exchange tensors between replicas; there those phases train on the first
-//! device alone.
+//! one device's. See [`lanner_models::sync_batch_norm`].
 
 use std::ops::Range;
 
@@ -32,7 +30,7 @@ use lanner_models::sync_batch_norm::{self, ReplicaGroup};
 
 use crate::classifier::Classifier;
 use crate::optimizer::Optimizer;
-use crate::recipe::{BatchNormMode, Phase};
+use crate::recipe::Phase;
 use crate::trainer::{BackbonePlan, DropoutDraw, Shard, StepInput, StepLogits, step_gradients};
 
 /// The devices a phase trains on, each with its plan for the backbone's frozen part.
@@ -52,9 +50,7 @@ pub struct StepSettings<'a> {
 }
 
 impl Replicas {
-    /// Replicas of `model` for `phase` on `devices` (the model's own device first). A phase
-    /// whose BatchNorm statistics train runs on the first device only where the devices
-    /// cannot sum those statistics across replicas.
+    /// Replicas of `model` for `phase` on `devices` (the model's own device first).
     pub fn for_phase(
         model: &Classifier,
         entry: &ModelEntry,
@@ -62,12 +58,6 @@ impl Replicas {
         devices: &[Device],
         precision: Precision,
     ) -> Result<Self, KerasLayerError> {
-        let devices = match phase.batch_norm {
-            BatchNormMode::Training if !devices.iter().all(lanner_models::fused::available) => {
-                &devices[..1]
-            }
-            _ => devices,
-        };
         let replicas = devices
             .iter()
             .enumerate()
@@ -221,7 +211,7 @@ mod tests {
     use crate::artifact::{apply_named_tensors, named_tensors};
     use crate::freeze::prepare;
     use crate::optimizer::{OptimizerConfig, parameter_names};
-    use crate::recipe::{PhaseName, Trainable};
+    use crate::recipe::{BatchNormMode, PhaseName, Trainable};
     use burn::module::{ModuleVisitor, Param, ParamId};
     use lanner_data::rng::SplitMix64;
     use lanner_models::batch_norm::is_running_statistic;

@@ -257,14 +257,6 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
             .chain(replica_devices.iter().cloned())
             .collect();
         let replicas = Replicas::for_phase(&model, entry, phase, &devices, precision)?;
-        if replicas.len() < devices.len() {
-            reporter.message(&format!(
-                "warning: the {} phase trains BatchNorm statistics, which only Lanner's fused \
-                 layers combine across devices (burn-cuda has none; LANNER_FUSED_LAYERS=off turns \
-                 them off), so it trains on the first device alone",
-                phase.name.as_str()
-            ));
-        }
 
         let mut stop_phase = false;
         while state.position.epoch_in_phase < phase.epochs && !stop_phase {

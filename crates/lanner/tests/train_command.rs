@@ -321,7 +321,7 @@ fn reading_logits_steps_late_changes_no_number() {
 }
 
 /// Data-parallel training from scratch on three replicas of the CPU (the GPUs' code path:
-/// shards, BatchNorm statistics summed across replicas, gradients summed) reports what one
+/// shards, BatchNorm statistics gathered across replicas, gradients summed) reports what one
 /// device reports on the same batches, up to float rounding.
 ///
 /// Two epochs at a learning rate of 0.001: training from scratch on batches of 16 amplifies
@@ -332,7 +332,7 @@ fn three_cpu_replicas_train_from_scratch_as_one_device() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data);
-    let train = |name: &str, replicas: &str| {
+    let train = |name: &str, replicas: &str, fused_layers: &str| {
         let model = dir.path().join(name);
         let output = dir.path().join(format!("{name}-output"));
         let mut args = scratch_args(&data, &model);
@@ -348,6 +348,7 @@ fn three_cpu_replicas_train_from_scratch_as_one_device() {
         let result = common::lanner_command()
             .args(&args)
             .env("LANNER_REPLICAS", replicas)
+            .env("LANNER_FUSED_LAYERS", fused_layers)
             .output()
             .unwrap();
         assert!(result.status.success(), "{}", text(&result.stderr));
@@ -362,37 +363,24 @@ fn three_cpu_replicas_train_from_scratch_as_one_device() {
             .collect();
         (numbers, text(&result.stdout) + &text(&result.stderr))
     };
-    let (one, _) = train("one", "1");
-    let (three, log) = train("three", "3");
-    assert!(log.contains("data-parallel over 3 replicas"), "{log}");
-    assert_eq!(one.len(), 2);
-    for (one, three) in one.iter().zip(&three) {
-        // loss, accuracy (192 images), val_loss, val_accuracy (48 images)
-        let tolerances = [1e-3 * one[0], 1.5 / 192.0, 1e-3 * one[2], 1.5 / 48.0];
-        for ((a, b), tolerance) in one.iter().zip(three).zip(tolerances) {
-            assert!((a - b).abs() <= tolerance, "{one:?} vs {three:?}");
+    // With Lanner's fused layers (the CPU's and the `torch` build's), and with burn's composite
+    // layers, which the `cuda` build runs.
+    for fused_layers in ["on", "off"] {
+        let (one, _) = train(&format!("one-{fused_layers}"), "1", fused_layers);
+        let (three, log) = train(&format!("three-{fused_layers}"), "3", fused_layers);
+        assert!(log.contains("data-parallel over 3 replicas"), "{log}");
+        assert_eq!(one.len(), 2);
+        for (one, three) in one.iter().zip(&three) {
+            // loss, accuracy (192 images), val_loss, val_accuracy (48 images)
+            let tolerances = [1e-3 * one[0], 1.5 / 192.0, 1e-3 * one[2], 1.5 / 48.0];
+            for ((a, b), tolerance) in one.iter().zip(three).zip(tolerances) {
+                assert!(
+                    (a - b).abs() <= tolerance,
+                    "fused layers {fused_layers}: {one:?} vs {three:?}"
+                );
+            }
         }
     }
-
-    // Without the fused layers, BatchNorm statistics cannot be added up across replicas: the
-    // phase trains on one, and says so.
-    let mut args = scratch_args(&data, &dir.path().join("unfused"));
-    for (name, value) in [("--initial-epochs", "1"), ("--fine-tune-epochs", "0")] {
-        let at = args.iter().position(|a| a == name).unwrap();
-        args[at + 1] = value.into();
-    }
-    let unfused = common::lanner_command()
-        .args(&args)
-        .env("LANNER_REPLICAS", "2")
-        .env("LANNER_FUSED_LAYERS", "off")
-        .output()
-        .unwrap();
-    let log = text(&unfused.stdout) + &text(&unfused.stderr);
-    assert!(unfused.status.success(), "{log}");
-    assert!(
-        log.contains("so it trains on the first device alone"),
-        "{log}"
-    );
 
     let refused = common::lanner_command()
         .args(scratch_args(&data, &dir.path().join("refused")))
