@@ -4,6 +4,7 @@ batch 32:
 
     python3 bench/cpu_speed.py [--threads 2] [--models mobilenet_v3_large xception]
         [--steps 5] [--warmup 2] [--xception-steps 2] [--lanner target/release/lanner]
+        [--rows frozen fine-tune full inference from-scratch]
 
 Rows (the seed's recipe):
 - frozen: phase 1, only the head trains (Adam 1e-4), the backbone frozen;
@@ -12,9 +13,13 @@ Rows (the seed's recipe):
   Xception: from block11_sepconv2, timm `block11.rep.4`), the rest frozen;
 - full: every backbone parameter trains (RMSprop 1e-5), BatchNorm still on its running
   statistics (Lanner: `--step fine-tune --fine-tune-layer 0`);
-- inference: the forward pass only.
+- inference: the forward pass only;
+- from-scratch (not in the default rows: `--rows from-scratch`): `--from-scratch` training,
+  every parameter trains (Adam 1e-4) and BatchNorm normalises with the batch's statistics and
+  updates its running ones (Keras: the backbone called without `training=False`; PyTorch: the
+  backbone in `train()`; Lanner: `--step full`).
 Every model: backbone (random weights) with BatchNorm in inference mode (the seed's
-`base(x, training=False)`) -> global average pooling -> Dropout(0.1) -> Dense(1), binary
+`base(x, training=False)`; in training mode in the from-scratch row) -> global average pooling -> Dropout(0.1) -> Dense(1), binary
 cross-entropy on the logit. Input: one random batch of pixels, in memory, reused (no data
 loading on any side).
 
@@ -43,9 +48,10 @@ from train_throughput import thread_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANNER = os.path.join(ROOT, "target", "release", "lanner")
 BATCH = 32
-ROWS = ("frozen", "fine-tune", "full", "inference")
+ROWS = ("frozen", "fine-tune", "full", "inference", "from-scratch")
+DEFAULT_ROWS = ROWS[:4]
 LABELS = {"frozen": "backbone frozen", "fine-tune": "fine-tune-layer 100", "full": "fully trainable",
-          "inference": "inference"}
+          "inference": "inference", "from-scratch": "from scratch (BatchNorm training)"}
 MODELS = {
     # name: (image size, timm name, first trainable timm parameter at fine-tune-layer 100)
     "mobilenet_v3_large": (224, "mobilenetv3_large_100", "blocks.3.3."),
@@ -81,7 +87,9 @@ def keras_child(args):
         x = rng.uniform(-1, 1, (BATCH, size, size, 3)).astype("float32")
     y = (np.arange(BATCH) % 2).astype("float32")[:, None]
     inputs = keras.Input((size, size, 3))
-    features = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+    # From scratch, BatchNorm trains: Keras' default call, in training mode within train_on_batch.
+    base_out = base(inputs) if args.row == "from-scratch" else base(inputs, training=False)
+    features = keras.layers.GlobalAveragePooling2D()(base_out)
     model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dropout(0.1)(features)))
     x, y = tf.constant(x), tf.constant(y)
     if args.row == "inference":
@@ -91,7 +99,7 @@ def keras_child(args):
         if args.row == "fine-tune":
             for layer in base.layers[:100]:
                 layer.trainable = False
-        optimizer = (keras.optimizers.Adam(learning_rate=1e-4) if args.row == "frozen"
+        optimizer = (keras.optimizers.Adam(learning_rate=1e-4) if args.row in ("frozen", "from-scratch")
                      else keras.optimizers.RMSprop(learning_rate=1e-5))
         model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
         rate = timed(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
@@ -108,7 +116,7 @@ def torch_child(args):
     backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="")
     channels = backbone.num_features
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(channels, 1))
-    backbone.eval()
+    backbone.train(args.row == "from-scratch")
     head.train()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     backbone = backbone.to(memory_format=fmt)
@@ -125,7 +133,7 @@ def torch_child(args):
                  if not n.startswith(("conv_head", "norm_head", "classifier", "fc"))]
         if args.row == "frozen":
             trainable = set()
-        elif args.row == "full":
+        elif args.row in ("full", "from-scratch"):
             trainable = set(names)
         else:
             start = next(i for i, n in enumerate(names) if n.startswith(first_trainable))
@@ -136,7 +144,7 @@ def torch_child(args):
             if n in trainable:
                 params.append(p)
         params += list(head.parameters())
-        optimizer = (torch.optim.Adam(params, lr=1e-4, eps=1e-7) if args.row == "frozen"
+        optimizer = (torch.optim.Adam(params, lr=1e-4, eps=1e-7) if args.row in ("frozen", "from-scratch")
                      else torch.optim.RMSprop(params, lr=1e-5, alpha=0.9, eps=1e-7))
         loss_fn = torch.nn.BCEWithLogitsLoss()
 
@@ -170,8 +178,8 @@ def lanner(args, model, row, steps):
     size = MODELS[model][0]
     # "full" as the peers run it: every layer trains, BatchNorm on its running statistics (the
     # seed's phase 2 with --fine-tune-layer 0). `lanner bench --step full` is --from-scratch,
-    # BatchNorm in training mode, which no peer row here runs.
-    step, layer = ("fine-tune", "0") if row == "full" else (row, "100")
+    # BatchNorm in training mode: the from-scratch row.
+    step, layer = {"full": ("fine-tune", "0"), "from-scratch": ("full", "100")}.get(row, (row, "100"))
     cmd = [os.path.abspath(args.lanner), "bench", "--arch", model, "--image-size", str(size),
            "--batch-size", str(BATCH), "--step", step, "--fine-tune-layer", layer, "--steps", str(steps),
            "--warmup", str(args.warmup), "--device", "cpu", "--json"]
@@ -187,7 +195,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="*", default=list(DEFAULT_ROWS), choices=list(ROWS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MobileNetV3)")
     parser.add_argument("--xception-steps", type=int, default=2, help="timed steps (Xception)")
     parser.add_argument("--warmup", type=int, default=2)
