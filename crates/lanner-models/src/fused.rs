@@ -48,9 +48,10 @@ use burn::backend::{
 };
 use burn::backend::{get_or_init_device_settings, tensor::FloatTensor};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::depthwise_gradients::Depthwise;
 use crate::sync_batch_norm::Exchange;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -416,16 +417,7 @@ pub trait FusedBackward: Backend {
         options: ConvOptions<2>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let x_grad = needed[0].then(|| {
-            Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
-        });
-        let weight_grad = needed[1]
-            .then(|| Self::conv2d_weight_backward(x.clone(), weight, grad.clone(), options));
-        let bias_grad = match bias {
-            Some(bias) if needed[2] => Some(Self::conv2d_bias_backward(x, bias, grad)),
-            _ => None,
-        };
-        [x_grad, weight_grad, bias_grad]
+        composite_convolution_backward::<Self>(x, weight, bias, grad, options, needed)
     }
 
     /// The gradient of [`FusedOps::hard_swish`] at `x` for the output gradient `grad`:
@@ -510,8 +502,71 @@ fn scalar(value: f64) -> Scalar {
     value.into()
 }
 
+/// [`FusedBackward::convolution_backward`] as burn's three gradient operations.
+pub(crate) fn composite_convolution_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    grad: FloatTensor<B>,
+    options: ConvOptions<2>,
+    needed: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    let x_grad = needed[0]
+        .then(|| B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone()));
+    let weight_grad =
+        needed[1].then(|| B::conv2d_weight_backward(x.clone(), weight, grad.clone(), options));
+    let bias_grad = match bias {
+        Some(bias) if needed[2] => Some(B::conv2d_bias_backward(x, bias, grad)),
+        _ => None,
+    };
+    [x_grad, weight_grad, bias_grad]
+}
+
 impl FusedOps for Flex {}
-impl FusedBackward for Flex {}
+
+/// burn-flex: the composed backward passes, except the gradients of depthwise convolutions in
+/// f32, which `crate::depthwise_gradients` computes directly.
+impl FusedBackward for Flex {
+    fn convolution_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let all_f32 = [&x, &weight, &grad]
+            .iter()
+            .all(|t| t.dtype() == burn::tensor::DType::F32);
+        let depthwise = Depthwise::of(&x.shape(), &weight.shape(), &options)
+            .filter(|depthwise| all_f32 && depthwise.output_shape()[..] == grad.shape()[..]);
+        let Some(depthwise) = depthwise else {
+            return composite_convolution_backward::<Self>(x, weight, bias, grad, options, needed);
+        };
+        let (x_shape, weight_shape) = (x.shape(), weight.shape());
+        let values = |t: &FloatTensor<Self>| t.to_contiguous();
+        let (grad_values, weight_values) = (values(&grad), values(&weight));
+        let grad_slice = grad_values.as_slice::<f32>().expect("contiguous f32");
+        let x_grad = needed[0].then(|| {
+            let weight_slice = weight_values.as_slice::<f32>().expect("contiguous f32");
+            let values = depthwise.input_gradient(grad_slice, weight_slice);
+            burn_flex::FlexTensor::from_data(TensorData::new(values, x_shape.clone()))
+        });
+        let weight_grad = needed[1].then(|| {
+            let x_values = values(&x);
+            let x_slice = x_values.as_slice::<f32>().expect("contiguous f32");
+            let values = depthwise.weight_gradient(x_slice, grad_slice);
+            burn_flex::FlexTensor::from_data(TensorData::new(values, weight_shape))
+        });
+        let bias_grad = match bias {
+            Some(bias) if needed[2] => Some(
+                <Self as burn::backend::ops::ModuleOps<Self>>::conv2d_bias_backward(x, bias, grad),
+            ),
+            _ => None,
+        };
+        [x_grad, weight_grad, bias_grad]
+    }
+}
 
 // burn-cuda: the composed defaults. Only the exchange between replicas runs there ([`available`]
 // is false on its devices: burn's fusion already merges the composite layers' element-wise

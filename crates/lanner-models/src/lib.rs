@@ -31,6 +31,7 @@ pub mod backbone;
 pub mod batch_norm;
 pub mod channels;
 pub mod conv;
+mod depthwise_gradients;
 pub mod folded;
 pub mod frozen;
 pub mod fused;

@@ -18,8 +18,9 @@ pub enum Act {
     HardSwish,
 }
 
+/// `a · b + c`, fused where the instruction set has it (`FMA`).
 #[inline(always)]
-fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
@@ -64,6 +65,9 @@ macro_rules! dispatch {
         }
     };
 }
+
+// Also for the depthwise gradients on burn-flex (`crate::depthwise_gradients`).
+pub(crate) use dispatch;
 
 pub mod backward;
 

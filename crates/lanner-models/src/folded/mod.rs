@@ -17,7 +17,7 @@
 
 mod buffers;
 mod from_burn;
-mod kernels;
+pub(crate) mod kernels;
 mod training;
 mod units;
 

@@ -1,0 +1,510 @@
+//! The gradients of a depthwise convolution (one filter per channel) on burn-flex, computed
+//! directly on NCHW f32 data.
+//!
+//! burn-flex derives them from general convolutions: the input's gradient as a transposed
+//! convolution, the filter's as a grouped convolution whose kernel is the output gradient.
+//! Neither has a depthwise fast path. On MobileNetV3-Large's depthwise layers (batch 32,
+//! 160x160) they took 2–17x as long as the forward pass, and training every layer
+//! (`--from-scratch`) spent much of its step there.
+//!
+//! Here each gradient does the forward pass's multiply-adds once, one image's channel per
+//! task (the filter's: one channel per task, over the images), in loops compiled for the
+//! best instruction set the CPU has. With stride 1 (all but the downsampling layers) they run
+//! over whole planes: the rows of a plane are a few dozen values, too short for the vector
+//! loops, so the planes are copied into zero-padded ones of a common width and every filter
+//! tap becomes one long pass over a shifted plane. With stride 2 they run row by row.
+//!
+//! Tested against burn-flex's own gradients (within 1e-4 of the largest).
+
+use rayon::prelude::*;
+
+use burn::tensor::ops::ConvOptions;
+
+use crate::folded::kernels::{dispatch, fma};
+
+/// The shape of one depthwise convolution: `[batch, channels, height, width]` in,
+/// `[channels, 1, kernel_height, kernel_width]` filters, no dilation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Depthwise {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// Rows and columns of padding before the input (top, left).
+    padding: [usize; 2],
+}
+
+impl Depthwise {
+    /// The convolution of an `x_shape` input with `weight_shape` filters under `options`, when
+    /// it is depthwise: as many groups as input channels, one filter per channel, no dilation.
+    pub fn of(x_shape: &[usize], weight_shape: &[usize], options: &ConvOptions<2>) -> Option<Self> {
+        let (&[batch, channels, height, width], &[filters, per_group, kernel_h, kernel_w]) =
+            (x_shape, weight_shape)
+        else {
+            return None;
+        };
+        let depthwise = options.groups == channels
+            && filters == channels
+            && per_group == 1
+            && options.dilation == [1, 1]
+            && channels > 1;
+        let out = |size: usize, axis: usize, kernel: usize| {
+            let (before, after) = options.padding[axis];
+            let padded = size + before + after;
+            (padded >= kernel).then(|| (padded - kernel) / options.stride[axis] + 1)
+        };
+        let (out_height, out_width) = (out(height, 0, kernel_h)?, out(width, 1, kernel_w)?);
+        depthwise.then_some(Self {
+            batch,
+            channels,
+            height,
+            width,
+            out_height,
+            out_width,
+            kernel: [kernel_h, kernel_w],
+            stride: options.stride,
+            padding: [options.padding[0].0, options.padding[1].0],
+        })
+    }
+
+    /// The output's shape, `[batch, channels, out_height, out_width]`.
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.channels, self.out_height, self.out_width]
+    }
+
+    /// For output column `ox` range and filter column `kx`: the output columns whose input
+    /// column `ox · stride + kx − padding` lies inside the input.
+    fn columns(&self, kx: usize) -> std::ops::Range<usize> {
+        let (stride, pad) = (self.stride[1], self.padding[1]);
+        // ox · stride + kx ≥ pad  and  ox · stride + kx − pad < width
+        let first = pad.saturating_sub(kx).div_ceil(stride);
+        let end = (self.width + pad)
+            .saturating_sub(kx)
+            .div_ceil(stride)
+            .min(self.out_width);
+        first..end.max(first)
+    }
+
+    /// For each filter column `kx`: the output columns whose input lies inside the input
+    /// ([`Self::columns`]) and the input column of the first of them. Worked out once per
+    /// call: the divisions would otherwise cost more than the multiply-adds of a row.
+    fn column_spans(&self) -> Vec<(std::ops::Range<usize>, usize)> {
+        (0..self.kernel[1])
+            .map(|kx| {
+                let columns = self.columns(kx);
+                let first_input =
+                    (columns.start * self.stride[1] + kx).saturating_sub(self.padding[1]);
+                (columns, first_input)
+            })
+            .collect()
+    }
+
+    /// Stride 1 with padding no wider than the filter: the case the padded-plane kernels
+    /// take (every depthwise layer of the backbones but the downsampling ones).
+    fn unit_stride(&self) -> bool {
+        self.stride == [1, 1]
+            && self.padding[0] < self.kernel[0]
+            && self.padding[1] < self.kernel[1]
+    }
+
+    /// The width of the padded planes of the unit-stride kernels: the input's with its
+    /// padding, which is the output's plus the filter's less one.
+    fn padded_width(&self) -> usize {
+        self.out_width + self.kernel[1] - 1
+    }
+
+    /// The input row of output row `oy` and filter row `ky`, if inside the input.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride[0] + ky)
+            .checked_sub(self.padding[0])
+            .filter(|&row| row < self.height)
+    }
+
+    /// The gradient of the input, `[batch, channels, height, width]`, for the output gradient
+    /// `grad` (`[batch, channels, out_height, out_width]`) and the filters `weight`.
+    pub fn input_gradient(&self, grad: &[f32], weight: &[f32]) -> Vec<f32> {
+        let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
+        let taps = self.kernel[0] * self.kernel[1];
+        assert_eq!(grad.len(), self.batch * self.channels * out_plane);
+        assert_eq!(weight.len(), self.channels * taps);
+        let spans = self.column_spans();
+        let mut x_grad = vec![0.0f32; self.batch * self.channels * plane];
+        x_grad
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(image_channel, x_grad)| {
+                let channel = image_channel % self.channels;
+                let grad = &grad[image_channel * out_plane..][..out_plane];
+                let filter = &weight[channel * taps..][..taps];
+                if self.unit_stride() {
+                    unit_stride_input_gradient_plane(x_grad, grad, filter, self);
+                } else {
+                    input_gradient_plane(x_grad, grad, filter, self, &spans);
+                }
+            });
+        x_grad
+    }
+
+    /// The gradient of the filters, `[channels, 1, kernel_height, kernel_width]`, for the
+    /// input `x` and the output gradient `grad`.
+    pub fn weight_gradient(&self, x: &[f32], grad: &[f32]) -> Vec<f32> {
+        let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
+        let taps = self.kernel[0] * self.kernel[1];
+        assert_eq!(x.len(), self.batch * self.channels * plane);
+        assert_eq!(grad.len(), self.batch * self.channels * out_plane);
+        let spans = self.column_spans();
+        let mut weight_grad = vec![0.0f32; self.channels * taps];
+        weight_grad
+            .par_chunks_mut(taps)
+            .enumerate()
+            .for_each(|(channel, filter_grad)| {
+                // One row of partial sums per tap, added up at the end: the inner loops stay
+                // element-wise, so they vectorise.
+                let row = if self.unit_stride() {
+                    self.out_height * self.padded_width()
+                } else {
+                    self.out_width
+                };
+                let mut sums = vec![0.0f32; taps * row];
+                let mut scratch = Vec::new();
+                for image in 0..self.batch {
+                    let at = image * self.channels + channel;
+                    let x = &x[at * plane..][..plane];
+                    let grad = &grad[at * out_plane..][..out_plane];
+                    if self.unit_stride() {
+                        unit_stride_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
+                    } else {
+                        weight_gradient_plane(&mut sums, x, grad, self, &spans);
+                    }
+                }
+                for (tap, filter_grad) in filter_grad.iter_mut().enumerate() {
+                    *filter_grad = sums[tap * row..][..row]
+                        .iter()
+                        .map(|&s| f64::from(s))
+                        .sum::<f64>() as f32;
+                }
+            });
+        weight_grad
+    }
+}
+
+/// For each filter column: the output columns whose input lies inside the input, and the
+/// input column of the first of them ([`Depthwise::column_spans`]).
+type Spans = [(std::ops::Range<usize>, usize)];
+
+dispatch!(input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise, spans: &Spans) => input_gradient_plane_generic);
+
+/// One image's channel of [`Depthwise::input_gradient`]: each output gradient row, times each
+/// filter tap, added into the input row the tap reads.
+///
+/// With stride 1 the row is first copied between zeros, so that every tap adds into the
+/// whole input row: passes over one row at shifting offsets would make each pass load what
+/// the previous one has just stored, one element off, which costs the CPU a stall per vector.
+#[inline(always)]
+fn input_gradient_plane_generic<const FMA: bool>(
+    x_grad: &mut [f32],
+    grad: &[f32],
+    filter: &[f32],
+    shape: &Depthwise,
+    spans: &Spans,
+) {
+    let (width, out_width, stride) = (shape.width, shape.out_width, shape.stride[1]);
+    let (kernel_w, padding) = (shape.kernel[1], shape.padding[1]);
+    // Input column ix reads output column ix + padding − kx: `padded[ix + kernel_w − 1 − kx]`
+    // with the row at offset `kernel_w − 1 − padding`.
+    let left = kernel_w - 1;
+    let mut padded = vec![0.0f32; width + 2 * left + out_width];
+    for oy in 0..shape.out_height {
+        let grad_row = &grad[oy * out_width..][..out_width];
+        if stride == 1 {
+            padded.fill(0.0);
+            let offset = left.saturating_sub(padding);
+            padded[offset..][..out_width].copy_from_slice(grad_row);
+        }
+        for ky in 0..shape.kernel[0] {
+            let Some(iy) = shape.input_row(oy, ky) else {
+                continue;
+            };
+            let x_row = &mut x_grad[iy * width..][..width];
+            if stride == 1 && padding <= left {
+                for kx in 0..kernel_w {
+                    let tap = filter[ky * kernel_w + kx];
+                    let shifted = &padded[left - kx..][..width];
+                    for (x, g) in x_row.iter_mut().zip(shifted) {
+                        *x = fma::<FMA>(tap, *g, *x);
+                    }
+                }
+                continue;
+            }
+            for (kx, (columns, first_input)) in spans.iter().enumerate() {
+                if columns.is_empty() {
+                    continue;
+                }
+                let tap = filter[ky * kernel_w + kx];
+                let grad_part = &grad_row[columns.clone()];
+                let x_part = x_row[*first_input..].iter_mut().step_by(stride);
+                for (x, g) in x_part.zip(grad_part) {
+                    *x = fma::<FMA>(tap, *g, *x);
+                }
+            }
+        }
+    }
+}
+
+dispatch!(unit_stride_input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise) => unit_stride_input_gradient_plane_generic);
+
+/// [`input_gradient_plane_generic`] with stride 1, over whole planes: the output gradient is
+/// copied into a zero plane wide enough for every tap's shift, and each tap adds the shifted
+/// plane into the input gradient, laid out as rows of that width, in one long pass. Rows of
+/// a few dozen values are too short for the vector loops, which the long passes fill.
+#[inline(always)]
+fn unit_stride_input_gradient_plane_generic<const FMA: bool>(
+    x_grad: &mut [f32],
+    grad: &[f32],
+    filter: &[f32],
+    shape: &Depthwise,
+) {
+    let [kernel_h, kernel_w] = shape.kernel;
+    let [pad_top, pad_left] = shape.padding;
+    let (height, width, out_width) = (shape.height, shape.width, shape.out_width);
+    // Input (iy, ix) reads output (iy + pad_top − ky, ix + pad_left − kx), which sits in the
+    // zero plane at row iy + kernel_h − 1 − ky, column ix + kernel_w − 1 − kx.
+    let wide = width + kernel_w - 1;
+    let tall = height + kernel_h - 1;
+    let mut padded = vec![0.0f32; tall * wide + kernel_w];
+    let (top, left) = (kernel_h - 1 - pad_top, kernel_w - 1 - pad_left);
+    for (oy, row) in grad.chunks_exact(out_width).enumerate() {
+        if top + oy < tall {
+            let columns = out_width.min(wide - left);
+            padded[(top + oy) * wide + left..][..columns].copy_from_slice(&row[..columns]);
+        }
+    }
+    let mut wide_grad = vec![0.0f32; height * wide];
+    for ky in 0..kernel_h {
+        for kx in 0..kernel_w {
+            let tap = filter[ky * kernel_w + kx];
+            let shifted = &padded[(kernel_h - 1 - ky) * wide + (kernel_w - 1 - kx)..];
+            for (x, g) in wide_grad.iter_mut().zip(shifted) {
+                *x = fma::<FMA>(tap, *g, *x);
+            }
+        }
+    }
+    for (x_row, wide_row) in x_grad
+        .chunks_exact_mut(width)
+        .zip(wide_grad.chunks_exact(wide))
+    {
+        x_row.copy_from_slice(&wide_row[..width]);
+    }
+}
+
+dispatch!(unit_stride_weight_gradient_plane(sums: &mut [f32], scratch: &mut Vec<f32>, x: &[f32], grad: &[f32], shape: &Depthwise) => unit_stride_weight_gradient_plane_generic);
+
+/// [`weight_gradient_plane_generic`] with stride 1, over whole planes: the input is copied
+/// into a zero plane with its padding, the output gradient into rows of that plane's width
+/// (zeros past the output's columns), and each tap's row of partial sums (`out_height` rows
+/// of that width) gains the gradient times the input shifted to the tap, in one long pass.
+#[inline(always)]
+fn unit_stride_weight_gradient_plane_generic<const FMA: bool>(
+    sums: &mut [f32],
+    scratch: &mut Vec<f32>,
+    x: &[f32],
+    grad: &[f32],
+    shape: &Depthwise,
+) {
+    let [kernel_h, kernel_w] = shape.kernel;
+    let [pad_top, pad_left] = shape.padding;
+    let (width, out_height, out_width) = (shape.width, shape.out_height, shape.out_width);
+    let wide = shape.padded_width();
+    let tall = out_height + kernel_h - 1;
+    let span = out_height * wide;
+    scratch.clear();
+    scratch.resize(tall * wide + kernel_w + span, 0.0);
+    let (padded, wide_grad) = scratch.split_at_mut(tall * wide + kernel_w);
+    // Input (iy, ix) at row iy + pad_top, column ix + pad_left.
+    for (iy, row) in x.chunks_exact(width).enumerate() {
+        if pad_top + iy < tall {
+            let columns = width.min(wide - pad_left);
+            padded[(pad_top + iy) * wide + pad_left..][..columns].copy_from_slice(&row[..columns]);
+        }
+    }
+    for (wide_row, row) in wide_grad
+        .chunks_exact_mut(wide)
+        .zip(grad.chunks_exact(out_width))
+    {
+        wide_row[..out_width].copy_from_slice(row);
+    }
+    for ky in 0..kernel_h {
+        for kx in 0..kernel_w {
+            let sum = &mut sums[(ky * kernel_w + kx) * span..][..span];
+            let shifted = &padded[ky * wide + kx..];
+            for ((s, g), x) in sum.iter_mut().zip(&*wide_grad).zip(shifted) {
+                *s = fma::<FMA>(*g, *x, *s);
+            }
+        }
+    }
+}
+
+dispatch!(weight_gradient_plane(sums: &mut [f32], x: &[f32], grad: &[f32], shape: &Depthwise, spans: &Spans) => weight_gradient_plane_generic);
+
+/// One image's channel of [`Depthwise::weight_gradient`]: `sums[tap]` (a row of `out_width`
+/// partial sums per filter tap) gains each output gradient row times the input row the tap
+/// reads.
+#[inline(always)]
+fn weight_gradient_plane_generic<const FMA: bool>(
+    sums: &mut [f32],
+    x: &[f32],
+    grad: &[f32],
+    shape: &Depthwise,
+    spans: &Spans,
+) {
+    let (width, out_width, stride) = (shape.width, shape.out_width, shape.stride[1]);
+    for oy in 0..shape.out_height {
+        let grad_row = &grad[oy * out_width..][..out_width];
+        for ky in 0..shape.kernel[0] {
+            let Some(iy) = shape.input_row(oy, ky) else {
+                continue;
+            };
+            let x_row = &x[iy * width..][..width];
+            for (kx, (columns, first_input)) in spans.iter().enumerate() {
+                if columns.is_empty() {
+                    continue;
+                }
+                let tap = ky * shape.kernel[1] + kx;
+                let sum = &mut sums[tap * out_width..][columns.clone()];
+                let grad_part = &grad_row[columns.clone()];
+                if stride == 1 {
+                    let x_part = &x_row[*first_input..][..grad_part.len()];
+                    for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
+                        *s = fma::<FMA>(*g, *x, *s);
+                    }
+                } else {
+                    let x_part = x_row[*first_input..].iter().step_by(stride);
+                    for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
+                        *s = fma::<FMA>(*g, *x, *s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fused::{FusedBackward, composite_convolution_backward};
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+    use burn_flex::FlexTensor;
+
+    /// Deterministic values in -1..1 (tests run in parallel; burn's seeded RNG is global).
+    fn values(count: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(shape: [usize; 4], seed: u64) -> FlexTensor {
+        let count = shape.iter().product();
+        FlexTensor::from_data(TensorData::new(values(count, seed), shape))
+    }
+
+    fn as_vec(tensor: Option<FlexTensor>) -> Vec<f32> {
+        tensor.unwrap().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Every gradient within 1e-4 of the largest of its tensor, against burn-flex's own.
+    fn matches_burn_flex(
+        x_shape: [usize; 4],
+        kernel: [usize; 2],
+        stride: usize,
+        padding: [(usize, usize); 2],
+    ) {
+        let [batch, channels, height, _] = x_shape;
+        let options = ConvOptions {
+            stride: [stride, stride],
+            padding,
+            dilation: [1, 1],
+            groups: channels,
+        };
+        let weight_shape = [channels, 1, kernel[0], kernel[1]];
+        let depthwise = Depthwise::of(&x_shape, &weight_shape, &options).unwrap();
+        let [_, _, out_height, out_width] = depthwise.output_shape();
+        assert!(out_height <= height + padding[0].0 + padding[0].1);
+        let (x, weight) = (tensor(x_shape, 1), tensor(weight_shape, 2));
+        let bias = FlexTensor::from_data(TensorData::new(values(channels, 3), [channels]));
+        let grad = tensor([batch, channels, out_height, out_width], 4);
+        let run = |direct: bool| {
+            let (x, weight, bias, grad) = (x.clone(), weight.clone(), bias.clone(), grad.clone());
+            let needed = [true, true, true];
+            if direct {
+                <Flex as FusedBackward>::convolution_backward(
+                    x,
+                    weight,
+                    Some(bias),
+                    grad,
+                    options.clone(),
+                    needed,
+                )
+            } else {
+                composite_convolution_backward::<Flex>(
+                    x,
+                    weight,
+                    Some(bias),
+                    grad,
+                    options.clone(),
+                    needed,
+                )
+            }
+        };
+        let (got, want) = (run(true), run(false));
+        for ((got, want), what) in got.into_iter().zip(want).zip(["input", "filter", "bias"]) {
+            let (got, want) = (as_vec(got), as_vec(want));
+            assert_eq!(got.len(), want.len(), "{what}");
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{what}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * scale,
+                    "{what} gradient, {x_shape:?} k{kernel:?} s{stride} p{padding:?}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_gradients_match_burn_flex_for_the_backbones_shapes() {
+        // MobileNetV3's 3x3 and 5x5, stride 1 and 2, "same" padding, odd and even sizes.
+        matches_burn_flex([2, 3, 8, 8], [3, 3], 1, [(1, 1), (1, 1)]);
+        matches_burn_flex([2, 4, 9, 7], [5, 5], 1, [(2, 2), (2, 2)]);
+        matches_burn_flex([2, 3, 8, 8], [3, 3], 2, [(1, 1), (1, 1)]);
+        matches_burn_flex([3, 2, 9, 11], [5, 5], 2, [(2, 2), (2, 2)]);
+        // Keras' stride-2 padding: one row and column after, none before; and none at all.
+        matches_burn_flex([2, 3, 8, 8], [3, 3], 2, [(0, 1), (0, 1)]);
+        matches_burn_flex([1, 5, 6, 9], [3, 3], 1, [(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn only_one_filter_per_channel_without_dilation_is_depthwise() {
+        let options = |groups, dilation| ConvOptions {
+            stride: [1, 1],
+            padding: [(1, 1), (1, 1)],
+            dilation: [dilation, dilation],
+            groups,
+        };
+        assert!(Depthwise::of(&[2, 8, 5, 5], &[8, 1, 3, 3], &options(8, 1)).is_some());
+        assert!(Depthwise::of(&[2, 8, 5, 5], &[16, 1, 3, 3], &options(8, 1)).is_none());
+        assert!(Depthwise::of(&[2, 8, 5, 5], &[8, 8, 3, 3], &options(1, 1)).is_none());
+        assert!(Depthwise::of(&[2, 8, 5, 5], &[8, 1, 3, 3], &options(8, 2)).is_none());
+        assert!(Depthwise::of(&[2, 8, 5, 5], &[4, 2, 3, 3], &options(4, 1)).is_none());
+    }
+}
