@@ -39,6 +39,23 @@ impl ModuleMapper for Perturb {
             let shape = t.dims();
             let require_grad = t.is_require_grad();
             let device = t.device();
+            // A model's random initial values come from burn's random stream, which the tests
+            // running beside this one draw from too: each run would check other weights. So
+            // every tensor that is not a constant is first drawn again from this stream:
+            // convolution filters as burn draws them (uniform, ±1/√fan-in), other tensors
+            // (squeeze-excite biases) within ±0.1.
+            let values = t.to_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+            let t = if values.iter().all(|&v| v == values[0]) {
+                t
+            } else {
+                let bound = if D == 4 {
+                    (1.0 / (shape[1] * shape[2] * shape[3]) as f32).sqrt()
+                } else {
+                    0.1
+                };
+                // (On `t`'s autodiff device, which `t · 0` keeps.)
+                t.mul_scalar(0.0) + self.tensor(shape, -bound, bound).to_device(&device)
+            };
             let scale = self.tensor(shape, 0.7, 1.3).to_device(&device);
             let shift = self.tensor(shape, -0.02, 0.02).to_device(&device);
             let value = (t * scale + shift).detach();
