@@ -396,22 +396,10 @@ fn weight_gradient_plane_generic<const FMA: bool>(
 mod tests {
     use super::*;
     use crate::fused::{FusedBackward, composite_convolution_backward};
+    use crate::test_values::values;
     use burn::backend::Flex;
     use burn::tensor::TensorData;
     use burn_flex::FlexTensor;
-
-    /// Deterministic values in -1..1 (tests run in parallel; burn's seeded RNG is global).
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn tensor(shape: [usize; 4], seed: u64) -> FlexTensor {
         let count = shape.iter().product();

@@ -43,6 +43,8 @@ pub mod precision;
 pub mod registry;
 pub mod squeeze_excite;
 pub mod sync_batch_norm;
+#[cfg(test)]
+mod test_values;
 pub mod weights;
 pub mod xception;
 

@@ -265,21 +265,9 @@ impl Exchange {
 mod tests {
     use super::*;
     use crate::batch_norm::BatchNorm2dConfig;
+    use crate::test_values::values;
     use burn::module::{Module, Param};
     use burn::tensor::{Device, Tensor, TensorData};
-
-    /// Deterministic values in -2..2 (tests run in parallel; burn's seeded RNG is global).
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
 
     fn as_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
         tensor.into_data().try_into_vec().unwrap()
