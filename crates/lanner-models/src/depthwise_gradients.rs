@@ -198,12 +198,9 @@ type Spans = [(std::ops::Range<usize>, usize)];
 
 dispatch!(input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise, spans: &Spans) => input_gradient_plane_generic);
 
-/// One image's channel of [`Depthwise::input_gradient`]: each output gradient row, times each
+/// One image's channel of [`Depthwise::input_gradient`], row by row (strides above 1; stride
+/// 1 takes [`unit_stride_input_gradient_plane_generic`]): each output gradient row, times each
 /// filter tap, added into the input row the tap reads.
-///
-/// With stride 1 the row is first copied between zeros, so that every tap adds into the
-/// whole input row: passes over one row at shifting offsets would make each pass load what
-/// the previous one has just stored, one element off, which costs the CPU a stall per vector.
 #[inline(always)]
 fn input_gradient_plane_generic<const FMA: bool>(
     x_grad: &mut [f32],
@@ -213,38 +210,18 @@ fn input_gradient_plane_generic<const FMA: bool>(
     spans: &Spans,
 ) {
     let (width, out_width, stride) = (shape.width, shape.out_width, shape.stride[1]);
-    let (kernel_w, padding) = (shape.kernel[1], shape.padding[1]);
-    // Input column ix reads output column ix + padding − kx: `padded[ix + kernel_w − 1 − kx]`
-    // with the row at offset `kernel_w − 1 − padding`.
-    let left = kernel_w - 1;
-    let mut padded = vec![0.0f32; width + 2 * left + out_width];
     for oy in 0..shape.out_height {
         let grad_row = &grad[oy * out_width..][..out_width];
-        if stride == 1 {
-            padded.fill(0.0);
-            let offset = left.saturating_sub(padding);
-            padded[offset..][..out_width].copy_from_slice(grad_row);
-        }
         for ky in 0..shape.kernel[0] {
             let Some(iy) = shape.input_row(oy, ky) else {
                 continue;
             };
             let x_row = &mut x_grad[iy * width..][..width];
-            if stride == 1 && padding <= left {
-                for kx in 0..kernel_w {
-                    let tap = filter[ky * kernel_w + kx];
-                    let shifted = &padded[left - kx..][..width];
-                    for (x, g) in x_row.iter_mut().zip(shifted) {
-                        *x = fma::<FMA>(tap, *g, *x);
-                    }
-                }
-                continue;
-            }
             for (kx, (columns, first_input)) in spans.iter().enumerate() {
                 if columns.is_empty() {
                     continue;
                 }
-                let tap = filter[ky * kernel_w + kx];
+                let tap = filter[ky * shape.kernel[1] + kx];
                 let grad_part = &grad_row[columns.clone()];
                 let x_part = x_row[*first_input..].iter_mut().step_by(stride);
                 for (x, g) in x_part.zip(grad_part) {
@@ -350,7 +327,8 @@ fn unit_stride_weight_gradient_plane_generic<const FMA: bool>(
 
 dispatch!(weight_gradient_plane(sums: &mut [f32], x: &[f32], grad: &[f32], shape: &Depthwise, spans: &Spans) => weight_gradient_plane_generic);
 
-/// One image's channel of [`Depthwise::weight_gradient`]: `sums[tap]` (a row of `out_width`
+/// One image's channel of [`Depthwise::weight_gradient`], row by row (strides above 1; stride
+/// 1 takes [`unit_stride_weight_gradient_plane_generic`]): `sums[tap]` (a row of `out_width`
 /// partial sums per filter tap) gains each output gradient row times the input row the tap
 /// reads.
 #[inline(always)]
@@ -376,16 +354,9 @@ fn weight_gradient_plane_generic<const FMA: bool>(
                 let tap = ky * shape.kernel[1] + kx;
                 let sum = &mut sums[tap * out_width..][columns.clone()];
                 let grad_part = &grad_row[columns.clone()];
-                if stride == 1 {
-                    let x_part = &x_row[*first_input..][..grad_part.len()];
-                    for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
-                        *s = fma::<FMA>(*g, *x, *s);
-                    }
-                } else {
-                    let x_part = x_row[*first_input..].iter().step_by(stride);
-                    for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
-                        *s = fma::<FMA>(*g, *x, *s);
-                    }
+                let x_part = x_row[*first_input..].iter().step_by(stride);
+                for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
+                    *s = fma::<FMA>(*g, *x, *s);
                 }
             }
         }
