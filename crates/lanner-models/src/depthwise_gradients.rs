@@ -366,7 +366,8 @@ fn weight_gradient_plane_generic<const FMA: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::{FusedBackward, composite_convolution_backward};
+    use crate::composite;
+    use crate::fused::FusedBackward;
     use crate::test_values::values;
     use burn::backend::Flex;
     use burn::tensor::TensorData;
@@ -415,7 +416,7 @@ mod tests {
                     needed,
                 )
             } else {
-                composite_convolution_backward::<Flex>(
+                composite::convolution_backward::<Flex>(
                     x,
                     weight,
                     Some(bias),

@@ -25,8 +25,9 @@
 //!
 //! [`FusedOps`] is a burn backend extension: the forward passes, implemented by each backend
 //! listed on it and, with a hand-written backward, by burn's `Autodiff`. The backward passes
-//! are [`FusedBackward`], whose default bodies compose burn's tensor operations (what burn-flex
-//! runs); the `torch` build overrides them with ATen's kernels (vendor/burn-tch,
+//! are [`FusedBackward`]. The default bodies of both compose burn's tensor operations
+//! (`crate::composite`); burn-flex overrides them with Lanner's own loops for f32
+//! (`crate::flex_layers`), the `torch` build with ATen's kernels (vendor/burn-tch,
 //! `burn_tch::fused`). burn-cuda, whose fusion already merges element-wise chains, keeps the
 //! composite layers (see [`available`]) and implements the extension for
 //! [`gather_across_replicas`] alone, which every backend needs for data-parallel training.
@@ -41,17 +42,15 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
 #[allow(unused_imports)] // Named by the code `backend_extension` generates.
 use burn::backend::{Autodiff, Dispatch, Flex};
-use burn::backend::{
-    AutodiffBackend, Backend, DispatchDevice, Scalar, Shape, TensorMetadata, backend_extension,
-};
-use burn::backend::{get_or_init_device_settings, tensor::FloatTensor};
+use burn::backend::{AutodiffBackend, Backend, DispatchDevice, backend_extension};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::depthwise_gradients::Depthwise;
+use crate::composite;
 use crate::sync_batch_norm::Exchange;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -249,36 +248,15 @@ pub trait FusedOps: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let shape = x.shape();
-        let count = (shape.num_elements() / shape[1]) as f64;
-        let unbiased = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
-        let statistics_type = running_mean.dtype();
-        let as_statistic = |t: FloatTensor<Self>| {
-            if t.dtype() == statistics_type {
-                t
-            } else {
-                Self::float_cast(t, statistics_type.into())
-            }
-        };
-        let batch = Self::batch_norm_train(x, weight, bias, epsilon);
-        let inverse_std = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
-            batch.variance.clone(),
-            scalar(epsilon),
-        )));
-        let keep = scalar(1.0 - momentum);
-        let mean = Self::float_add(
-            Self::float_mul_scalar(running_mean, keep),
-            Self::float_mul_scalar(as_statistic(batch.mean.clone()), scalar(momentum)),
-        );
-        let var = Self::float_add(
-            Self::float_mul_scalar(running_var, keep),
-            Self::float_mul_scalar(as_statistic(batch.variance), scalar(momentum * unbiased)),
-        );
-        (batch.output, batch.mean, inverse_std, mean, var)
+        composite::batch_norm_training::<Self>(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+        )
     }
 
     /// A 2-D convolution without bias: the backend's `conv2d`.
@@ -305,24 +283,20 @@ pub trait FusedOps: Backend {
     /// `x · clamp(x / 6 + 1/2, 0, 1)`.
     #[fusion(default)]
     fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_mul(x.clone(), Self::hard_sigmoid_gate(x))
+        composite::hard_swish::<Self>(x)
     }
 
     /// `clamp(x / 6 + 1/2, 0, 1)`: PyTorch's `hardsigmoid`, the squeeze-excitation gate of
     /// MobileNetV3 (burn's own `hard_sigmoid` takes the slope and offset as arguments).
     #[fusion(default)]
     fn hard_sigmoid_gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_clamp(
-            Self::float_add_scalar(Self::float_mul_scalar(x, scalar(1.0 / 6.0)), 0.5.into()),
-            0.0.into(),
-            1.0.into(),
-        )
+        composite::hard_sigmoid_gate::<Self>(x)
     }
 
     /// The mean over dimensions 2 and 3, kept as size 1.
     #[fusion(default)]
     fn global_average_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_mean_dim(Self::float_mean_dim(x, 2), 3)
+        composite::global_average_pool::<Self>(x)
     }
 
     /// See [`gather_across_replicas`]: every replica's `x`, moved to this one's device, as
@@ -346,24 +320,9 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let channels = Channels::of(&x.shape());
-        let per_channel = |t| channels.broadcast::<Self>(t);
-        let sum_per_channel = |t| channels.sum::<Self>(t);
-        let inverse_std = Self::float_recip(Self::float_sqrt(Self::float_add_scalar(
-            variance,
-            scalar(epsilon),
-        )));
-        let x_grad = needed[0].then(|| {
-            let scale = Self::float_mul(weight, inverse_std.clone());
-            Self::float_mul(grad.clone(), per_channel(scale))
-        });
-        let weight_grad = needed[1].then(|| {
-            let centred = Self::float_sub(x, per_channel(mean));
-            let normalised = Self::float_mul(centred, per_channel(inverse_std));
-            sum_per_channel(Self::float_mul(grad.clone(), normalised))
-        });
-        let bias_grad = needed[2].then(|| sum_per_channel(grad));
-        [x_grad, weight_grad, bias_grad]
+        composite::frozen_batch_norm_backward::<Self>(
+            x, weight, mean, variance, epsilon, grad, needed,
+        )
     }
 
     /// The gradients of [`FusedOps::batch_norm_training`] with respect to `x`, `weight` and
@@ -379,31 +338,7 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let channels = Channels::of(&x.shape());
-        let count = channels.count as f64;
-        let per_channel = |t| channels.broadcast::<Self>(t);
-        let sum_per_channel = |t| channels.sum::<Self>(t);
-        let centred = Self::float_sub(x, per_channel(mean));
-        let normalised = Self::float_mul(centred, per_channel(inverse_std.clone()));
-        let bias_grad = sum_per_channel(grad.clone());
-        let weight_grad = sum_per_channel(Self::float_mul(grad.clone(), normalised.clone()));
-        let x_grad = needed[0].then(|| {
-            let scale =
-                Self::float_mul_scalar(Self::float_mul(weight, inverse_std), scalar(1.0 / count));
-            let inner = Self::float_sub(
-                Self::float_sub(
-                    Self::float_mul_scalar(grad, scalar(count)),
-                    per_channel(bias_grad.clone()),
-                ),
-                Self::float_mul(normalised, per_channel(weight_grad.clone())),
-            );
-            Self::float_mul(inner, per_channel(scale))
-        });
-        [
-            x_grad,
-            needed[1].then_some(weight_grad),
-            needed[2].then_some(bias_grad),
-        ]
+        composite::batch_norm_training_backward::<Self>(x, weight, mean, inverse_std, grad, needed)
     }
 
     /// The gradients of [`FusedOps::convolution`] with respect to `x`, `weight` and `bias`
@@ -417,20 +352,13 @@ pub trait FusedBackward: Backend {
         options: ConvOptions<2>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        composite_convolution_backward::<Self>(x, weight, bias, grad, options, needed)
+        composite::convolution_backward::<Self>(x, weight, bias, grad, options, needed)
     }
 
     /// The gradient of [`FusedOps::hard_swish`] at `x` for the output gradient `grad`:
     /// PyTorch's `hardswish_backward` (0 below −3, 1 above 3, `x/3 + 1/2` between).
     fn hard_swish_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let bools = get_or_init_device_settings::<Self>(&x.device()).bool_dtype;
-        let below = Self::float_lower_elem(x.clone(), (-3.0).into(), bools);
-        let above = Self::float_greater_elem(x.clone(), 3.0.into(), bools);
-        let slope =
-            Self::float_add_scalar(Self::float_mul_scalar(x, scalar(1.0 / 3.0)), 0.5.into());
-        let slope = Self::float_mask_fill(slope, below, 0.0.into());
-        let slope = Self::float_mask_fill(slope, above, 1.0.into());
-        Self::float_mul(grad, slope)
+        composite::hard_swish_backward::<Self>(x, grad)
     }
 
     /// The gradient of [`FusedOps::hard_sigmoid_gate`] at `x` for the output gradient `grad`:
@@ -439,13 +367,7 @@ pub trait FusedBackward: Backend {
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let bools = get_or_init_device_settings::<Self>(&x.device()).bool_dtype;
-        let outside = Self::bool_or(
-            Self::float_lower_equal_elem(x.clone(), (-3.0).into(), bools),
-            Self::float_greater_equal_elem(x, 3.0.into(), bools),
-        );
-        let grad = Self::float_mul_scalar(grad, scalar(1.0 / 6.0));
-        Self::float_mask_fill(grad, outside, 0.0.into())
+        composite::hard_sigmoid_gate_backward::<Self>(x, grad)
     }
 
     /// The gradient of [`FusedOps::global_average_pool`] with respect to `x` for the output
@@ -454,117 +376,7 @@ pub trait FusedBackward: Backend {
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let shape = x.shape();
-        let area = (shape[2] * shape[3]) as f64;
-        Self::float_mul_scalar(Self::float_expand(grad, shape), scalar(1.0 / area))
-    }
-}
-
-/// The channel dimension (1) of `[batch, channels, …]` tensors of one shape, for the
-/// per-channel parameters of a composite BatchNorm backward.
-struct Channels {
-    /// `[1, channels, 1, …]`.
-    broadcast: Shape,
-    /// Every dimension but the channels'.
-    reduced: Vec<usize>,
-    /// `[channels]`.
-    vector: Shape,
-    /// Values per channel.
-    count: usize,
-}
-
-impl Channels {
-    fn of(shape: &Shape) -> Self {
-        let channels = shape[1];
-        let mut broadcast = vec![1; shape.num_dims()];
-        broadcast[1] = channels;
-        Self {
-            broadcast: Shape::from(broadcast),
-            reduced: (0..shape.num_dims()).filter(|&d| d != 1).collect(),
-            vector: Shape::new([channels]),
-            count: shape.num_elements() / channels,
-        }
-    }
-
-    /// A `[channels]` tensor shaped to broadcast against the full one.
-    fn broadcast<B: Backend>(&self, t: FloatTensor<B>) -> FloatTensor<B> {
-        B::float_reshape(t, self.broadcast.clone())
-    }
-
-    /// The sum of a full tensor over everything but the channels, as `[channels]`.
-    fn sum<B: Backend>(&self, t: FloatTensor<B>) -> FloatTensor<B> {
-        let summed = self.reduced.iter().fold(t, |t, &d| B::float_sum_dim(t, d));
-        B::float_reshape(summed, self.vector.clone())
-    }
-}
-
-fn scalar(value: f64) -> Scalar {
-    value.into()
-}
-
-/// [`FusedBackward::convolution_backward`] as burn's three gradient operations.
-pub(crate) fn composite_convolution_backward<B: Backend>(
-    x: FloatTensor<B>,
-    weight: FloatTensor<B>,
-    bias: Option<FloatTensor<B>>,
-    grad: FloatTensor<B>,
-    options: ConvOptions<2>,
-    needed: [bool; 3],
-) -> [Option<FloatTensor<B>>; 3] {
-    let x_grad = needed[0]
-        .then(|| B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone()));
-    let weight_grad =
-        needed[1].then(|| B::conv2d_weight_backward(x.clone(), weight, grad.clone(), options));
-    let bias_grad = match bias {
-        Some(bias) if needed[2] => Some(B::conv2d_bias_backward(x, bias, grad)),
-        _ => None,
-    };
-    [x_grad, weight_grad, bias_grad]
-}
-
-impl FusedOps for Flex {}
-
-/// burn-flex: the composed backward passes, except the gradients of depthwise convolutions in
-/// f32, which `crate::depthwise_gradients` computes directly.
-impl FusedBackward for Flex {
-    fn convolution_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        grad: FloatTensor<Self>,
-        options: ConvOptions<2>,
-        needed: [bool; 3],
-    ) -> [Option<FloatTensor<Self>>; 3] {
-        let all_f32 = [&x, &weight, &grad]
-            .iter()
-            .all(|t| t.dtype() == burn::tensor::DType::F32);
-        let depthwise = Depthwise::of(&x.shape(), &weight.shape(), &options)
-            .filter(|depthwise| all_f32 && depthwise.output_shape()[..] == grad.shape()[..]);
-        let Some(depthwise) = depthwise else {
-            return composite_convolution_backward::<Self>(x, weight, bias, grad, options, needed);
-        };
-        let (x_shape, weight_shape) = (x.shape(), weight.shape());
-        let values = |t: &FloatTensor<Self>| t.to_contiguous();
-        let (grad_values, weight_values) = (values(&grad), values(&weight));
-        let grad_slice = grad_values.as_slice::<f32>().expect("contiguous f32");
-        let x_grad = needed[0].then(|| {
-            let weight_slice = weight_values.as_slice::<f32>().expect("contiguous f32");
-            let values = depthwise.input_gradient(grad_slice, weight_slice);
-            burn_flex::FlexTensor::from_data(TensorData::new(values, x_shape.clone()))
-        });
-        let weight_grad = needed[1].then(|| {
-            let x_values = values(&x);
-            let x_slice = x_values.as_slice::<f32>().expect("contiguous f32");
-            let values = depthwise.weight_gradient(x_slice, grad_slice);
-            burn_flex::FlexTensor::from_data(TensorData::new(values, weight_shape))
-        });
-        let bias_grad = match bias {
-            Some(bias) if needed[2] => Some(
-                <Self as burn::backend::ops::ModuleOps<Self>>::conv2d_bias_backward(x, bias, grad),
-            ),
-            _ => None,
-        };
-        [x_grad, weight_grad, bias_grad]
+        composite::global_average_pool_backward::<Self>(x, grad)
     }
 }
 

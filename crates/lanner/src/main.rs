@@ -4,6 +4,7 @@
 //! into the crate that owns the concern (`lanner-data` for datasets, `lanner-models` for
 //! backbones, …).
 
+mod allocator;
 mod commands;
 mod device;
 #[cfg(feature = "cuda-base")]
@@ -58,6 +59,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     let args = invoked_command(std::env::args_os().collect());
     // In a SageMaker container, a failed `train` also leaves its reason in output/failure.
     let training = args.get(1).is_some_and(|a| a == "train");
