@@ -12,7 +12,8 @@
 //! best instruction set the CPU has. With stride 1 (all but the downsampling layers) they run
 //! over whole planes: the rows of a plane are a few dozen values, too short for the vector
 //! loops, so the planes are copied into zero-padded ones of a common width and every filter
-//! tap becomes one long pass over a shifted plane. With stride 2 they run row by row.
+//! tap becomes one long pass over a shifted plane. With stride 2 the input is first split into
+//! its four phases (even and odd rows and columns), in which every tap is a stride-1 shift.
 //!
 //! Tested against burn-flex's own gradients (within 1e-4 of the largest).
 
@@ -76,33 +77,6 @@ impl Depthwise {
         [self.batch, self.channels, self.out_height, self.out_width]
     }
 
-    /// For output column `ox` range and filter column `kx`: the output columns whose input
-    /// column `ox · stride + kx − padding` lies inside the input.
-    fn columns(&self, kx: usize) -> std::ops::Range<usize> {
-        let (stride, pad) = (self.stride[1], self.padding[1]);
-        // ox · stride + kx ≥ pad  and  ox · stride + kx − pad < width
-        let first = pad.saturating_sub(kx).div_ceil(stride);
-        let end = (self.width + pad)
-            .saturating_sub(kx)
-            .div_ceil(stride)
-            .min(self.out_width);
-        first..end.max(first)
-    }
-
-    /// For each filter column `kx`: the output columns whose input lies inside the input
-    /// ([`Self::columns`]) and the input column of the first of them. Worked out once per
-    /// call: the divisions would otherwise cost more than the multiply-adds of a row.
-    fn column_spans(&self) -> Vec<(std::ops::Range<usize>, usize)> {
-        (0..self.kernel[1])
-            .map(|kx| {
-                let columns = self.columns(kx);
-                let first_input =
-                    (columns.start * self.stride[1] + kx).saturating_sub(self.padding[1]);
-                (columns, first_input)
-            })
-            .collect()
-    }
-
     /// Stride 1 with padding no wider than the filter: the case the padded-plane kernels
     /// take (every depthwise layer of the backbones but the downsampling ones).
     fn unit_stride(&self) -> bool {
@@ -117,11 +91,27 @@ impl Depthwise {
         self.out_width + self.kernel[1] - 1
     }
 
-    /// The input row of output row `oy` and filter row `ky`, if inside the input.
-    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.stride[0] + ky)
+    /// Rows of the phase planes of the strided kernels: every output row's taps read phase
+    /// rows `oy ..= oy + (kernel_height − 1) / stride`.
+    fn phase_rows(&self) -> usize {
+        self.out_height + (self.kernel[0] - 1) / self.stride[0]
+    }
+
+    /// Columns of the phase planes of the strided kernels (as [`Self::phase_rows`]).
+    fn phase_width(&self) -> usize {
+        self.out_width + (self.kernel[1] - 1) / self.stride[1]
+    }
+
+    /// The input position of phase `(a, b)`'s row `i` and column `j`: padded row `i · stride +
+    /// a`, column `j · stride + b`; none in the padding or past the input.
+    fn phase_source(&self, (a, b): (usize, usize), (i, j): (usize, usize)) -> Option<usize> {
+        let row = (i * self.stride[0] + a)
             .checked_sub(self.padding[0])
-            .filter(|&row| row < self.height)
+            .filter(|&row| row < self.height)?;
+        let column = (j * self.stride[1] + b)
+            .checked_sub(self.padding[1])
+            .filter(|&column| column < self.width)?;
+        Some(row * self.width + column)
     }
 
     /// The gradient of the input, `[batch, channels, height, width]`, for the output gradient
@@ -131,7 +121,6 @@ impl Depthwise {
         let taps = self.kernel[0] * self.kernel[1];
         assert_eq!(grad.len(), self.batch * self.channels * out_plane);
         assert_eq!(weight.len(), self.channels * taps);
-        let spans = self.column_spans();
         let mut x_grad = vec![0.0f32; self.batch * self.channels * plane];
         x_grad
             .par_chunks_mut(plane)
@@ -143,7 +132,7 @@ impl Depthwise {
                 if self.unit_stride() {
                     unit_stride_input_gradient_plane(x_grad, grad, filter, self);
                 } else {
-                    input_gradient_plane(x_grad, grad, filter, self, &spans);
+                    phased_input_gradient_plane(x_grad, grad, filter, self);
                 }
             });
         x_grad
@@ -156,7 +145,6 @@ impl Depthwise {
         let taps = self.kernel[0] * self.kernel[1];
         assert_eq!(x.len(), self.batch * self.channels * plane);
         assert_eq!(grad.len(), self.batch * self.channels * out_plane);
-        let spans = self.column_spans();
         let mut weight_grad = vec![0.0f32; self.channels * taps];
         weight_grad
             .par_chunks_mut(taps)
@@ -167,7 +155,7 @@ impl Depthwise {
                 let row = if self.unit_stride() {
                     self.out_height * self.padded_width()
                 } else {
-                    self.out_width
+                    self.out_height * self.phase_width()
                 };
                 let mut sums = vec![0.0f32; taps * row];
                 let mut scratch = Vec::new();
@@ -178,7 +166,7 @@ impl Depthwise {
                     if self.unit_stride() {
                         unit_stride_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
                     } else {
-                        weight_gradient_plane(&mut sums, x, grad, self, &spans);
+                        phased_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
                     }
                 }
                 for (tap, filter_grad) in filter_grad.iter_mut().enumerate() {
@@ -192,40 +180,53 @@ impl Depthwise {
     }
 }
 
-/// For each filter column: the output columns whose input lies inside the input, and the
-/// input column of the first of them ([`Depthwise::column_spans`]).
-type Spans = [(std::ops::Range<usize>, usize)];
+dispatch!(phased_input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise) => phased_input_gradient_plane_generic);
 
-dispatch!(input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise, spans: &Spans) => input_gradient_plane_generic);
-
-/// One image's channel of [`Depthwise::input_gradient`], row by row (strides above 1; stride
-/// 1 takes [`unit_stride_input_gradient_plane_generic`]): each output gradient row, times each
-/// filter tap, added into the input row the tap reads.
+/// One image's channel of [`Depthwise::input_gradient`] at strides above 1 (or padding as
+/// wide as the filter), over whole planes. The padded input splits into `stride²` phases,
+/// phase `(a, b)` holding padded rows `i · stride + a` and columns `j · stride + b`; a filter
+/// tap `(ky, kx)` reads only phase `(ky mod stride, kx mod stride)`, shifted by `(ky / stride,
+/// kx / stride)`: a stride-1 tap. So each phase's gradient is, per tap of that phase, one long
+/// pass adding the shifted output gradient (copied into a zero plane with room for the
+/// shifts) times the tap, as at stride 1; the phases are then written back to their input
+/// positions. Rows of a strided layer's output are too short for the vector loops, which the
+/// long passes fill.
 #[inline(always)]
-fn input_gradient_plane_generic<const FMA: bool>(
+fn phased_input_gradient_plane_generic<const FMA: bool>(
     x_grad: &mut [f32],
     grad: &[f32],
     filter: &[f32],
     shape: &Depthwise,
-    spans: &Spans,
 ) {
-    let (width, out_width, stride) = (shape.width, shape.out_width, shape.stride[1]);
-    for oy in 0..shape.out_height {
-        let grad_row = &grad[oy * out_width..][..out_width];
-        for ky in 0..shape.kernel[0] {
-            let Some(iy) = shape.input_row(oy, ky) else {
-                continue;
-            };
-            let x_row = &mut x_grad[iy * width..][..width];
-            for (kx, (columns, first_input)) in spans.iter().enumerate() {
-                if columns.is_empty() {
-                    continue;
+    let [kernel_h, kernel_w] = shape.kernel;
+    let [stride_y, stride_x] = shape.stride;
+    let (rows, width) = (shape.phase_rows(), shape.phase_width());
+    // Phase (i, j) takes output (i − ky / stride, j − kx / stride), which sits in the zero
+    // plane at row i + top − ky / stride, column j + left − kx / stride.
+    let (top, left) = ((kernel_h - 1) / stride_y, (kernel_w - 1) / stride_x);
+    let wide = width + left;
+    let mut padded = vec![0.0f32; (rows + top) * wide + kernel_w];
+    for (oy, row) in grad.chunks_exact(shape.out_width).enumerate() {
+        padded[(top + oy) * wide + left..][..shape.out_width].copy_from_slice(row);
+    }
+    let mut phase_grad = vec![0.0f32; rows * wide];
+    for a in 0..stride_y {
+        for b in 0..stride_x {
+            phase_grad.fill(0.0);
+            for ky in (a..kernel_h).step_by(stride_y) {
+                for kx in (b..kernel_w).step_by(stride_x) {
+                    let tap = filter[ky * kernel_w + kx];
+                    let shift = (top - ky / stride_y) * wide + (left - kx / stride_x);
+                    for (g, shifted) in phase_grad.iter_mut().zip(&padded[shift..]) {
+                        *g = fma::<FMA>(tap, *shifted, *g);
+                    }
                 }
-                let tap = filter[ky * shape.kernel[1] + kx];
-                let grad_part = &grad_row[columns.clone()];
-                let x_part = x_row[*first_input..].iter_mut().step_by(stride);
-                for (x, g) in x_part.zip(grad_part) {
-                    *x = fma::<FMA>(tap, *g, *x);
+            }
+            for i in 0..rows {
+                for j in 0..width {
+                    if let Some(at) = shape.phase_source((a, b), (i, j)) {
+                        x_grad[at] = phase_grad[i * wide + j];
+                    }
                 }
             }
         }
@@ -325,39 +326,53 @@ fn unit_stride_weight_gradient_plane_generic<const FMA: bool>(
     }
 }
 
-dispatch!(weight_gradient_plane(sums: &mut [f32], x: &[f32], grad: &[f32], shape: &Depthwise, spans: &Spans) => weight_gradient_plane_generic);
+dispatch!(phased_weight_gradient_plane(sums: &mut [f32], scratch: &mut Vec<f32>, x: &[f32], grad: &[f32], shape: &Depthwise) => phased_weight_gradient_plane_generic);
 
-/// One image's channel of [`Depthwise::weight_gradient`], row by row (strides above 1; stride
-/// 1 takes [`unit_stride_weight_gradient_plane_generic`]): `sums[tap]` (a row of `out_width`
-/// partial sums per filter tap) gains each output gradient row times the input row the tap
-/// reads.
+/// [`unit_stride_weight_gradient_plane_generic`] at strides above 1 (or padding as wide as
+/// the filter), over the input's phases (see [`phased_input_gradient_plane_generic`]): the
+/// input is split into its phases, the output gradient copied into rows of the phases' width
+/// (zeros past the output's columns), and each tap's row of partial sums (`out_height` rows
+/// of that width) gains the gradient times its phase, shifted to the tap, in one long pass.
 #[inline(always)]
-fn weight_gradient_plane_generic<const FMA: bool>(
+fn phased_weight_gradient_plane_generic<const FMA: bool>(
     sums: &mut [f32],
+    scratch: &mut Vec<f32>,
     x: &[f32],
     grad: &[f32],
     shape: &Depthwise,
-    spans: &Spans,
 ) {
-    let (width, out_width, stride) = (shape.width, shape.out_width, shape.stride[1]);
-    for oy in 0..shape.out_height {
-        let grad_row = &grad[oy * out_width..][..out_width];
-        for ky in 0..shape.kernel[0] {
-            let Some(iy) = shape.input_row(oy, ky) else {
-                continue;
-            };
-            let x_row = &x[iy * width..][..width];
-            for (kx, (columns, first_input)) in spans.iter().enumerate() {
-                if columns.is_empty() {
-                    continue;
+    let [kernel_h, kernel_w] = shape.kernel;
+    let [stride_y, stride_x] = shape.stride;
+    let (rows, wide) = (shape.phase_rows(), shape.phase_width());
+    let phase_len = rows * wide + kernel_w;
+    let span = shape.out_height * wide;
+    scratch.clear();
+    scratch.resize(stride_y * stride_x * phase_len + span, 0.0);
+    let (phases, wide_grad) = scratch.split_at_mut(stride_y * stride_x * phase_len);
+    for (index, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
+        let (a, b) = (index / stride_x, index % stride_x);
+        for i in 0..rows {
+            for j in 0..wide {
+                if let Some(at) = shape.phase_source((a, b), (i, j)) {
+                    phase[i * wide + j] = x[at];
                 }
-                let tap = ky * shape.kernel[1] + kx;
-                let sum = &mut sums[tap * out_width..][columns.clone()];
-                let grad_part = &grad_row[columns.clone()];
-                let x_part = x_row[*first_input..].iter().step_by(stride);
-                for ((s, g), x) in sum.iter_mut().zip(grad_part).zip(x_part) {
-                    *s = fma::<FMA>(*g, *x, *s);
-                }
+            }
+        }
+    }
+    for (wide_row, row) in wide_grad
+        .chunks_exact_mut(wide)
+        .zip(grad.chunks_exact(shape.out_width))
+    {
+        wide_row[..shape.out_width].copy_from_slice(row);
+    }
+    for ky in 0..kernel_h {
+        for kx in 0..kernel_w {
+            let phase = (ky % stride_y) * stride_x + kx % stride_x;
+            let shift = (ky / stride_y) * wide + kx / stride_x;
+            let shifted = &phases[phase * phase_len + shift..];
+            let sum = &mut sums[(ky * kernel_w + kx) * span..][..span];
+            for ((s, g), x) in sum.iter_mut().zip(&*wide_grad).zip(shifted) {
+                *s = fma::<FMA>(*g, *x, *s);
             }
         }
     }
@@ -451,6 +466,11 @@ mod tests {
         // Keras' stride-2 padding: one row and column after, none before; and none at all.
         matches_burn_flex([2, 3, 8, 8], [3, 3], 2, [(0, 1), (0, 1)]);
         matches_burn_flex([1, 5, 6, 9], [3, 3], 1, [(0, 0), (0, 0)]);
+        // The phased kernels' other cases: stride 3, a non-square filter with unequal padding,
+        // and padding as wide as the filter at stride 1.
+        matches_burn_flex([2, 2, 10, 11], [5, 5], 3, [(2, 2), (2, 2)]);
+        matches_burn_flex([1, 3, 9, 7], [3, 4], 2, [(1, 2), (0, 1)]);
+        matches_burn_flex([1, 2, 5, 5], [3, 3], 1, [(3, 3), (3, 3)]);
     }
 
     #[test]

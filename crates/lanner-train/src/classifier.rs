@@ -24,9 +24,25 @@ pub fn outputs_for(classes: usize) -> usize {
     if classes == 2 { 1 } else { classes }
 }
 
+/// burn draws initial weights from one random stream per process: classifiers built at once
+/// on several threads (tests, replicas) would interleave their draws, and a seeded one would
+/// not get the weights its seed names. Classifiers are built one at a time.
+fn lock_random_draws() -> std::sync::MutexGuard<'static, ()> {
+    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DRAWING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Classifier {
     /// A randomly initialised classifier for `classes` classes on `device`.
     pub fn new(entry: &ModelEntry, classes: usize, dropout: f64, device: &Device) -> Self {
+        let _drawing = lock_random_draws();
+        Self::drawn(entry, classes, dropout, device)
+    }
+
+    /// [`Self::new`], while holding [`lock_random_draws`].
+    fn drawn(entry: &ModelEntry, classes: usize, dropout: f64, device: &Device) -> Self {
         Self {
             backbone: entry.init_backbone(device),
             head: ClassifierHeadConfig::new(entry.feature_channels(), outputs_for(classes))
@@ -46,9 +62,14 @@ impl Classifier {
         device: &Device,
     ) -> Self {
         let host = Device::flex();
-        host.seed(seed);
-        let initial = crate::artifact::named_tensors(&Self::new(entry, classes, dropout, &host));
-        let model = Self::new(entry, classes, dropout, device);
+        let (initial, model) = {
+            // The seed and the draws it governs, with no other classifier drawing in between.
+            let _drawing = lock_random_draws();
+            host.seed(seed);
+            let initial =
+                crate::artifact::named_tensors(&Self::drawn(entry, classes, dropout, &host));
+            (initial, Self::drawn(entry, classes, dropout, device))
+        };
         crate::artifact::apply_named_tensors(model, initial, std::path::Path::new("<seeded>"))
             .expect("two classifiers of one entry have the same tensors")
     }
