@@ -288,21 +288,7 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::composite;
-    use crate::fused::FusedBackward;
-    use crate::test_values::values;
-    use burn::backend::Flex;
-    use burn::tensor::TensorData;
-    use burn_flex::FlexTensor;
-
-    fn tensor(shape: [usize; 4], seed: u64) -> FlexTensor {
-        let count = shape.iter().product();
-        FlexTensor::from_data(TensorData::new(values(count, seed), shape))
-    }
-
-    fn as_vec(tensor: Option<FlexTensor>) -> Vec<f32> {
-        tensor.unwrap().into_data().try_to_vec::<f32>().unwrap()
-    }
+    use crate::test_values::check_convolution_gradients;
 
     /// Every gradient within 1e-4 of the largest of its tensor, against burn-flex's own.
     fn matches_burn_flex(
@@ -312,56 +298,16 @@ mod tests {
         stride: usize,
         padding: [(usize, usize); 2],
     ) {
-        let [batch, in_channels, _, _] = x_shape;
         let options = ConvOptions {
             stride: [stride, stride],
             padding,
             dilation: [1, 1],
             groups: 1,
         };
-        let weight_shape = [out_channels, in_channels, kernel[0], kernel[1]];
+        let weight_shape = [out_channels, x_shape[1], kernel[0], kernel[1]];
         let dense = Dense::of(&x_shape, &weight_shape, &options).unwrap();
-        let [_, _, out_height, out_width] = dense.output_shape();
-        let (x, weight) = (tensor(x_shape, 1), tensor(weight_shape, 2));
-        let bias = FlexTensor::from_data(TensorData::new(values(out_channels, 3), [out_channels]));
-        let grad = tensor([batch, out_channels, out_height, out_width], 4);
-        let run = |direct: bool| {
-            let (x, weight, bias, grad) = (x.clone(), weight.clone(), bias.clone(), grad.clone());
-            let (options, needed) = (options.clone(), [true, true, true]);
-            if direct {
-                <Flex as FusedBackward>::convolution_backward(
-                    x,
-                    weight,
-                    Some(bias),
-                    grad,
-                    options,
-                    needed,
-                )
-            } else {
-                composite::convolution_backward::<Flex>(
-                    x,
-                    weight,
-                    Some(bias),
-                    grad,
-                    options,
-                    needed,
-                )
-            }
-        };
-        let (got, want) = (run(true), run(false));
-        for ((got, want), what) in got.into_iter().zip(want).zip(["input", "filter", "bias"]) {
-            let (got, want) = (as_vec(got), as_vec(want));
-            assert_eq!(got.len(), want.len(), "{what}");
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.0, "{what}");
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() <= 1e-4 * scale,
-                    "{what} gradient, {x_shape:?} → {out_channels} k{kernel:?} s{stride} \
-                     p{padding:?}: {g} vs {w}"
-                );
-            }
-        }
+        let case = format!("{x_shape:?} → {out_channels} k{kernel:?} s{stride} p{padding:?}");
+        check_convolution_gradients(x_shape, weight_shape, dense.output_shape(), options, &case);
     }
 
     #[test]

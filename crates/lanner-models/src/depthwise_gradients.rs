@@ -381,21 +381,7 @@ fn phased_weight_gradient_plane_generic<const FMA: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::composite;
-    use crate::fused::FusedBackward;
-    use crate::test_values::values;
-    use burn::backend::Flex;
-    use burn::tensor::TensorData;
-    use burn_flex::FlexTensor;
-
-    fn tensor(shape: [usize; 4], seed: u64) -> FlexTensor {
-        let count = shape.iter().product();
-        FlexTensor::from_data(TensorData::new(values(count, seed), shape))
-    }
-
-    fn as_vec(tensor: Option<FlexTensor>) -> Vec<f32> {
-        tensor.unwrap().into_data().try_to_vec::<f32>().unwrap()
-    }
+    use crate::test_values::check_convolution_gradients;
 
     /// Every gradient within 1e-4 of the largest of its tensor, against burn-flex's own.
     fn matches_burn_flex(
@@ -404,7 +390,7 @@ mod tests {
         stride: usize,
         padding: [(usize, usize); 2],
     ) {
-        let [batch, channels, height, _] = x_shape;
+        let [_, channels, height, _] = x_shape;
         let options = ConvOptions {
             stride: [stride, stride],
             padding,
@@ -413,47 +399,10 @@ mod tests {
         };
         let weight_shape = [channels, 1, kernel[0], kernel[1]];
         let depthwise = Depthwise::of(&x_shape, &weight_shape, &options).unwrap();
-        let [_, _, out_height, out_width] = depthwise.output_shape();
-        assert!(out_height <= height + padding[0].0 + padding[0].1);
-        let (x, weight) = (tensor(x_shape, 1), tensor(weight_shape, 2));
-        let bias = FlexTensor::from_data(TensorData::new(values(channels, 3), [channels]));
-        let grad = tensor([batch, channels, out_height, out_width], 4);
-        let run = |direct: bool| {
-            let (x, weight, bias, grad) = (x.clone(), weight.clone(), bias.clone(), grad.clone());
-            let needed = [true, true, true];
-            if direct {
-                <Flex as FusedBackward>::convolution_backward(
-                    x,
-                    weight,
-                    Some(bias),
-                    grad,
-                    options.clone(),
-                    needed,
-                )
-            } else {
-                composite::convolution_backward::<Flex>(
-                    x,
-                    weight,
-                    Some(bias),
-                    grad,
-                    options.clone(),
-                    needed,
-                )
-            }
-        };
-        let (got, want) = (run(true), run(false));
-        for ((got, want), what) in got.into_iter().zip(want).zip(["input", "filter", "bias"]) {
-            let (got, want) = (as_vec(got), as_vec(want));
-            assert_eq!(got.len(), want.len(), "{what}");
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.0, "{what}");
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() <= 1e-4 * scale,
-                    "{what} gradient, {x_shape:?} k{kernel:?} s{stride} p{padding:?}: {g} vs {w}"
-                );
-            }
-        }
+        let output_shape = depthwise.output_shape();
+        assert!(output_shape[2] <= height + padding[0].0 + padding[0].1);
+        let case = format!("{x_shape:?} k{kernel:?} s{stride} p{padding:?}");
+        check_convolution_gradients(x_shape, weight_shape, output_shape, options, &case);
     }
 
     #[test]

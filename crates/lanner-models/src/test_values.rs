@@ -1,5 +1,6 @@
-//! Deterministic test inputs: tests run in parallel, and burn's seeded random stream is shared
-//! between them.
+//! Deterministic test inputs (tests run in parallel, and burn's seeded random stream is shared
+//! between them), and the check that burn-flex's direct convolution gradients
+//! (`crate::depthwise_gradients`, `crate::dense_gradients`) match burn's composite ones.
 
 /// `count` values in -2..2 from `seed` (xorshift).
 pub(crate) fn values(count: usize, seed: u64) -> Vec<f32> {
@@ -12,4 +13,52 @@ pub(crate) fn values(count: usize, seed: u64) -> Vec<f32> {
             (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         })
         .collect()
+}
+
+/// Checks burn-flex's [`crate::fused::FusedBackward::convolution_backward`] against
+/// [`crate::composite::convolution_backward`] on deterministic values: every gradient (input,
+/// filter, bias) within 1e-4 of the largest of its tensor. `case` names the shape in failures.
+pub(crate) fn check_convolution_gradients(
+    x_shape: [usize; 4],
+    weight_shape: [usize; 4],
+    output_shape: [usize; 4],
+    options: burn::tensor::ops::ConvOptions<2>,
+    case: &str,
+) {
+    use crate::fused::FusedBackward;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+    use burn_flex::FlexTensor;
+
+    let tensor = |shape: [usize; 4], seed| {
+        let count = shape.iter().product();
+        FlexTensor::from_data(TensorData::new(values(count, seed), shape))
+    };
+    let filters = weight_shape[0];
+    let (x, weight) = (tensor(x_shape, 1), tensor(weight_shape, 2));
+    let bias = FlexTensor::from_data(TensorData::new(values(filters, 3), [filters]));
+    let grad = tensor(output_shape, 4);
+    let run = |direct: bool| {
+        let (x, weight, bias, grad) = (x.clone(), weight.clone(), Some(bias.clone()), grad.clone());
+        let (options, needed) = (options.clone(), [true, true, true]);
+        if direct {
+            <Flex as FusedBackward>::convolution_backward(x, weight, bias, grad, options, needed)
+        } else {
+            crate::composite::convolution_backward::<Flex>(x, weight, bias, grad, options, needed)
+        }
+    };
+    let as_vec = |t: Option<FlexTensor>| t.unwrap().into_data().try_to_vec::<f32>().unwrap();
+    let (got, want) = (run(true), run(false));
+    for ((got, want), what) in got.into_iter().zip(want).zip(["input", "filter", "bias"]) {
+        let (got, want) = (as_vec(got), as_vec(want));
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-4 * scale,
+                "{what} gradient, {case}: {g} vs {w}"
+            );
+        }
+    }
 }
