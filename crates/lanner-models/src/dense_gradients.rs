@@ -54,14 +54,14 @@ impl Dense {
             && per_filter == in_channels
             && options.dilation == [1, 1]
             && options.stride.iter().all(|&s| s > 0);
+        if !dense {
+            return None;
+        }
         let out = |size: usize, axis: usize, kernel: usize| {
             let (before, after) = options.padding[axis];
             let padded = size + before + after;
             (padded >= kernel).then(|| (padded - kernel) / options.stride[axis] + 1)
         };
-        if !dense {
-            return None;
-        }
         let (out_height, out_width) = (out(height, 0, kernel_h)?, out(width, 1, kernel_w)?);
         Some(Self {
             batch,

@@ -77,27 +77,13 @@ impl Depthwise {
         [self.batch, self.channels, self.out_height, self.out_width]
     }
 
-    /// Stride 1 with padding no wider than the filter: the case the padded-plane kernels
-    /// take (every depthwise layer of the backbones but the downsampling ones).
-    fn unit_stride(&self) -> bool {
-        self.stride == [1, 1]
-            && self.padding[0] < self.kernel[0]
-            && self.padding[1] < self.kernel[1]
-    }
-
-    /// The width of the padded planes of the unit-stride kernels: the input's with its
-    /// padding, which is the output's plus the filter's less one.
-    fn padded_width(&self) -> usize {
-        self.out_width + self.kernel[1] - 1
-    }
-
-    /// Rows of the phase planes of the strided kernels: every output row's taps read phase
+    /// Rows of the phase planes: every output row's taps read phase
     /// rows `oy ..= oy + (kernel_height − 1) / stride`.
     fn phase_rows(&self) -> usize {
         self.out_height + (self.kernel[0] - 1) / self.stride[0]
     }
 
-    /// Columns of the phase planes of the strided kernels (as [`Self::phase_rows`]).
+    /// Columns of the phase planes (as [`Self::phase_rows`]).
     fn phase_width(&self) -> usize {
         self.out_width + (self.kernel[1] - 1) / self.stride[1]
     }
@@ -129,11 +115,7 @@ impl Depthwise {
                 let channel = image_channel % self.channels;
                 let grad = &grad[image_channel * out_plane..][..out_plane];
                 let filter = &weight[channel * taps..][..taps];
-                if self.unit_stride() {
-                    unit_stride_input_gradient_plane(x_grad, grad, filter, self);
-                } else {
-                    phased_input_gradient_plane(x_grad, grad, filter, self);
-                }
+                phased_input_gradient_plane(x_grad, grad, filter, self);
             });
         x_grad
     }
@@ -152,22 +134,14 @@ impl Depthwise {
             .for_each(|(channel, filter_grad)| {
                 // One row of partial sums per tap, added up at the end: the inner loops stay
                 // element-wise, so they vectorise.
-                let row = if self.unit_stride() {
-                    self.out_height * self.padded_width()
-                } else {
-                    self.out_height * self.phase_width()
-                };
+                let row = self.out_height * self.phase_width();
                 let mut sums = vec![0.0f32; taps * row];
                 let mut scratch = Vec::new();
                 for image in 0..self.batch {
                     let at = image * self.channels + channel;
                     let x = &x[at * plane..][..plane];
                     let grad = &grad[at * out_plane..][..out_plane];
-                    if self.unit_stride() {
-                        unit_stride_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
-                    } else {
-                        phased_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
-                    }
+                    phased_weight_gradient_plane(&mut sums, &mut scratch, x, grad, self);
                 }
                 for (tap, filter_grad) in filter_grad.iter_mut().enumerate() {
                     *filter_grad = sums[tap * row..][..row]
@@ -182,15 +156,14 @@ impl Depthwise {
 
 dispatch!(phased_input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise) => phased_input_gradient_plane_generic);
 
-/// One image's channel of [`Depthwise::input_gradient`] at strides above 1 (or padding as
-/// wide as the filter), over whole planes. The padded input splits into `stride²` phases,
-/// phase `(a, b)` holding padded rows `i · stride + a` and columns `j · stride + b`; a filter
-/// tap `(ky, kx)` reads only phase `(ky mod stride, kx mod stride)`, shifted by `(ky / stride,
-/// kx / stride)`: a stride-1 tap. So each phase's gradient is, per tap of that phase, one long
-/// pass adding the shifted output gradient (copied into a zero plane with room for the
-/// shifts) times the tap, as at stride 1; the phases are then written back to their input
-/// positions. Rows of a strided layer's output are too short for the vector loops, which the
-/// long passes fill.
+/// One image's channel of [`Depthwise::input_gradient`], over whole planes. The padded input
+/// splits into `stride²` phases (one at stride 1), phase `(a, b)` holding padded rows
+/// `i · stride + a` and columns `j · stride + b`; a filter tap `(ky, kx)` reads only phase
+/// `(ky mod stride, kx mod stride)`, shifted by `(ky / stride, kx / stride)`. So each phase's
+/// gradient is, per tap of that phase, one long pass adding the shifted output gradient
+/// (copied into a zero plane with room for the shifts) times the tap; the phases are then
+/// written back to their input positions. Rows of a few dozen values are too short for the
+/// vector loops, which the long passes fill.
 #[inline(always)]
 fn phased_input_gradient_plane_generic<const FMA: bool>(
     x_grad: &mut [f32],
@@ -233,106 +206,13 @@ fn phased_input_gradient_plane_generic<const FMA: bool>(
     }
 }
 
-dispatch!(unit_stride_input_gradient_plane(x_grad: &mut [f32], grad: &[f32], filter: &[f32], shape: &Depthwise) => unit_stride_input_gradient_plane_generic);
-
-/// [`input_gradient_plane_generic`] with stride 1, over whole planes: the output gradient is
-/// copied into a zero plane wide enough for every tap's shift, and each tap adds the shifted
-/// plane into the input gradient, laid out as rows of that width, in one long pass. Rows of
-/// a few dozen values are too short for the vector loops, which the long passes fill.
-#[inline(always)]
-fn unit_stride_input_gradient_plane_generic<const FMA: bool>(
-    x_grad: &mut [f32],
-    grad: &[f32],
-    filter: &[f32],
-    shape: &Depthwise,
-) {
-    let [kernel_h, kernel_w] = shape.kernel;
-    let [pad_top, pad_left] = shape.padding;
-    let (height, width, out_width) = (shape.height, shape.width, shape.out_width);
-    // Input (iy, ix) reads output (iy + pad_top − ky, ix + pad_left − kx), which sits in the
-    // zero plane at row iy + kernel_h − 1 − ky, column ix + kernel_w − 1 − kx.
-    let wide = width + kernel_w - 1;
-    let tall = height + kernel_h - 1;
-    let mut padded = vec![0.0f32; tall * wide + kernel_w];
-    let (top, left) = (kernel_h - 1 - pad_top, kernel_w - 1 - pad_left);
-    for (oy, row) in grad.chunks_exact(out_width).enumerate() {
-        if top + oy < tall {
-            let columns = out_width.min(wide - left);
-            padded[(top + oy) * wide + left..][..columns].copy_from_slice(&row[..columns]);
-        }
-    }
-    let mut wide_grad = vec![0.0f32; height * wide];
-    for ky in 0..kernel_h {
-        for kx in 0..kernel_w {
-            let tap = filter[ky * kernel_w + kx];
-            let shifted = &padded[(kernel_h - 1 - ky) * wide + (kernel_w - 1 - kx)..];
-            for (x, g) in wide_grad.iter_mut().zip(shifted) {
-                *x = fma::<FMA>(tap, *g, *x);
-            }
-        }
-    }
-    for (x_row, wide_row) in x_grad
-        .chunks_exact_mut(width)
-        .zip(wide_grad.chunks_exact(wide))
-    {
-        x_row.copy_from_slice(&wide_row[..width]);
-    }
-}
-
-dispatch!(unit_stride_weight_gradient_plane(sums: &mut [f32], scratch: &mut Vec<f32>, x: &[f32], grad: &[f32], shape: &Depthwise) => unit_stride_weight_gradient_plane_generic);
-
-/// [`weight_gradient_plane_generic`] with stride 1, over whole planes: the input is copied
-/// into a zero plane with its padding, the output gradient into rows of that plane's width
-/// (zeros past the output's columns), and each tap's row of partial sums (`out_height` rows
-/// of that width) gains the gradient times the input shifted to the tap, in one long pass.
-#[inline(always)]
-fn unit_stride_weight_gradient_plane_generic<const FMA: bool>(
-    sums: &mut [f32],
-    scratch: &mut Vec<f32>,
-    x: &[f32],
-    grad: &[f32],
-    shape: &Depthwise,
-) {
-    let [kernel_h, kernel_w] = shape.kernel;
-    let [pad_top, pad_left] = shape.padding;
-    let (width, out_height, out_width) = (shape.width, shape.out_height, shape.out_width);
-    let wide = shape.padded_width();
-    let tall = out_height + kernel_h - 1;
-    let span = out_height * wide;
-    scratch.clear();
-    scratch.resize(tall * wide + kernel_w + span, 0.0);
-    let (padded, wide_grad) = scratch.split_at_mut(tall * wide + kernel_w);
-    // Input (iy, ix) at row iy + pad_top, column ix + pad_left.
-    for (iy, row) in x.chunks_exact(width).enumerate() {
-        if pad_top + iy < tall {
-            let columns = width.min(wide - pad_left);
-            padded[(pad_top + iy) * wide + pad_left..][..columns].copy_from_slice(&row[..columns]);
-        }
-    }
-    for (wide_row, row) in wide_grad
-        .chunks_exact_mut(wide)
-        .zip(grad.chunks_exact(out_width))
-    {
-        wide_row[..out_width].copy_from_slice(row);
-    }
-    for ky in 0..kernel_h {
-        for kx in 0..kernel_w {
-            let sum = &mut sums[(ky * kernel_w + kx) * span..][..span];
-            let shifted = &padded[ky * wide + kx..];
-            for ((s, g), x) in sum.iter_mut().zip(&*wide_grad).zip(shifted) {
-                *s = fma::<FMA>(*g, *x, *s);
-            }
-        }
-    }
-}
-
 dispatch!(phased_weight_gradient_plane(sums: &mut [f32], scratch: &mut Vec<f32>, x: &[f32], grad: &[f32], shape: &Depthwise) => phased_weight_gradient_plane_generic);
 
-/// [`unit_stride_weight_gradient_plane_generic`] at strides above 1 (or padding as wide as
-/// the filter), over the input's phases (see [`phased_input_gradient_plane_generic`]): the
-/// input is split into its phases, the output gradient copied into rows of the phases' width
-/// (zeros past the output's columns), and each tap's row of partial sums (`out_height` rows
-/// of that width) gains the gradient times its phase, shifted to the tap, in one long pass.
+/// One image's channel of [`Depthwise::weight_gradient`], over the input's phases (see
+/// [`phased_input_gradient_plane_generic`]): the input is split into its phases, the output
+/// gradient copied into rows of the phases' width (zeros past the output's columns), and each
+/// tap's row of partial sums (`out_height` rows of that width) gains the gradient times its
+/// phase, shifted to the tap, in one long pass.
 #[inline(always)]
 fn phased_weight_gradient_plane_generic<const FMA: bool>(
     sums: &mut [f32],
