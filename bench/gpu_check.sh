@@ -17,16 +17,23 @@
 # `torch` build runs with that PyTorch's torch/lib on LD_LIBRARY_PATH. To carry the binaries
 # (64 MiB in all), strip them and compress them with xz (`NAME.xz`): they are unpacked here.
 #
-# Every stage has its own time limit and writes its output under OUT_DIR as it goes, so a stage
-# that hangs (a cold kernel compile) costs only its own limit. `DEADLINE` (seconds, default
-# 480) bounds the whole run: stages that would not fit are skipped and say so. The `torch`
-# build goes first (it compiles no kernel at run time), then PyTorch, then the `cuda` build.
+# Every stage has its own time limit, so a stage that hangs (a cold kernel compile) costs only
+# its own limit. `DEADLINE` (seconds, default 480) bounds the whole run: stages that would not
+# fit are skipped and say so. The stages run in the order of what matters most, so that a short
+# lease still answers the first questions: the `torch` build's correctness, cold start and
+# throughput table, then PyTorch's table, then the `torch` build training from image files (the
+# data loader keeping the GPU fed), then the `cuda` build's cold start, then the rest.
 # `GPU_DEVICE` (default cuda) is the device the GPU stages ask for: `GPU_DEVICE=libtorch-cpu`
 # rehearses the whole script on a machine without a GPU.
+#
+# OUT_DIR receives few files (a device machine may hand back only a handful): log.txt (every
+# stage's command, exit status, time and the tail of its output), stages.txt (each stage's
+# whole stdout and the end of its stderr, appended as it ends) and the cubecl debug logs.
 #
 # Stages, for each build B (torch, cuda):
 #   B-cold/B-warm  time to the first finished training step of a small model with an empty
 #               kernel cache, then again with the cache the first run filled
+#   torch-libraries  the shared libraries the `torch` build resolves on that machine
 #   torch-syncs-*  how often the `torch` build's steps make the host wait for the GPU
 #   B-correct-*  the seed recipe (frozen head, then fine-tune) from the same starting weights
 #               and data on the CPU and on the GPU (f32, then bf16); B-scratch-*: one
@@ -53,6 +60,8 @@ TORCH_BIN=${LANNER_TORCH_BIN:-bench/work/gpu/lanner-torch}
 DEADLINE=${DEADLINE:-480}
 GPU=${GPU_DEVICE:-cuda}
 WORK=$(mktemp -d)
+STAGES=$WORK/stages
+mkdir -p "$STAGES"
 STARTED=$(date +%s)
 if [ -z "${CUDA_PATH:-}" ]; then
   CUDA_PATH=$(ls -d /usr/local/cuda /usr/local/cuda-13* 2>/dev/null | head -1)
@@ -74,11 +83,13 @@ stage() {
   log "== $name (limit ${limit}s): $*"
   local t0 rc
   t0=$(date +%s.%N)
-  timeout --signal=TERM --kill-after=5 "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+  timeout --signal=TERM --kill-after=5 "$limit" "$@" >"$STAGES/$name.out" 2>"$STAGES/$name.err"
   rc=$?
   log "   $name: rc=$rc after $(python3 -c "import time; print(round(time.time() - $t0, 1))")s"
-  tail -n 12 "$OUT/$name.out" | sed 's/^/   | /' | tee -a "$OUT/log.txt"
-  [ "$rc" -ne 0 ] && tail -n 8 "$OUT/$name.err" | sed 's/^/   ! /' | tee -a "$OUT/log.txt"
+  tail -n 12 "$STAGES/$name.out" | sed 's/^/   | /' | tee -a "$OUT/log.txt"
+  [ "$rc" -ne 0 ] && tail -n 8 "$STAGES/$name.err" | sed 's/^/   ! /' | tee -a "$OUT/log.txt"
+  { echo "===== $name: rc=$rc: $*"; cat "$STAGES/$name.out"; echo "----- stderr (last 60 lines)"
+    tail -n 60 "$STAGES/$name.err"; } >>"$OUT/stages.txt"
   return $rc
 }
 
@@ -101,28 +112,18 @@ TRAIN=(train --train "$WORK/shapes/train" --validation "$WORK/shapes/validation"
        --arch mobilenet_v3_small_050 --image-size 64 --batch-size 16 --seed 5 --overwrite)
 START=$WORK/start/weights.safetensors
 
-# check_build B BINARY COLD_LIMIT: the stages above for one build.
+# check_build B BINARY COLD_LIMIT: cold start and correctness of one build.
 check_build() {
   local b=$1 bin=$2 cold=$3
-  stage "$b-version" 20 "$bin" --version || return
   export LANNER_KERNEL_CACHE=$WORK/kernels-$b-small
-  CUBECL_DEBUG_LOG=$OUT/cubecl-$b-cold.log stage "$b-cold" "$cold" "$bin" "${SMALL[@]}"
-  local cold_rc=$?
-  [ -f "$OUT/cubecl-$b-cold.log" ] && gzip -f "$OUT/cubecl-$b-cold.log"
-  [ "$cold_rc" -eq 0 ] || return
-  stage "$b-warm" 60 "$bin" "${SMALL[@]}"
-  du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
-  if [ "$b" = torch ]; then
-    # Operations that made the host wait for the GPU in 1 + 2 + 32 steps of each kind, where
-    # the steps read their logits back 4 times (after the first step, after the warm-up, every
-    # 16 timed steps): libtorch warns once for each (LANNER_CUDA_SYNC_DEBUG).
-    local sync_precision
-    for sync_precision in f32 bf16; do
-      LANNER_CUDA_SYNC_DEBUG=warn TORCH_SHOW_CPP_STACKTRACES=1 stage "torch-syncs-$sync_precision" 60 \
-        "$bin" bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --steps 32 \
-        --warmup 2 --device "$GPU" --json --precision "$sync_precision" --step fine-tune --step full
-      log "   torch-syncs-$sync_precision: $(grep -c 'called a synchronizing' "$OUT/torch-syncs-$sync_precision.err") synchronising operations in 2 x 35 steps"
-    done
+  if [ ! -f "$STAGES/$b-warm.out" ]; then
+    stage "$b-version" 20 "$bin" --version || return
+    CUBECL_DEBUG_LOG=$OUT/cubecl-$b-cold.log stage "$b-cold" "$cold" "$bin" "${SMALL[@]}"
+    local cold_rc=$?
+    [ -f "$OUT/cubecl-$b-cold.log" ] && gzip -f "$OUT/cubecl-$b-cold.log"
+    [ "$cold_rc" -eq 0 ] || return
+    stage "$b-warm" 60 "$bin" "${SMALL[@]}"
+    du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
   fi
   # Correctness: the same starting weights and data on both devices.
   [ -f "$START" ] || stage start 120 "$bin" "${TRAIN[@]}" --device cpu --weights none \
@@ -157,10 +158,10 @@ check_build() {
     stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
       --data "$WORK/shapes/validation" --device "$device" --json
   done
-  stage "$b-compare" 60 python3 - "$WORK" "$OUT" "$b" "$GPU" <<'EOF'
+  stage "$b-compare" 60 python3 - "$WORK" "$STAGES" "$b" "$GPU" <<'EOF'
 import json, sys
 from safetensors.numpy import load_file
-work, out, b, gpu_device = sys.argv[1:]
+work, stages, b, gpu_device = sys.argv[1:]
 start = load_file(f"{work}/start/weights.safetensors")
 runs = [("model-cpu", f"model-{b}-f32", "f32"), ("model-cpu", f"model-{b}-bf16", "bf16"),
         ("scratch-cpu", f"scratch-{b}-f32", "from-scratch f32"),
@@ -211,13 +212,17 @@ for run in ("cpu", f"{b}-f32", f"{b}-bf16"):
     print(f"last epoch, {run}:", json.dumps({k: lines[-1].get(k) for k in keys}))
 for d in ("cpu", gpu_device):
     try:
-        report = json.load(open(f"{out}/{b}-evaluate-on-{d}.out"))
+        report = json.load(open(f"{stages}/{b}-evaluate-on-{d}.out"))
         print(f"evaluate the {b} f32 model on {d}:",
               json.dumps({k: report.get(k) for k in ("loss", "accuracy", "auc")}))
     except (OSError, ValueError) as error:
         print(f"evaluate on {d}: {error}")
 EOF
-  # Throughput, in the rows of the issue's table.
+}
+
+# throughput B BINARY: `lanner bench` in the rows of the issue's table.
+throughput() {
+  local b=$1 bin=$2
   export LANNER_KERNEL_CACHE=$WORK/kernels-$b-large
   local arch batch steps
   for arch in mobilenet_v3_large xception; do
@@ -233,34 +238,30 @@ EOF
   done
 }
 
-if [ -x "$TORCH_BIN" ]; then
-  # The `torch` build loads the GPU machine's own PyTorch libraries.
-  TORCH_LIB=${TORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}
-  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s "$@"\n' \
-    "$TORCH_LIB" "$(realpath "$TORCH_BIN")" >"$WORK/lanner-torch"
-  chmod +x "$WORK/lanner-torch"
-  check_build torch "$WORK/lanner-torch" 60
-fi
-stage torch-peer 150 python3 bench/gpu_torch.py --steps 15 --warmup 5
-if [ -x "$TORCH_BIN" ]; then
-  # The `torch` build's two switches, against the defaults the rows above ran with: the memory
-  # order (default NCHW for f32 on a GPU, channels-last for bf16), and reading every step's
-  # logits back instead of every 16th.
-  for arch in mobilenet_v3_large xception; do
-    LANNER_MEMORY_FORMAT=channels-last stage "torch-${arch%%_*}-b256-f32-channels-last" 60 \
-      "$WORK/lanner-torch" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
-      --device "$GPU" --json --precision f32 --step fine-tune --step full
-    LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
-      "$WORK/lanner-torch" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
-      --device "$GPU" --json --precision bf16 --step fine-tune --step full
+# syncs BINARY: operations that make the `torch` build's host wait for the GPU.
+syncs() {
+  local bin=$1
+  # Operations that made the host wait for the GPU in 1 + 2 + 32 steps of each kind, where
+  # the steps read their logits back 4 times (after the first step, after the warm-up, every
+  # 16 timed steps): libtorch warns once for each (LANNER_CUDA_SYNC_DEBUG).
+  local sync_precision
+  for sync_precision in f32 bf16; do
+    LANNER_CUDA_SYNC_DEBUG=warn TORCH_SHOW_CPP_STACKTRACES=1 stage "torch-syncs-$sync_precision" 60 \
+      "$bin" bench --arch mobilenet_v3_small_050 --image-size 64 --batch-size 8 --steps 32 \
+      --warmup 2 --device "$GPU" --json --precision "$sync_precision" --step fine-tune --step full
+    log "   torch-syncs-$sync_precision: $(grep -c 'called a synchronizing' "$STAGES/torch-syncs-$sync_precision.err") synchronising operations in 2 x 35 steps"
   done
-  # Training from image files, where each batch is decoded by the loader's workers and
-  # copied to the GPU: with the copy on a stream of its own (overlapping the step before)
-  # and on the compute stream. `lanner bench` reuses one batch on the device.
+}
+
+# from_files BINARY: `lanner train` from image files, where the loader's workers decode each
+# batch and it is copied to the GPU, with the copy on a stream of its own (overlapping the step
+# before) and on the compute stream. `lanner bench` reuses one batch on the device.
+from_files() {
+  local bin=$1 copy_stream
   "$SHAPES" "$WORK/large" --per-class 1024 --size 224x224 --seed 4 >/dev/null
   for copy_stream in on off; do
     LANNER_COPY_STREAM=$copy_stream stage "torch-train-mobilenet-b256-bf16-copy-stream-$copy_stream" \
-      90 "$WORK/lanner-torch" train --train "$WORK/large/train" \
+      90 "$bin" train --train "$WORK/large/train" \
       --validation "$WORK/large/validation" --arch mobilenet_v3_large --image-size 224 \
       --batch-size 256 --weights none --initial-epochs 1 --fine-tune-epochs 3 \
       --fine-tune-layer 0 --precision bf16 --device "$GPU" --overwrite \
@@ -272,20 +273,74 @@ for line in open(sys.argv[1]):
           "waited for data %.0f%%" % (100 * r["data_wait_share"]))' \
       "$WORK/large-out-$copy_stream/metrics.jsonl" 2>&1 | tee -a "$OUT/log.txt"
   done
+}
+
+# switches BINARY: the `torch` build with its memory order (default NCHW for f32 on a GPU,
+# channels-last for bf16), logit readback (default every 16th step) and fused layers switched
+# from their defaults.
+switches() {
+  local bin=$1 arch batch
+  for arch in mobilenet_v3_large xception; do
+    LANNER_MEMORY_FORMAT=channels-last stage "torch-${arch%%_*}-b256-f32-channels-last" 60 \
+      "$bin" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision f32 --step fine-tune --step full
+    LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
+      "$bin" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision bf16 --step fine-tune --step full
+  done
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
-    "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
+    "$bin" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
     --device "$GPU" --json --precision bf16 --step frozen --step full
   # BatchNorm, hard swish, hard sigmoid and pooling as burn's composites, and each
   # convolution gradient from its own call, instead of one ATen operation each way
   # (lanner_models::fused).
   for batch in 32 256; do
     LANNER_FUSED_LAYERS=off stage "torch-mobilenet-b$batch-bf16-composite-layers" 60 \
-      "$WORK/lanner-torch" bench --arch mobilenet_v3_large --batch-size "$batch" --steps 5 \
+      "$bin" bench --arch mobilenet_v3_large --batch-size "$batch" --steps 5 \
       --warmup 2 --device "$GPU" --json --precision bf16 --step fine-tune --step full \
       --step inference
   done
+}
+
+LANNER_TORCH=
+if [ -x "$TORCH_BIN" ]; then
+  # The `torch` build loads the GPU machine's own PyTorch libraries (and the NVIDIA libraries
+  # its wheel depends on).
+  TORCH_LIB=${TORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}
+  for lib in "$(dirname "$(dirname "$TORCH_LIB")")"/nvidia/*/lib "$(dirname "$(dirname "$TORCH_LIB")")"/nvidia/cu13/lib; do
+    [ -d "$lib" ] && TORCH_LIB=$TORCH_LIB:$lib
+  done
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s "$@"\n' \
+    "$TORCH_LIB" "$(realpath "$TORCH_BIN")" >"$WORK/lanner-torch"
+  chmod +x "$WORK/lanner-torch"
+  LANNER_TORCH=$WORK/lanner-torch
+  stage torch-libraries 20 bash -c "LD_LIBRARY_PATH=$TORCH_LIB ldd $(realpath "$TORCH_BIN") | grep -E 'torch|not found|cud'"
 fi
-[ -x "$BIN" ] && check_build cuda "$BIN" 100
+# In the order of what matters most (see the top).
+if [ -n "$LANNER_TORCH" ]; then
+  check_build torch "$LANNER_TORCH" 60
+  [ -f "$STAGES/torch-warm.out" ] && throughput torch "$LANNER_TORCH"
+fi
+stage torch-peer 150 python3 bench/gpu_torch.py --steps 15 --warmup 5
+[ -n "$LANNER_TORCH" ] && [ -f "$STAGES/torch-warm.out" ] && from_files "$LANNER_TORCH"
+CUDA_OK=0
+if [ -x "$BIN" ]; then
+  stage cuda-version 20 "$BIN" --version && {
+    export LANNER_KERNEL_CACHE=$WORK/kernels-cuda-small
+    CUBECL_DEBUG_LOG=$OUT/cubecl-cuda-cold.log stage cuda-cold 100 "$BIN" "${SMALL[@]}" && CUDA_OK=1
+    [ -f "$OUT/cubecl-cuda-cold.log" ] && gzip -f "$OUT/cubecl-cuda-cold.log"
+    [ "$CUDA_OK" = 1 ] && stage cuda-warm 60 "$BIN" "${SMALL[@]}"
+    du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
+  }
+fi
+if [ -n "$LANNER_TORCH" ] && [ -f "$STAGES/torch-warm.out" ]; then
+  syncs "$LANNER_TORCH"
+  switches "$LANNER_TORCH"
+fi
+if [ "$CUDA_OK" = 1 ]; then
+  check_build cuda "$BIN" 60
+  throughput cuda "$BIN"
+fi
 [ -x "$UNFUSED" ] && LANNER_KERNEL_CACHE=$WORK/kernels-unfused \
   stage unfused-cold 100 "$UNFUSED" "${SMALL[@]}"
 log "done"
