@@ -23,6 +23,11 @@
 # lease still answers the first questions: the `torch` build's correctness, cold start and
 # throughput table, then PyTorch's table, then the `torch` build training from image files (the
 # data loader keeping the GPU fed), then the `cuda` build's cold start, then the rest.
+# `SECTIONS` (default `cold correct table peer files cuda extras cuda-all`) picks the parts
+# and their order, `PRECISIONS` (default `f32 bf16`) the `torch` build's precisions in the
+# correctness and throughput stages (`SCRATCH_PRECISIONS` those of the from-scratch epochs),
+# `PEER_ARGS` the arguments of bench/gpu_torch.py, `COPY_STREAMS` (default `on off`) the
+# copy-stream settings of the training from files: a second, shorter call can rerun a part.
 # `GPU_DEVICE` (default cuda) is the device the GPU stages ask for: `GPU_DEVICE=libtorch-cpu`
 # rehearses the whole script on a machine without a GPU.
 #
@@ -58,6 +63,12 @@ SHAPES=${SHAPES_BIN:-bench/work/gpu/make_shapes}
 UNFUSED=${LANNER_UNFUSED_BIN:-bench/work/gpu/lanner-unfused}
 TORCH_BIN=${LANNER_TORCH_BIN:-bench/work/gpu/lanner-torch}
 DEADLINE=${DEADLINE:-480}
+# What runs, in this order (default: all), in which precisions, and PyTorch's arguments.
+SECTIONS=${SECTIONS:-cold correct table peer files cuda extras cuda-all}
+PRECISIONS=${PRECISIONS:-f32 bf16}
+SCRATCH_PRECISIONS=${SCRATCH_PRECISIONS-$PRECISIONS}
+PEER_ARGS=${PEER_ARGS:---steps 15 --warmup 5}
+COPY_STREAMS=${COPY_STREAMS:-on off}
 GPU=${GPU_DEVICE:-cuda}
 WORK=$(mktemp -d)
 STAGES=$WORK/stages
@@ -112,19 +123,24 @@ TRAIN=(train --train "$WORK/shapes/train" --validation "$WORK/shapes/validation"
        --arch mobilenet_v3_small_050 --image-size 64 --batch-size 16 --seed 5 --overwrite)
 START=$WORK/start/weights.safetensors
 
-# check_build B BINARY COLD_LIMIT: cold start and correctness of one build.
-check_build() {
+# cold_start B BINARY COLD_LIMIT: the first finished training step of one build, with an empty
+# kernel cache and then with the one the first run filled.
+cold_start() {
   local b=$1 bin=$2 cold=$3
   export LANNER_KERNEL_CACHE=$WORK/kernels-$b-small
-  if [ ! -f "$STAGES/$b-warm.out" ]; then
-    stage "$b-version" 20 "$bin" --version || return
-    CUBECL_DEBUG_LOG=$OUT/cubecl-$b-cold.log stage "$b-cold" "$cold" "$bin" "${SMALL[@]}"
-    local cold_rc=$?
-    [ -f "$OUT/cubecl-$b-cold.log" ] && gzip -f "$OUT/cubecl-$b-cold.log"
-    [ "$cold_rc" -eq 0 ] || return
-    stage "$b-warm" 60 "$bin" "${SMALL[@]}"
-    du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
-  fi
+  stage "$b-version" 20 "$bin" --version || return
+  CUBECL_DEBUG_LOG=$OUT/cubecl-$b-cold.log stage "$b-cold" "$cold" "$bin" "${SMALL[@]}"
+  local cold_rc=$?
+  [ -f "$OUT/cubecl-$b-cold.log" ] && gzip -f "$OUT/cubecl-$b-cold.log"
+  [ "$cold_rc" -eq 0 ] || return
+  stage "$b-warm" 60 "$bin" "${SMALL[@]}"
+  du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
+}
+
+# check_build B BINARY: correctness of one build, CPU against GPU.
+check_build() {
+  local b=$1 bin=$2
+  export LANNER_KERNEL_CACHE=$WORK/kernels-$b-small
   # Correctness: the same starting weights and data on both devices.
   [ -f "$START" ] || stage start 120 "$bin" "${TRAIN[@]}" --device cpu --weights none \
     --from-scratch --initial-epochs 1 --fine-tune-epochs 0 --model-dir "$WORK/start"
@@ -132,7 +148,7 @@ check_build() {
     --device cpu --weights "$START" --initial-epochs 1 --fine-tune-epochs 1 \
     --fine-tune-layer 100 --model-dir "$WORK/model-cpu" --output-data-dir "$WORK/out-cpu"
   local precision
-  for precision in f32 bf16; do
+  for precision in $PRECISIONS; do
     stage "$b-correct-$precision" 120 "$bin" "${TRAIN[@]}" --device "$GPU" \
       --precision "$precision" --weights "$START" --initial-epochs 1 --fine-tune-epochs 1 \
       --fine-tune-layer 100 --model-dir "$WORK/model-$b-$precision" \
@@ -143,19 +159,19 @@ check_build() {
   [ -f "$WORK/scratch-cpu/weights.safetensors" ] || stage scratch-cpu 120 "$bin" "${TRAIN[@]}" \
     --device cpu --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
     --model-dir "$WORK/scratch-cpu"
-  for precision in f32 bf16; do
+  for precision in $SCRATCH_PRECISIONS; do
     stage "$b-scratch-$precision" 120 "$bin" "${TRAIN[@]}" --device "$GPU" \
       --precision "$precision" --weights "$START" --from-scratch --initial-epochs 1 \
       --fine-tune-epochs 0 --model-dir "$WORK/scratch-$b-$precision"
   done
   # The same epoch data-parallel over two replicas of the one GPU (BatchNorm statistics gathered
   # across them): the weights must agree with one replica's.
-  LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
+  [[ " $SCRATCH_PRECISIONS " == *" f32 "* ]] && LANNER_REPLICAS=2 stage "$b-scratch-replicas" 120 "$bin" "${TRAIN[@]}" \
     --device "$GPU" --weights "$START" --from-scratch --initial-epochs 1 --fine-tune-epochs 0 \
     --model-dir "$WORK/scratch-$b-replicas"
   local device
   for device in cpu "$GPU"; do
-    stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-f32" \
+    stage "$b-evaluate-on-$device" 60 "$bin" evaluate --model "$WORK/model-$b-${PRECISIONS%% *}" \
       --data "$WORK/shapes/validation" --device "$device" --json
   done
   stage "$b-compare" 60 python3 - "$WORK" "$STAGES" "$b" "$GPU" <<'EOF'
@@ -213,7 +229,7 @@ for run in ("cpu", f"{b}-f32", f"{b}-bf16"):
 for d in ("cpu", gpu_device):
     try:
         report = json.load(open(f"{stages}/{b}-evaluate-on-{d}.out"))
-        print(f"evaluate the {b} f32 model on {d}:",
+        print(f"evaluate the {b} model (the first of PRECISIONS) on {d}:",
               json.dumps({k: report.get(k) for k in ("loss", "accuracy", "auc")}))
     except (OSError, ValueError) as error:
         print(f"evaluate on {d}: {error}")
@@ -227,7 +243,7 @@ throughput() {
   local arch batch steps
   for arch in mobilenet_v3_large xception; do
     for batch in 32 256; do
-      for precision in f32 bf16; do
+      for precision in $PRECISIONS; do
         steps=10
         [ "$batch" = 256 ] && steps=5
         stage "$b-${arch%%_*}-b$batch-$precision" 90 "$bin" bench --arch "$arch" \
@@ -259,7 +275,7 @@ syncs() {
 from_files() {
   local bin=$1 copy_stream
   "$SHAPES" "$WORK/large" --per-class 1024 --size 224x224 --seed 4 >/dev/null
-  for copy_stream in on off; do
+  for copy_stream in $COPY_STREAMS; do
     LANNER_COPY_STREAM=$copy_stream stage "torch-train-mobilenet-b256-bf16-copy-stream-$copy_stream" \
       90 "$bin" train --train "$WORK/large/train" \
       --validation "$WORK/large/validation" --arch mobilenet_v3_large --image-size 224 \
@@ -316,31 +332,30 @@ if [ -x "$TORCH_BIN" ]; then
   LANNER_TORCH=$WORK/lanner-torch
   stage torch-libraries 20 bash -c "LD_LIBRARY_PATH=$TORCH_LIB ldd $(realpath "$TORCH_BIN") | grep -E 'torch|not found|cud'"
 fi
-# In the order of what matters most (see the top).
-if [ -n "$LANNER_TORCH" ]; then
-  check_build torch "$LANNER_TORCH" 60
-  [ -f "$STAGES/torch-warm.out" ] && throughput torch "$LANNER_TORCH"
-fi
-stage torch-peer 150 python3 bench/gpu_torch.py --steps 15 --warmup 5
-[ -n "$LANNER_TORCH" ] && [ -f "$STAGES/torch-warm.out" ] && from_files "$LANNER_TORCH"
+# In the order of what matters most (see the top), or of SECTIONS.
+TORCH_OK=0
 CUDA_OK=0
-if [ -x "$BIN" ]; then
-  stage cuda-version 20 "$BIN" --version && {
-    export LANNER_KERNEL_CACHE=$WORK/kernels-cuda-small
-    CUBECL_DEBUG_LOG=$OUT/cubecl-cuda-cold.log stage cuda-cold 100 "$BIN" "${SMALL[@]}" && CUDA_OK=1
-    [ -f "$OUT/cubecl-cuda-cold.log" ] && gzip -f "$OUT/cubecl-cuda-cold.log"
-    [ "$CUDA_OK" = 1 ] && stage cuda-warm 60 "$BIN" "${SMALL[@]}"
-    du -sh "$LANNER_KERNEL_CACHE" 2>&1 | tee -a "$OUT/log.txt"
-  }
-fi
-if [ -n "$LANNER_TORCH" ] && [ -f "$STAGES/torch-warm.out" ]; then
-  syncs "$LANNER_TORCH"
-  switches "$LANNER_TORCH"
-fi
-if [ "$CUDA_OK" = 1 ]; then
-  check_build cuda "$BIN" 60
-  throughput cuda "$BIN"
-fi
+for section in $SECTIONS; do
+  case $section in
+    cold)
+      [ -n "$LANNER_TORCH" ] && cold_start torch "$LANNER_TORCH" 60 && TORCH_OK=1 ;;
+    correct)
+      [ "$TORCH_OK" = 1 ] && check_build torch "$LANNER_TORCH" ;;
+    table)
+      [ "$TORCH_OK" = 1 ] && throughput torch "$LANNER_TORCH" ;;
+    peer)
+      stage torch-peer 150 python3 bench/gpu_torch.py $PEER_ARGS ;;
+    files)
+      [ "$TORCH_OK" = 1 ] && from_files "$LANNER_TORCH" ;;
+    cuda)
+      [ -x "$BIN" ] && cold_start cuda "$BIN" 100 && CUDA_OK=1 ;;
+    extras)
+      [ "$TORCH_OK" = 1 ] && syncs "$LANNER_TORCH" && switches "$LANNER_TORCH" ;;
+    cuda-all)
+      [ "$CUDA_OK" = 1 ] && check_build cuda "$BIN" && throughput cuda "$BIN" ;;
+    *) log "unknown section $section" ;;
+  esac
+done
 [ -x "$UNFUSED" ] && LANNER_KERNEL_CACHE=$WORK/kernels-unfused \
   stage unfused-cold 100 "$UNFUSED" "${SMALL[@]}"
 log "done"

@@ -75,10 +75,14 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
     const auto spread_f = in_type(*spread, at::kFloat);
     const auto weight_f = in_type(*weight, at::kFloat);
     const std::array<bool, 3> mask{needed[0], needed[1], needed[2]};
+    // With fixed statistics the saved ones are empty but defined, as native_batch_norm
+    // returns them in eval mode: the CUDA kernels for channels-last inputs assert they are
+    // defined, then take the running statistics because they are empty.
+    const auto unsaved = at::empty({0}, mean_f.options());
     auto gradients =
         statistics == 0
             ? at::native_batch_norm_backward(*grad_output, *input, weight_f, mean_f, spread_f,
-                                             std::nullopt, std::nullopt, false, epsilon, mask)
+                                             unsaved, unsaved, false, epsilon, mask)
             : at::native_batch_norm_backward(
                   *grad_output, *input, weight_f, std::nullopt, std::nullopt, mean_f,
                   statistics == 1 ? (spread_f + epsilon).rsqrt() : spread_f, true, epsilon,
