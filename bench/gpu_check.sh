@@ -49,9 +49,9 @@
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
 #   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
-#   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step,
-#   torch-*-composite-layers  the `torch` build with its memory order, logit readback and
-#               fused layers switched from their defaults
+#   torch-*-channels-last, torch-*-nchw, torch-*-aten-batch-norm, torch-*-readback-every-step,
+#   torch-*-composite-layers  the `torch` build with its memory order, BatchNorm kernels,
+#               logit readback and fused layers switched from their defaults
 #   torch-train-*-copy-stream-on|off  `lanner train` from 2,048 image files (MobileNetV3-L,
 #               224, batch 256, bf16): images/s and the share of time waiting for data per
 #               epoch, with host-to-GPU copies on their own stream and on the compute stream
@@ -292,8 +292,8 @@ for line in open(sys.argv[1]):
 }
 
 # switches BINARY: the `torch` build with its memory order (default NCHW for f32 on a GPU,
-# channels-last for bf16), logit readback (default every 16th step) and fused layers switched
-# from their defaults.
+# channels-last for bf16), BatchNorm kernels (default PyTorch's choice), logit readback
+# (default every 16th step) and fused layers switched from their defaults.
 switches() {
   local bin=$1 arch batch
   for arch in mobilenet_v3_large xception; do
@@ -303,6 +303,13 @@ switches() {
     LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
       "$bin" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
       --device "$GPU" --json --precision bf16 --step fine-tune --step full
+  done
+  # BatchNorm with batch statistics by ATen's own kernels instead of those PyTorch's
+  # `batch_norm` chooses (cuDNN's on NVIDIA GPUs, mostly).
+  for precision in f32 bf16; do
+    LANNER_BATCH_NORM_KERNELS=aten stage "torch-mobilenet-b256-$precision-aten-batch-norm" 60 \
+      "$bin" bench --arch mobilenet_v3_large --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision "$precision" --step full
   done
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
     "$bin" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \

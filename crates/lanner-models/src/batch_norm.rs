@@ -141,7 +141,7 @@ impl BatchNorm2d {
         }
         if crate::fused::available(&device) {
             // One operation each way, which the `torch` build runs as PyTorch's train-mode
-            // BatchNorm does (ATen's `native_batch_norm`, running statistics included).
+            // BatchNorm does (cuDNN's or ATen's kernels, running statistics included).
             let (output, mean, var) = crate::fused::batch_norm_training(
                 x,
                 self.weight.val(),

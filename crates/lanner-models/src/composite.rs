@@ -24,6 +24,7 @@ pub(crate) fn batch_norm_training<B: Backend>(
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
+    FloatTensor<B>,
 ) {
     let shape = x.shape();
     let count = (shape.num_elements() / shape[1]) as f64;
@@ -54,7 +55,9 @@ pub(crate) fn batch_norm_training<B: Backend>(
         B::float_mul_scalar(running_var, keep),
         B::float_mul_scalar(as_statistic(batch.variance), scalar(momentum * unbiased)),
     );
-    (batch.output, batch.mean, inverse_std, mean, var)
+    // Nothing else to save for the backward pass: the inverse standard deviation again.
+    let saved = inverse_std.clone();
+    (batch.output, batch.mean, inverse_std, mean, var, saved)
 }
 
 /// [`crate::fused::FusedOps::hard_swish`]: the product of `x` and its hard sigmoid.

@@ -49,6 +49,7 @@ impl FusedOps for Flex {
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
+        FloatTensor<Self>,
     ) {
         let planes = Planes::of(&x.shape());
         let inputs = [&x, &weight, &bias, &running_mean, &running_var].map(contiguous_f32);
@@ -113,12 +114,15 @@ impl FusedOps for Flex {
         let new_mean = moved(running_mean, &|m| m.mean);
         let new_var = moved(running_var, &|m| m.squares / count * unbiased);
         let vector = || Shape::new([planes.channels]);
+        let inverse_std = tensor(inverse_std, vector());
         (
             tensor(output, x.shape()),
             tensor(batch_mean, vector()),
-            tensor(inverse_std, vector()),
+            inverse_std.clone(),
             tensor(new_mean, vector()),
             tensor(new_var, vector()),
+            // Nothing else to save for the backward pass.
+            inverse_std,
         )
     }
 
@@ -163,6 +167,8 @@ impl FusedBackward for Flex {
         weight: FloatTensor<Self>,
         mean: FloatTensor<Self>,
         inverse_std: FloatTensor<Self>,
+        _saved: FloatTensor<Self>,
+        _epsilon: f64,
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {

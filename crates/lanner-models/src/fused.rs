@@ -15,9 +15,9 @@
 //!
 //! BatchNorm with batch statistics is burn's `batch_norm_train` plus the running statistics'
 //! update as tensor operations (eight per layer, and two more to invert the variance for the
-//! backward pass); PyTorch's train-mode BatchNorm is one `native_batch_norm`, which updates the
-//! running statistics in the same kernel, and so is the `torch` build's (on copies of them: two
-//! small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
+//! backward pass); PyTorch's train-mode BatchNorm is one operation (cuDNN's or ATen's
+//! `native_batch_norm`, as `batch_norm` chooses), which updates the running statistics in the
+//! same kernel, and so is the `torch` build's (on copies of them: two small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
 //! one call each; [`conv2d`] asks for them in one, as PyTorch's `convolution_backward` does.
 //! [`gather_across_replicas`] collects a vector from every replica of a data-parallel step,
 //! forward and backward, for BatchNorm statistics over the whole batch
@@ -138,7 +138,7 @@ pub fn batch_norm_training(
     epsilon: f64,
     momentum: f64,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    let (output, _, _, mean, var) = <Dispatch as FusedOps>::batch_norm_training(
+    let (output, _, _, mean, var, _) = <Dispatch as FusedOps>::batch_norm_training(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
@@ -228,8 +228,10 @@ pub trait FusedOps: Backend {
     /// BatchNorm with the batch's own statistics, and the running statistics moved toward
     /// them by `momentum` (the weight of the batch; the variance unbiased, as PyTorch keeps
     /// it). Returns the output, the batch mean and inverse standard deviation `1/√(variance
-    /// + ε)` (what the backward pass takes), and the new running mean and variance in the
-    /// running statistics' type. Defaults to the backend's `batch_norm_train` and the update
+    /// + ε)` (what the backward pass takes), the new running mean and variance in the
+    /// running statistics' type, and whatever else the backend's backward pass needs (libtorch:
+    /// cuDNN's reserve space where cuDNN ran; others need nothing and return the inverse
+    /// standard deviation again). Defaults to the backend's `batch_norm_train` and the update
     /// as tensor operations.
     #[allow(clippy::type_complexity)]
     #[fusion(default)]
@@ -242,6 +244,7 @@ pub trait FusedOps: Backend {
         epsilon: f64,
         momentum: f64,
     ) -> (
+        FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -329,15 +332,20 @@ pub trait FusedBackward: Backend {
     /// `bias` for the output gradient `grad`, from the batch statistics its forward pass
     /// returned, each only where `needed` says so. With `x̂ = (x − mean)·inverse_std` and `N`
     /// values per channel: `bias' = Σ grad`, `weight' = Σ grad·x̂`, and
-    /// `x' = weight·inverse_std/N · (N·grad − bias' − x̂·weight')`.
+    /// `x' = weight·inverse_std/N · (N·grad − bias' − x̂·weight')`. `saved` and `epsilon`
+    /// are the forward pass' (the composite needs neither).
+    #[allow(clippy::too_many_arguments)]
     fn batch_norm_training_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         mean: FloatTensor<Self>,
         inverse_std: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        epsilon: f64,
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
+        let _ = (saved, epsilon);
         composite::batch_norm_training_backward::<Self>(x, weight, mean, inverse_std, grad, needed)
     }
 
@@ -399,7 +407,21 @@ mod torch {
 
     use super::{ConvOptions, FloatTensor, FusedBackward, FusedOps, LibTorch};
     use burn::backend::ops::ModuleOps;
-    use burn_tch::fused::{self, Statistics};
+    use burn_tch::fused::{self, BatchNormKernels, Statistics};
+    use std::sync::OnceLock;
+
+    /// The kernels of BatchNorm with batch statistics: those PyTorch's `batch_norm` chooses
+    /// (cuDNN's where it runs them), or ATen's own everywhere with
+    /// `LANNER_BATCH_NORM_KERNELS=aten`, to compare.
+    fn batch_norm_kernels() -> BatchNormKernels {
+        static KERNELS: OnceLock<BatchNormKernels> = OnceLock::new();
+        *KERNELS.get_or_init(
+            || match std::env::var("LANNER_BATCH_NORM_KERNELS").as_deref() {
+                Ok("aten") => BatchNormKernels::Aten,
+                _ => BatchNormKernels::PyTorchs,
+            },
+        )
+    }
 
     impl FusedOps for LibTorch {
         fn batch_norm_training(
@@ -416,17 +438,20 @@ mod torch {
             FloatTensor<Self>,
             FloatTensor<Self>,
             FloatTensor<Self>,
+            FloatTensor<Self>,
         ) {
-            let [output, mean, inverse_std, running_mean, running_var] = fused::batch_norm_training(
-                &x,
-                &weight,
-                &bias,
-                &running_mean,
-                &running_var,
-                momentum,
-                epsilon,
-            );
-            (output, mean, inverse_std, running_mean, running_var)
+            let [output, mean, inverse_std, running_mean, running_var, saved] =
+                fused::batch_norm_training(
+                    &x,
+                    &weight,
+                    &bias,
+                    &running_mean,
+                    &running_var,
+                    momentum,
+                    epsilon,
+                    batch_norm_kernels(),
+                );
+            (output, mean, inverse_std, running_mean, running_var, saved)
         }
 
         fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -448,19 +473,19 @@ mod torch {
             weight: FloatTensor<Self>,
             mean: FloatTensor<Self>,
             inverse_std: FloatTensor<Self>,
+            saved: FloatTensor<Self>,
+            epsilon: f64,
             grad: FloatTensor<Self>,
             needed: [bool; 3],
         ) -> [Option<FloatTensor<Self>>; 3] {
-            // ε only enters through the saved inverse standard deviation.
-            let (epsilon, statistics) = (0.0, Statistics::Saved);
-            fused::batch_norm_backward(
+            fused::batch_norm_training_backward(
                 &x,
                 &weight,
                 &mean,
                 &inverse_std,
+                &saved,
                 epsilon,
                 &grad,
-                statistics,
                 needed,
             )
         }
@@ -526,17 +551,21 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
+        FloatTensor<Self>,
     ) {
         #[derive(Debug)]
         struct BatchNormTraining;
 
         impl<B: FusedBackward> Backward<B, 3> for BatchNormTraining {
-            /// The input, the weight, and the batch mean and inverse standard deviation.
+            /// The input, the weight, the batch mean and inverse standard deviation, what else
+            /// the backend saved, and ε.
             type State = (
                 FloatTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
+                FloatTensor<B>,
+                f64,
             );
 
             fn backward(
@@ -546,10 +575,18 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
                 _checkpointer: &mut Checkpointer,
             ) {
                 let grad = grads.consume::<B>(&ops.node);
-                let (x, weight, mean, inverse_std) = ops.state;
+                let (x, weight, mean, inverse_std, saved, epsilon) = ops.state;
                 let needed = ops.parents.each_ref().map(Option::is_some);
-                let gradients =
-                    B::batch_norm_training_backward(x, weight, mean, inverse_std, grad, needed);
+                let gradients = B::batch_norm_training_backward(
+                    x,
+                    weight,
+                    mean,
+                    inverse_std,
+                    saved,
+                    epsilon,
+                    grad,
+                    needed,
+                );
                 register!(ops.parents, gradients, grads);
             }
         }
@@ -564,40 +601,51 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
         {
             OpsKind::Tracked(prep) => {
                 let (x, weight) = (x.into_primitive(), weight.into_primitive());
-                let (output, mean, inverse_std, running_mean, running_var) = B::batch_norm_training(
-                    x.clone(),
-                    weight.clone(),
-                    bias.into_primitive(),
-                    running_mean,
-                    running_var,
+                let (output, mean, inverse_std, running_mean, running_var, saved) =
+                    B::batch_norm_training(
+                        x.clone(),
+                        weight.clone(),
+                        bias.into_primitive(),
+                        running_mean,
+                        running_var,
+                        epsilon,
+                        momentum,
+                    );
+                let state = (
+                    x,
+                    weight,
+                    mean.clone(),
+                    inverse_std.clone(),
+                    saved.clone(),
                     epsilon,
-                    momentum,
                 );
-                let state = (x, weight, mean.clone(), inverse_std.clone());
                 (
                     prep.finish(state, output),
                     untracked(mean),
                     untracked(inverse_std),
                     untracked(running_mean),
                     untracked(running_var),
+                    untracked(saved),
                 )
             }
             OpsKind::UnTracked(prep) => {
-                let (output, mean, inverse_std, running_mean, running_var) = B::batch_norm_training(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    bias.into_primitive(),
-                    running_mean,
-                    running_var,
-                    epsilon,
-                    momentum,
-                );
+                let (output, mean, inverse_std, running_mean, running_var, saved) =
+                    B::batch_norm_training(
+                        x.into_primitive(),
+                        weight.into_primitive(),
+                        bias.into_primitive(),
+                        running_mean,
+                        running_var,
+                        epsilon,
+                        momentum,
+                    );
                 (
                     prep.finish(output),
                     untracked(mean),
                     untracked(inverse_std),
                     untracked(running_mean),
                     untracked(running_var),
+                    untracked(saved),
                 )
             }
         }

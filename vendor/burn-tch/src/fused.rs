@@ -27,6 +27,20 @@ unsafe extern "C" {
         running_var: *const torch_sys::C_tensor,
         momentum: f64,
         epsilon: f64,
+        kernels: i64,
+        out: *mut *mut torch_sys::C_tensor,
+        error: *mut std::ffi::c_char,
+        error_size: usize,
+    ) -> bool;
+    fn lanner_batch_norm_training_backward(
+        grad_output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        weight: *const torch_sys::C_tensor,
+        mean: *const torch_sys::C_tensor,
+        inverse_std: *const torch_sys::C_tensor,
+        saved: *const torch_sys::C_tensor,
+        epsilon: f64,
+        needed: *const bool,
         out: *mut *mut torch_sys::C_tensor,
         error: *mut std::ffi::c_char,
         error_size: usize,
@@ -42,9 +56,6 @@ pub enum Statistics {
     /// The batch's own, so the output depends on every row of the batch: the mean and the
     /// biased variance.
     Batch = 1,
-    /// The batch's own, as [`batch_norm_training`] saved them: the mean and the inverse
-    /// standard deviation `1/√(variance + ε)`.
-    Saved = 2,
 }
 
 /// The gradients of batch normalisation with respect to its input, weight and bias for the
@@ -93,13 +104,23 @@ pub fn batch_norm_backward(
     })
 }
 
+/// Which kernels [`batch_norm_training`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchNormKernels {
+    /// Those PyTorch's `batch_norm` chooses (ATen's `_batch_norm_impl_index`): cuDNN's where
+    /// PyTorch runs them, else ATen's own.
+    PyTorchs = 0,
+    /// ATen's own `native_batch_norm` and its backward, everywhere.
+    Aten = 1,
+}
+
 /// Batch normalisation while training, as PyTorch's `BatchNorm2d` runs it in train mode:
-/// ATen's `native_batch_norm` normalises `x` with the batch's own statistics and moves copies
-/// of the running statistics toward them by `momentum` (the weight of the batch; the variance
-/// unbiased), in one kernel on a GPU. The weight and bias are taken in the running statistics'
-/// type (float: the mixed-precision case for bf16 and f16 inputs). Returns the output, the
-/// batch mean and inverse standard deviation for [`batch_norm_backward`] with
-/// [`Statistics::Saved`], and the new running mean and variance.
+/// `x` normalised with the batch's own statistics, and copies of the running statistics moved
+/// toward them by `momentum` (the weight of the batch; the variance unbiased), by the
+/// `kernels` chosen. The weight and bias are taken in the running statistics' type (float:
+/// the mixed-precision case for bf16 and f16 inputs). Returns the output, the batch mean and
+/// inverse standard deviation, the new running mean and variance, and what
+/// [`batch_norm_training_backward`] needs besides (cuDNN's reserve space where cuDNN ran).
 pub fn batch_norm_training(
     x: &TchTensor,
     weight: &TchTensor,
@@ -108,10 +129,11 @@ pub fn batch_norm_training(
     running_var: &TchTensor,
     momentum: f64,
     epsilon: f64,
-) -> [TchTensor; 5] {
-    let mut out = [std::ptr::null_mut(); 5];
+    kernels: BatchNormKernels,
+) -> [TchTensor; 6] {
+    let mut out = [std::ptr::null_mut(); 6];
     let mut error = [0u8; 512];
-    // SAFETY: live tch tensors (pointers to at::Tensor), room for the five results, and
+    // SAFETY: live tch tensors (pointers to at::Tensor), room for the six results, and
     // `error` with the size passed with it.
     let done = unsafe {
         lanner_batch_norm_training(
@@ -122,6 +144,48 @@ pub fn batch_norm_training(
             running_var.tensor.as_ptr(),
             momentum,
             epsilon,
+            kernels as i64,
+            out.as_mut_ptr(),
+            error.as_mut_ptr().cast(),
+            error.len(),
+        )
+    };
+    if !done {
+        panic!("batch_norm failed: {}", crate::ops::shim_error(&error));
+    }
+    // SAFETY: six new at::Tensor, each now owned by its TchTensor (tch frees it on drop).
+    out.map(|tensor| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }))
+}
+
+/// The gradients of [`batch_norm_training`] with respect to its input, weight and bias for
+/// the output gradient `output_grad`, by the kernels its forward pass ran, from the `mean`,
+/// `inverse_std` and `saved` it returned and the same `epsilon`. Only those that `needed`
+/// asks for are returned; the others are `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_training_backward(
+    x: &TchTensor,
+    weight: &TchTensor,
+    mean: &TchTensor,
+    inverse_std: &TchTensor,
+    saved: &TchTensor,
+    epsilon: f64,
+    output_grad: &TchTensor,
+    needed: [bool; 3],
+) -> [Option<TchTensor>; 3] {
+    let mut out = [std::ptr::null_mut(); 3];
+    let mut error = [0u8; 512];
+    // SAFETY: live tch tensors (pointers to at::Tensor), three flags, room for the three
+    // results, and `error` with the size passed with it.
+    let done = unsafe {
+        lanner_batch_norm_training_backward(
+            output_grad.tensor.as_ptr(),
+            x.tensor.as_ptr(),
+            weight.tensor.as_ptr(),
+            mean.tensor.as_ptr(),
+            inverse_std.tensor.as_ptr(),
+            saved.tensor.as_ptr(),
+            epsilon,
+            needed.as_ptr(),
             out.as_mut_ptr(),
             error.as_mut_ptr().cast(),
             error.len(),
@@ -129,12 +193,15 @@ pub fn batch_norm_training(
     };
     if !done {
         panic!(
-            "native_batch_norm failed: {}",
+            "batch_norm backward failed: {}",
             crate::ops::shim_error(&error)
         );
     }
-    // SAFETY: five new at::Tensor, each now owned by its TchTensor (tch frees it on drop).
-    out.map(|tensor| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }))
+    // SAFETY: each non-null pointer is a new at::Tensor that its TchTensor now owns (tch
+    // frees it on drop).
+    out.map(|tensor| {
+        (!tensor.is_null()).then(|| TchTensor::new(unsafe { tch::Tensor::from_ptr(tensor) }))
+    })
 }
 
 /// The gradients of a 2-D convolution with respect to its input, weight and bias for the

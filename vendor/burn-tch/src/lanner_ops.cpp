@@ -10,6 +10,8 @@
 #include <exception>
 #include <map>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
@@ -58,9 +60,7 @@ bool lanner_conv2d_backward(const at::Tensor *grad_output, const at::Tensor *inp
 // `mean` and `spread` are:
 // - 0: fixed statistics, the mean and variance (the running ones, as in PyTorch's eval
 //   mode), which the output depends on only through the normalisation;
-// - 1: the batch's own mean and biased variance;
-// - 2: the batch's own mean and inverse standard deviation, as lanner_batch_norm_training
-//   saved them.
+// - 1: the batch's own mean and biased variance.
 // The weight and the statistics go in as float, the mixed-precision case PyTorch's kernels
 // support for bf16 and f16 inputs; the weight and bias gradients come back in the weight's
 // type. Writes three results to `out`, or returns false with the reason in `error`.
@@ -85,7 +85,7 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
                                              unsaved, unsaved, false, epsilon, mask)
             : at::native_batch_norm_backward(
                   *grad_output, *input, weight_f, std::nullopt, std::nullopt, mean_f,
-                  statistics == 1 ? (spread_f + epsilon).rsqrt() : spread_f, true, epsilon,
+                  (spread_f + epsilon).rsqrt(), true, epsilon,
                   mask);
     auto result = [](const at::Tensor &tensor, std::optional<at::ScalarType> type) {
       if (!tensor.defined()) {
@@ -103,29 +103,93 @@ bool lanner_batch_norm_backward(const at::Tensor *grad_output, const at::Tensor 
   }
 }
 
-// Batch normalisation while training, as PyTorch's BatchNorm2d in train mode runs it: ATen's
-// native_batch_norm normalises `input` with the batch's own statistics and moves copies of
-// the running statistics toward them by `momentum` (the variance unbiased). The weight and
-// bias go in the running statistics' type (float: the mixed-precision case for bf16 and
-// f16 inputs). Writes five results to `out`: the output, the batch mean and inverse
-// standard deviation that the backward pass takes (statistics 2 above), and the new running
-// mean and variance. Returns false with the reason in `error`.
+// Batch normalisation while training, as PyTorch's BatchNorm2d in train mode runs it: the
+// input normalised with the batch's own statistics, and copies of the running statistics
+// moved toward them by `momentum` (the variance unbiased). With `kernels` 0, by the kernels
+// PyTorch's `batch_norm` chooses (ATen's _batch_norm_impl_index: cuDNN's where PyTorch uses
+// them, else ATen's own); with 1, by ATen's own native_batch_norm. The weight and bias go in
+// the running statistics' type (float: the mixed-precision case for bf16 and f16 inputs).
+// Writes six results to `out`: the output, the batch mean and inverse standard deviation,
+// the new running mean and variance, and what the backward pass needs besides
+// (lanner_batch_norm_training_backward): cuDNN's reserve space (bytes) where cuDNN ran, else
+// an empty float tensor. Returns false with the reason in `error`.
 bool lanner_batch_norm_training(const at::Tensor *input, const at::Tensor *weight,
                                 const at::Tensor *bias, const at::Tensor *running_mean,
                                 const at::Tensor *running_var, double momentum,
-                                double epsilon, at::Tensor **out, char *error,
+                                double epsilon, int64_t kernels, at::Tensor **out, char *error,
                                 size_t error_size) {
   try {
     const auto type = running_mean->scalar_type();
     auto new_mean = running_mean->clone();
     auto new_var = running_var->clone();
-    auto results = at::native_batch_norm(*input, in_type(*weight, type), in_type(*bias, type),
-                                         new_mean, new_var, true, momentum, epsilon);
-    out[0] = new at::Tensor(std::get<0>(results));
-    out[1] = new at::Tensor(std::get<1>(results));
-    out[2] = new at::Tensor(std::get<2>(results));
+    const auto weight_t = in_type(*weight, type);
+    const auto bias_t = in_type(*bias, type);
+    at::Tensor output, mean, inverse_std;
+    at::Tensor saved = at::empty({0}, input->options().dtype(at::kFloat));
+    if (kernels == 0) {
+      auto results = at::_batch_norm_impl_index(*input, weight_t, bias_t, new_mean, new_var,
+                                                true, momentum, epsilon,
+                                                at::globalContext().userEnabledCuDNN());
+      const auto impl = std::get<4>(results);
+      if (impl == 1) {
+        const auto &reserve = std::get<3>(results);
+        saved = reserve.defined() ? reserve : at::empty({0}, input->options().dtype(at::kByte));
+      } else if (impl != 0) {
+        throw std::runtime_error("batch_norm chose kernels Lanner does not handle (index " +
+                                 std::to_string(impl) + ")");
+      }
+      output = std::get<0>(results);
+      mean = std::get<1>(results);
+      inverse_std = std::get<2>(results);
+    } else {
+      auto results = at::native_batch_norm(*input, weight_t, bias_t, new_mean, new_var, true,
+                                           momentum, epsilon);
+      output = std::get<0>(results);
+      mean = std::get<1>(results);
+      inverse_std = std::get<2>(results);
+    }
+    out[0] = new at::Tensor(output);
+    out[1] = new at::Tensor(mean);
+    out[2] = new at::Tensor(inverse_std);
     out[3] = new at::Tensor(new_mean);
     out[4] = new at::Tensor(new_var);
+    out[5] = new at::Tensor(saved);
+    return true;
+  } catch (const std::exception &e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return false;
+  }
+}
+
+// The gradients of lanner_batch_norm_training for the output gradient `grad_output`, by the
+// kernels its forward pass ran (cuDNN's when `saved` is its reserve space, in bytes; else
+// ATen's native_batch_norm_backward), from the batch mean and inverse standard deviation it
+// returned and the same `epsilon`: the input's, the weight's and the bias', each only where
+// `needed` says so (an output not asked for is returned as nullptr). The weight and bias
+// gradients come back in the weight's type. Returns false with the reason in `error`.
+bool lanner_batch_norm_training_backward(const at::Tensor *grad_output,
+                                         const at::Tensor *input, const at::Tensor *weight,
+                                         const at::Tensor *mean, const at::Tensor *inverse_std,
+                                         const at::Tensor *saved, double epsilon,
+                                         const bool *needed, at::Tensor **out, char *error,
+                                         size_t error_size) {
+  try {
+    const auto weight_type = weight->scalar_type();
+    const auto impl = saved->scalar_type() == at::kByte ? 1 : 0;
+    auto gradients = at::_batch_norm_impl_index_backward(
+        impl, *input, *grad_output, in_type(*weight, at::kFloat), std::nullopt, std::nullopt,
+        in_type(*mean, at::kFloat), in_type(*inverse_std, at::kFloat), true, epsilon,
+        {needed[0], needed[1], needed[2]}, *saved);
+    auto result = [](bool wanted, const at::Tensor &tensor,
+                     std::optional<at::ScalarType> type) {
+      if (!wanted || !tensor.defined()) {
+        return static_cast<at::Tensor *>(nullptr);
+      }
+      return new at::Tensor(type ? in_type(tensor, *type) : tensor);
+    };
+    out[0] = result(needed[0], std::get<0>(gradients), std::nullopt);
+    out[1] = result(needed[1], std::get<1>(gradients), weight_type);
+    out[2] = result(needed[2], std::get<2>(gradients), weight_type);
     return true;
   } catch (const std::exception &e) {
     std::snprintf(error, error_size, "%s", e.what());
