@@ -20,11 +20,12 @@
 # Every stage has its own time limit, so a stage that hangs (a cold kernel compile) costs only
 # its own limit. `DEADLINE` (seconds, default 480) bounds the whole run: stages that would not
 # fit are skipped and say so. The stages run in the order of what matters most, so that a short
-# lease still answers the first questions: the `torch` build's correctness, cold start and
-# throughput table, then PyTorch's table, then the `torch` build training from image files (the
-# data loader keeping the GPU fed), then the `cuda` build's cold start, then the rest.
-# `SECTIONS` (default `cold correct table peer files cuda extras cuda-all`) picks the parts
-# and their order, `PRECISIONS` (default `f32 bf16`) the `torch` build's precisions in the
+# lease still answers the first questions: the `torch` build's cold start, correctness and
+# throughput table (and its BatchNorm kernels compared), then PyTorch's table, then the `torch`
+# build training from image files (the data loader keeping the GPU fed), then the rest, with
+# the `cuda` build last (its cold start was over 100 s on 2026-11-26 and 2026-11-28).
+# `SECTIONS` (default `cold correct table batch-norm peer files extras cuda cuda-all`) picks
+# the parts and their order, `PRECISIONS` (default `f32 bf16`) the `torch` build's precisions in the
 # correctness and throughput stages (`SCRATCH_PRECISIONS` those of the from-scratch epochs),
 # `PEER_ARGS` the arguments of bench/gpu_torch.py, `COPY_STREAMS` (default `on off`) the
 # copy-stream settings of the training from files: a second, shorter call can rerun a part.
@@ -49,9 +50,10 @@
 #   B-mobilenet-*, B-xception-*  `lanner bench` rows: MobileNetV3-Large 224 and Xception 299,
 #               batch 32 and 256, f32 and bf16
 #   torch-peer  bench/gpu_torch.py: PyTorch (f32 NCHW, AMP bf16 channels_last), the same rows
-#   torch-*-channels-last, torch-*-nchw, torch-*-aten-batch-norm, torch-*-readback-every-step,
-#   torch-*-composite-layers  the `torch` build with its memory order, BatchNorm kernels,
-#               logit readback and fused layers switched from their defaults
+#   torch-*-aten-batch-norm  the `full` step with ATen's own BatchNorm kernels
+#   torch-*-channels-last, torch-*-nchw, torch-*-readback-every-step,
+#   torch-*-composite-layers  the `torch` build with its memory order, logit readback and
+#               fused layers switched from their defaults
 #   torch-train-*-copy-stream-on|off  `lanner train` from 2,048 image files (MobileNetV3-L,
 #               224, batch 256, bf16): images/s and the share of time waiting for data per
 #               epoch, with host-to-GPU copies on their own stream and on the compute stream
@@ -64,7 +66,7 @@ UNFUSED=${LANNER_UNFUSED_BIN:-bench/work/gpu/lanner-unfused}
 TORCH_BIN=${LANNER_TORCH_BIN:-bench/work/gpu/lanner-torch}
 DEADLINE=${DEADLINE:-480}
 # What runs, in this order (default: all), in which precisions, and PyTorch's arguments.
-SECTIONS=${SECTIONS:-cold correct table peer files cuda extras cuda-all}
+SECTIONS=${SECTIONS:-cold correct table batch-norm peer files extras cuda cuda-all}
 PRECISIONS=${PRECISIONS:-f32 bf16}
 SCRATCH_PRECISIONS=${SCRATCH_PRECISIONS-$PRECISIONS}
 PEER_ARGS=${PEER_ARGS:---steps 15 --warmup 5}
@@ -291,9 +293,21 @@ for line in open(sys.argv[1]):
   done
 }
 
+# batch_norm_kernels BINARY: the `full` step (BatchNorm on batch statistics) with ATen's own
+# BatchNorm kernels instead of those PyTorch's `batch_norm` chooses (the default: cuDNN's on
+# NVIDIA GPUs, mostly), next to the same rows of the table.
+batch_norm_kernels() {
+  local bin=$1 precision
+  for precision in f32 bf16; do
+    LANNER_BATCH_NORM_KERNELS=aten stage "torch-mobilenet-b256-$precision-aten-batch-norm" 60 \
+      "$bin" bench --arch mobilenet_v3_large --batch-size 256 --steps 5 --warmup 2 \
+      --device "$GPU" --json --precision "$precision" --step full
+  done
+}
+
 # switches BINARY: the `torch` build with its memory order (default NCHW for f32 on a GPU,
-# channels-last for bf16), BatchNorm kernels (default PyTorch's choice), logit readback
-# (default every 16th step) and fused layers switched from their defaults.
+# channels-last for bf16), logit readback (default every 16th step) and fused layers switched
+# from their defaults.
 switches() {
   local bin=$1 arch batch
   for arch in mobilenet_v3_large xception; do
@@ -303,13 +317,6 @@ switches() {
     LANNER_MEMORY_FORMAT=nchw stage "torch-${arch%%_*}-b256-bf16-nchw" 60 \
       "$bin" bench --arch "$arch" --batch-size 256 --steps 5 --warmup 2 \
       --device "$GPU" --json --precision bf16 --step fine-tune --step full
-  done
-  # BatchNorm with batch statistics by ATen's own kernels instead of those PyTorch's
-  # `batch_norm` chooses (cuDNN's on NVIDIA GPUs, mostly).
-  for precision in f32 bf16; do
-    LANNER_BATCH_NORM_KERNELS=aten stage "torch-mobilenet-b256-$precision-aten-batch-norm" 60 \
-      "$bin" bench --arch mobilenet_v3_large --batch-size 256 --steps 5 --warmup 2 \
-      --device "$GPU" --json --precision "$precision" --step full
   done
   LANNER_READBACK_EVERY=1 stage torch-mobilenet-b32-bf16-readback-every-step 60 \
     "$bin" bench --arch mobilenet_v3_large --batch-size 32 --steps 10 --warmup 2 \
@@ -350,8 +357,11 @@ for section in $SECTIONS; do
       [ "$TORCH_OK" = 1 ] && check_build torch "$LANNER_TORCH" ;;
     table)
       [ "$TORCH_OK" = 1 ] && throughput torch "$LANNER_TORCH" ;;
+    batch-norm)
+      [ "$TORCH_OK" = 1 ] && batch_norm_kernels "$LANNER_TORCH" ;;
     peer)
-      stage torch-peer 150 python3 bench/gpu_torch.py $PEER_ARGS ;;
+      # Its bf16 `full` steps spend 18-28 s in their first step (cuDNN's benchmark mode).
+      stage torch-peer 240 python3 bench/gpu_torch.py $PEER_ARGS ;;
     files)
       [ "$TORCH_OK" = 1 ] && from_files "$LANNER_TORCH" ;;
     cuda)
