@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use burn::tensor::ops::ConvOptions;
 
-use crate::folded::kernels::{Parallelism, matmul_strided};
+use crate::folded::kernels::{Parallelism, matmul_strided, padded_output_size};
 
 /// The shape of one dense convolution: `[batch, in_channels, height, width]` in,
 /// `[out_channels, in_channels, kernel_height, kernel_width]` filters, no dilation.
@@ -58,9 +58,7 @@ impl Dense {
             return None;
         }
         let out = |size: usize, axis: usize, kernel: usize| {
-            let (before, after) = options.padding[axis];
-            let padded = size + before + after;
-            (padded >= kernel).then(|| (padded - kernel) / options.stride[axis] + 1)
+            padded_output_size(size, kernel, options.stride[axis], options.padding[axis])
         };
         let (out_height, out_width) = (out(height, 0, kernel_h)?, out(width, 1, kernel_w)?);
         Some(Self {

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use burn::tensor::ops::ConvOptions;
 
-use crate::folded::kernels::{dispatch, fma};
+use crate::folded::kernels::{dispatch, fma, padded_output_size};
 
 /// The shape of one depthwise convolution: `[batch, channels, height, width]` in,
 /// `[channels, 1, kernel_height, kernel_width]` filters, no dilation.
@@ -54,9 +54,7 @@ impl Depthwise {
             && options.dilation == [1, 1]
             && channels > 1;
         let out = |size: usize, axis: usize, kernel: usize| {
-            let (before, after) = options.padding[axis];
-            let padded = size + before + after;
-            (padded >= kernel).then(|| (padded - kernel) / options.stride[axis] + 1)
+            padded_output_size(size, kernel, options.stride[axis], options.padding[axis])
         };
         let (out_height, out_width) = (out(height, 0, kernel_h)?, out(width, 1, kernel_w)?);
         depthwise.then_some(Self {

@@ -99,6 +99,18 @@ pub fn output_size(input: usize, kernel: usize, stride: usize, pad: usize) -> us
     (input + 2 * pad - kernel) / stride + 1
 }
 
+/// Output size of a convolution along one axis padded by `(before, after)`, or `None` when the
+/// kernel is wider than the padded input.
+pub fn padded_output_size(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    (before, after): (usize, usize),
+) -> Option<usize> {
+    let padded = input + before + after;
+    (padded >= kernel).then(|| (padded - kernel) / stride + 1)
+}
+
 /// `dst[m × n] = a[m × k] · b[k × n]`, or `dst += a · b` when `accumulate`; all row-major.
 /// `threads`: split the product over the rayon pool (for a single image), else run here.
 #[allow(clippy::too_many_arguments)]
