@@ -1,7 +1,8 @@
 //! The fused layers on burn-flex (the CPU device), written for f32 `[batch, channels, …]`
 //! data: BatchNorm with batch statistics, hard swish, hard sigmoid and global average pooling,
-//! forward and backward, and the convolutions' gradients ([`crate::depthwise_gradients`],
-//! [`crate::dense_gradients`]). Other types take burn's composites ([`crate::composite`]).
+//! forward and backward, depthwise convolutions ([`crate::depthwise_conv`]) and the dense
+//! convolutions' gradients ([`crate::dense_gradients`]). Other types take burn's composites
+//! ([`crate::composite`]).
 //!
 //! burn-flex runs each tensor operation as a pass over memory into a new tensor, and reduces
 //! NCHW data per channel by first swapping the channels to the front, a copy. Here each layer
@@ -24,7 +25,7 @@ use burn_flex::FlexTensor;
 
 use crate::composite;
 use crate::dense_gradients::Dense;
-use crate::depthwise_gradients::Depthwise;
+use crate::depthwise_conv::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
 use crate::fused::{FusedBackward, FusedOps};
 
@@ -124,6 +125,23 @@ impl FusedOps for Flex {
             // Nothing else to save for the backward pass.
             inverse_std,
         )
+    }
+
+    fn convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        convolution(x, weight, None, options)
+    }
+
+    fn biased_convolution(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        convolution(x, weight, Some(bias), options)
     }
 
     fn hard_swish(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -328,6 +346,29 @@ impl FusedBackward for Flex {
         };
         [x_grad, weight_grad, bias_grad]
     }
+}
+
+/// A convolution of f32 data: depthwise ones directly ([`Depthwise::forward`]), others by
+/// burn-flex's `conv2d`.
+fn convolution(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    let depthwise = Depthwise::of(&x.shape(), &weight.shape(), &options);
+    let biases = bias.as_ref().map(contiguous_f32);
+    let (Some(depthwise), Some(xs), Some(weights), None | Some(Some(_))) = (
+        depthwise,
+        contiguous_f32(&x),
+        contiguous_f32(&weight),
+        &biases,
+    ) else {
+        return <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d(x, weight, bias, options);
+    };
+    let bias = biases.flatten();
+    let out = depthwise.forward(values(&xs), values(&weights), bias.as_ref().map(values));
+    tensor(out, Shape::from(depthwise.output_shape().to_vec()))
 }
 
 /// `t` as contiguous values (itself when already contiguous), when it holds f32.

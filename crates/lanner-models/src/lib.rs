@@ -33,7 +33,7 @@ pub mod channels;
 mod composite;
 pub mod conv;
 mod dense_gradients;
-mod depthwise_gradients;
+mod depthwise_conv;
 mod flex_layers;
 pub mod folded;
 pub mod frozen;

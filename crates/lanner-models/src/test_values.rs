@@ -1,6 +1,6 @@
 //! Deterministic test inputs (tests run in parallel, and burn's seeded random stream is shared
 //! between them), and the check that burn-flex's direct convolution gradients
-//! (`crate::depthwise_gradients`, `crate::dense_gradients`) match burn's composite ones.
+//! (`crate::depthwise_conv`, `crate::dense_gradients`) match burn's composite ones.
 
 /// `count` values in -2..2 from `seed` (xorshift).
 pub(crate) fn values(count: usize, seed: u64) -> Vec<f32> {

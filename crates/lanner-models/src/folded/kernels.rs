@@ -66,7 +66,7 @@ macro_rules! dispatch {
     };
 }
 
-// Also for the depthwise gradients on burn-flex (`crate::depthwise_gradients`).
+// Also for the depthwise gradients on burn-flex (`crate::depthwise_conv`).
 pub(crate) use dispatch;
 
 pub mod backward;
