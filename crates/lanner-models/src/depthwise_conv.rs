@@ -219,6 +219,24 @@ impl Depthwise {
         (phase, (ky / stride_y) * self.phase_width() + kx / stride_x)
     }
 
+    /// `scratch` as the phases of the input plane `x` ([`Self::split_phases`]), then the
+    /// output's rows at the phases' width ([`Self::span`] values), all `fill`.
+    #[inline(always)]
+    fn phases_and_rows<'a>(
+        &self,
+        scratch: &'a mut Vec<f32>,
+        x: &[f32],
+        fill: f32,
+    ) -> (&'a [f32], &'a mut [f32]) {
+        let phases = self.stride[0] * self.stride[1] * self.phase_len();
+        scratch.clear();
+        scratch.resize(phases, 0.0);
+        scratch.resize(phases + self.span(), fill);
+        let (phases, rows) = scratch.split_at_mut(phases);
+        self.split_phases(phases, x);
+        (phases, rows)
+    }
+
     /// Splits one input plane `x` into its phases, each [`Self::phase_len`] values of
     /// `phases`, whose values outside the input it leaves as they are (zeros).
     #[inline(always)]
@@ -265,14 +283,9 @@ fn phased_forward_plane_generic<const FMA: bool>(
     shape: &Depthwise,
 ) {
     let [kernel_h, kernel_w] = shape.kernel;
-    let [stride_y, stride_x] = shape.stride;
-    let (phase_len, span) = (shape.phase_len(), shape.span());
-    scratch.clear();
-    scratch.resize(stride_y * stride_x * phase_len, 0.0);
-    scratch.resize(stride_y * stride_x * phase_len + span, bias);
-    let (phases, sums) = scratch.split_at_mut(stride_y * stride_x * phase_len);
-    shape.split_phases(phases, x);
-    for block in blocks(span) {
+    let phase_len = shape.phase_len();
+    let (phases, sums) = shape.phases_and_rows(scratch, x, bias);
+    for block in blocks(sums.len()) {
         let sums = &mut sums[block.clone()];
         for ky in 0..kernel_h {
             for kx in 0..kernel_w {
@@ -357,19 +370,15 @@ fn phased_weight_gradient_plane_generic<const FMA: bool>(
     shape: &Depthwise,
 ) {
     let [kernel_h, kernel_w] = shape.kernel;
-    let [stride_y, stride_x] = shape.stride;
-    let (phase_len, span) = (shape.phase_len(), shape.span());
-    scratch.clear();
-    scratch.resize(stride_y * stride_x * phase_len + span, 0.0);
-    let (phases, wide_grad) = scratch.split_at_mut(stride_y * stride_x * phase_len);
-    shape.split_phases(phases, x);
+    let phase_len = shape.phase_len();
+    let (phases, wide_grad) = shape.phases_and_rows(scratch, x, 0.0);
     for (wide_row, row) in wide_grad
         .chunks_exact_mut(shape.phase_width())
         .zip(grad.chunks_exact(shape.out_width))
     {
         wide_row[..shape.out_width].copy_from_slice(row);
     }
-    for block in blocks(span) {
+    for block in blocks(wide_grad.len()) {
         let grad = &wide_grad[block.clone()];
         for ky in 0..kernel_h {
             for kx in 0..kernel_w {
