@@ -356,15 +356,15 @@ fn convolution(
     bias: Option<FlexTensor>,
     options: ConvOptions<2>,
 ) -> FlexTensor {
-    let depthwise = Depthwise::of(&x.shape(), &weight.shape(), &options);
+    let conv2d = <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d;
+    let Some(depthwise) = Depthwise::of(&x.shape(), &weight.shape(), &options) else {
+        return conv2d(x, weight, bias, options);
+    };
     let biases = bias.as_ref().map(contiguous_f32);
-    let (Some(depthwise), Some(xs), Some(weights), None | Some(Some(_))) = (
-        depthwise,
-        contiguous_f32(&x),
-        contiguous_f32(&weight),
-        &biases,
-    ) else {
-        return <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d(x, weight, bias, options);
+    let (Some(xs), Some(weights), None | Some(Some(_))) =
+        (contiguous_f32(&x), contiguous_f32(&weight), &biases)
+    else {
+        return conv2d(x, weight, bias, options);
     };
     let bias = biases.flatten();
     let out = depthwise.forward(values(&xs), values(&weights), bias.as_ref().map(values));
