@@ -182,6 +182,31 @@ pub(crate) fn global_average_pool_backward<B: Backend>(
     B::float_mul_scalar(B::float_expand(grad, shape), scalar(1.0 / area))
 }
 
+/// [`crate::fused::FusedBackward::max_pool_backward`]: the pooling again with the maxima's
+/// indices, then burn's backward pass from them.
+pub(crate) fn max_pool_backward<B: Backend>(
+    x: FloatTensor<B>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let int_dtype = get_or_init_device_settings::<B>(&x.device()).int_dtype;
+    let pooled =
+        B::max_pool2d_with_indices(x.clone(), kernel, stride, padding, [1, 1], false, int_dtype);
+    B::max_pool2d_with_indices_backward(
+        x,
+        kernel,
+        stride,
+        padding,
+        [1, 1],
+        false,
+        grad,
+        pooled.indices,
+    )
+    .x_grad
+}
+
 /// The channel dimension (1) of `[batch, channels, …]` tensors of one shape, for the
 /// per-channel parameters of a composite BatchNorm backward.
 struct Channels {

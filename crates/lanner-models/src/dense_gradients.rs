@@ -158,9 +158,15 @@ impl Dense {
                         let x_row = &channel[iy * self.width..][..self.width];
                         out_row[..span.start].fill(0.0);
                         out_row[span.end..].fill(0.0);
-                        let read = x_row[first_input..].iter().step_by(self.stride[1]);
-                        for (v, x) in out_row[span.clone()].iter_mut().zip(read) {
-                            *v = *x;
+                        let out = &mut out_row[span.clone()];
+                        if self.stride[1] == 1 {
+                            // A plain copy, which the compiler turns into vector moves.
+                            out.copy_from_slice(&x_row[first_input..][..out.len()]);
+                        } else {
+                            let read = x_row[first_input..].iter().step_by(self.stride[1]);
+                            for (v, x) in out.iter_mut().zip(read) {
+                                *v = *x;
+                            }
                         }
                     }
                 }
@@ -184,9 +190,17 @@ impl Dense {
                             continue;
                         };
                         let x_row = &mut channel[iy * self.width..][..self.width];
-                        let write = x_row[first_input..].iter_mut().step_by(self.stride[1]);
-                        for (x, v) in write.zip(&out_row[span.clone()]) {
-                            *x += *v;
+                        let values = &out_row[span.clone()];
+                        if self.stride[1] == 1 {
+                            let x_row = &mut x_row[first_input..][..values.len()];
+                            for (x, v) in x_row.iter_mut().zip(values) {
+                                *x += *v;
+                            }
+                        } else {
+                            let write = x_row[first_input..].iter_mut().step_by(self.stride[1]);
+                            for (x, v) in write.zip(values) {
+                                *x += *v;
+                            }
                         }
                     }
                 }

@@ -1,6 +1,6 @@
 //! The fused layers on burn-flex (the CPU device), written for f32 `[batch, channels, …]`
-//! data: BatchNorm with batch statistics, hard swish, hard sigmoid and global average pooling,
-//! forward and backward, depthwise convolutions ([`crate::depthwise_conv`]) and the dense
+//! data: BatchNorm with batch statistics, hard swish, hard sigmoid, global average pooling and
+//! max pooling ([`crate::max_pool`]), forward and backward, depthwise convolutions ([`crate::depthwise_conv`]) and the dense
 //! convolutions' gradients ([`crate::dense_gradients`]). Other types take burn's composites
 //! ([`crate::composite`]).
 //!
@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use burn::backend::ops::ModuleOps;
 use burn::backend::{Flex, Shape, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, TensorData};
@@ -28,6 +29,7 @@ use crate::dense_gradients::Dense;
 use crate::depthwise_conv::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
 use crate::fused::{FusedBackward, FusedOps};
+use crate::max_pool::MaxPool;
 
 /// Values per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -177,6 +179,24 @@ impl FusedOps for Flex {
             .collect();
         tensor(means, Shape::new([shape[0], shape[1], 1, 1]))
     }
+
+    fn max_pool(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        match (
+            MaxPool::of(&x.shape(), kernel, stride, padding),
+            contiguous_f32(&x),
+        ) {
+            (Some(pool), Some(xs)) => tensor(
+                pool.forward(values(&xs)),
+                Shape::from(pool.output_shape().to_vec()),
+            ),
+            _ => <Self as ModuleOps<Self>>::max_pool2d(x, kernel, stride, padding, [1, 1], false),
+        }
+    }
 }
 
 impl FusedBackward for Flex {
@@ -309,6 +329,23 @@ impl FusedBackward for Flex {
                 .for_each(|(plane, &g)| plane.fill(g / area as f32));
         }
         tensor(x_grad, shape)
+    }
+
+    fn max_pool_backward(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let pool = MaxPool::of(&x.shape(), kernel, stride, padding)
+            .filter(|pool| grad.shape().as_slice() == pool.output_shape());
+        match (pool, contiguous_f32(&x), contiguous_f32(&grad)) {
+            (Some(pool), Some(xs), Some(grads)) => {
+                tensor(pool.backward(values(&xs), values(&grads)), x.shape())
+            }
+            _ => composite::max_pool_backward::<Self>(x, kernel, stride, padding, grad),
+        }
     }
 
     fn convolution_backward(

@@ -1,7 +1,8 @@
 //! Layers as one operation each, forward and backward, where burn composes them out of several
 //! tensor operations: BatchNorm with frozen statistics (the backbone's, always), MobileNetV3's
 //! hard swish and hard sigmoid, and global average pooling; and, for training every layer,
-//! BatchNorm with batch statistics and the convolutions' backward pass.
+//! BatchNorm with batch statistics and the convolutions' backward pass; on burn-flex, max
+//! pooling ([`max_pool`]).
 //!
 //! Under burn's autodiff, `x · scale + shift` records two operations forward and, backward, a
 //! product for the input's gradient plus a product and a reduction per broadcast dimension for
@@ -191,6 +192,36 @@ pub fn global_average_pool(x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
+/// Max pooling over height and width (dilation 1, output sizes rounded down: PyTorch's
+/// `max_pool2d`), as one operation each way; its backward pass finds each window's maximum
+/// again in the input rather than keeping indices. Only on burn-flex devices (see
+/// [`pools_directly`]).
+pub fn max_pool(
+    x: Tensor<4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::max_pool(
+        x.into_dispatch(),
+        kernel,
+        stride,
+        padding,
+    ))
+}
+
+/// Whether [`max_pool`] runs on `device`: on burn-flex, where it replaces burn-flex's general
+/// pooling loop and its indices (`crate::max_pool`), unless [`set_enabled`] turned the fused
+/// layers off. Elsewhere burn's own max pooling keeps its indices for the backward pass, as
+/// PyTorch's does.
+pub fn pools_directly(device: &Device) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && matches!(
+            device.clone().inner().as_dispatch(),
+            DispatchDevice::Flex(_)
+        )
+}
+
 /// Every replica's `x` (one vector each, the same length) as the rows of a `[replicas,
 /// length]` tensor in rank order, on `x`'s device: an all-gather over the replicas of a
 /// data-parallel step. Each replica's rows feed its own loss, so the gradient of `x` is the
@@ -302,6 +333,17 @@ pub trait FusedOps: Backend {
         composite::global_average_pool::<Self>(x)
     }
 
+    /// Max pooling, dilation 1, output sizes rounded down: the backend's `max_pool2d`.
+    #[fusion(default)]
+    fn max_pool(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        Self::max_pool2d(x, kernel, stride, padding, [1, 1], false)
+    }
+
     /// See [`gather_across_replicas`]: every replica's `x`, moved to this one's device, as
     /// the rows of a matrix.
     #[fusion(default)]
@@ -385,6 +427,18 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         composite::global_average_pool_backward::<Self>(x, grad)
+    }
+
+    /// The gradient of [`FusedOps::max_pool`] with respect to `x` for the output gradient
+    /// `grad`: each output's gradient added at its window's maximum.
+    fn max_pool_backward(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composite::max_pool_backward::<Self>(x, kernel, stride, padding, grad)
     }
 }
 
@@ -745,6 +799,22 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
         unary::<B, C>(x, Unary::GlobalAveragePool)
     }
 
+    fn max_pool(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        unary::<B, C>(
+            x,
+            Unary::MaxPool {
+                kernel,
+                stride,
+                padding,
+            },
+        )
+    }
+
     fn gather_across_replicas(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let exchange = Exchange::next();
         match GatherAcrossReplicas
@@ -863,12 +933,17 @@ fn convolution<B: FusedOps + FusedBackward, C: CheckpointStrategy>(
     }
 }
 
-/// The one-input operations of [`FusedOps`].
+/// The one-input operations of [`FusedOps`], with their settings.
 #[derive(Clone, Copy, Debug)]
 enum Unary {
     HardSwish,
     HardSigmoidGate,
     GlobalAveragePool,
+    MaxPool {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    },
 }
 
 impl Unary {
@@ -877,6 +952,11 @@ impl Unary {
             Self::HardSwish => B::hard_swish(x),
             Self::HardSigmoidGate => B::hard_sigmoid_gate(x),
             Self::GlobalAveragePool => B::global_average_pool(x),
+            Self::MaxPool {
+                kernel,
+                stride,
+                padding,
+            } => B::max_pool(x, kernel, stride, padding),
         }
     }
 
@@ -885,6 +965,11 @@ impl Unary {
             Self::HardSwish => B::hard_swish_backward(x, grad),
             Self::HardSigmoidGate => B::hard_sigmoid_gate_backward(x, grad),
             Self::GlobalAveragePool => B::global_average_pool_backward(x, grad),
+            Self::MaxPool {
+                kernel,
+                stride,
+                padding,
+            } => B::max_pool_backward(x, kernel, stride, padding, grad),
         }
     }
 }
@@ -1159,6 +1244,43 @@ mod tests {
             .try_into_vec::<f32>();
         let want = x.mean_dims(&[2, 3]).into_data().try_into_vec::<f32>();
         assert_close(&[got.unwrap()], &[want.unwrap()], "global average pool");
+    }
+
+    #[test]
+    fn max_pool_matches_burns_forward_and_backward_on_burn_flex() {
+        use burn::tensor::module::max_pool2d;
+        use burn::tensor::ops::MaxPoolOptions;
+        assert!(pools_directly(&Device::flex().autodiff()));
+        let device = Device::flex().autodiff();
+        // Xception's pool, (3, 2, 1), on an odd size; values with ties.
+        let shape = [2, 3, 9, 7];
+        let values: Vec<f32> = (0..378).map(|i| ((i * 37 % 7) as f32) - 3.0).collect();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let x = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &device)
+                .require_grad();
+            let output = if fused {
+                max_pool(x.clone(), [3, 3], [2, 2], [1, 1])
+            } else {
+                let options = MaxPoolOptions::new([3, 3])
+                    .with_stride([2, 2])
+                    .with_padding([1, 1]);
+                max_pool2d(x.clone(), options)
+            };
+            let weights = Tensor::<4>::from_data(
+                TensorData::new(
+                    (0..output.dims().iter().product::<usize>())
+                        .map(|i| (i % 5) as f32 - 1.5)
+                        .collect(),
+                    output.dims(),
+                ),
+                &device,
+            );
+            let gradients = (output.clone() * weights).sum().backward();
+            let read = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+            vec![read(output.inner()), read(x.grad(&gradients).unwrap())]
+        };
+        let (got, want) = (run(true), run(false));
+        assert_eq!(got, want);
     }
 
     #[cfg(feature = "torch")]

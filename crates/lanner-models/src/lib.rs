@@ -41,6 +41,7 @@ pub mod fused;
 pub mod head;
 pub mod hub;
 pub mod keras_layers;
+mod max_pool;
 pub mod mobilenet_v3;
 pub mod precision;
 pub mod registry;

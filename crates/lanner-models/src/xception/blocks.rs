@@ -10,6 +10,7 @@ use burn::nn::{Initializer, PaddingConfig2d, Relu};
 use burn::tensor::{Device, Tensor};
 
 use crate::batch_norm::{BatchNorm2d, BatchNorm2dConfig};
+use crate::fused;
 
 /// A square convolution without bias, with explicit symmetric `padding` (timm's Xception
 /// passes PyTorch paddings, not timm's `create_conv2d`), initialised as timm's `Xception`
@@ -107,6 +108,23 @@ pub enum RepLayer {
     MaxPool(MaxPool2d),
 }
 
+/// `pool` on `x`: on burn-flex as [`fused::max_pool`] (no indices kept for the backward pass),
+/// elsewhere as burn's.
+fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    match pool.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if top == bottom
+                && left == right
+                && pool.dilation == [1, 1]
+                && !pool.ceil_mode
+                && fused::pools_directly(&x.device()) =>
+        {
+            fused::max_pool(x, pool.kernel_size, pool.stride, [top, left])
+        }
+        _ => pool.forward(x),
+    }
+}
+
 impl RepLayer {
     /// Apply the layer.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -114,7 +132,7 @@ impl RepLayer {
             RepLayer::Relu(relu) => relu.forward(x),
             RepLayer::SeparableConv(conv) => conv.forward(x),
             RepLayer::BatchNorm(bn) => bn.forward(x),
-            RepLayer::MaxPool(pool) => pool.forward(x),
+            RepLayer::MaxPool(pool) => max_pool(pool, x),
         }
     }
 
