@@ -1,8 +1,8 @@
 //! The fused layers on burn-flex (the CPU device), written for f32 `[batch, channels, …]`
 //! data: BatchNorm with batch statistics, hard swish, hard sigmoid, global average pooling and
-//! max pooling ([`crate::max_pool`]), forward and backward, depthwise convolutions ([`crate::depthwise_conv`]) and the dense
-//! convolutions' gradients ([`crate::dense_gradients`]). Other types take burn's composites
-//! ([`crate::composite`]).
+//! max pooling ([`crate::max_pool`]), forward and backward, depthwise convolutions
+//! ([`crate::depthwise_conv`]) and the dense convolutions' gradients
+//! ([`crate::dense_gradients`]). Other types take burn's composites ([`crate::composite`]).
 //!
 //! burn-flex runs each tensor operation as a pass over memory into a new tensor, and reduces
 //! NCHW data per channel by first swapping the channels to the front, a copy. Here each layer
