@@ -79,11 +79,17 @@ impl MaxPool {
         start.saturating_sub(self.padding[axis])..end - self.padding[axis]
     }
 
+    /// Every output column's window ([`Self::window`] along the columns), the same for every
+    /// row and plane.
+    fn column_windows(&self) -> Vec<std::ops::Range<usize>> {
+        (0..self.output[1]).map(|o| self.window(1, o)).collect()
+    }
+
     /// The pooled values of contiguous input `x`.
     pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
         let (in_plane, out_plane) = (self.input_plane(), self.output_plane());
         let mut out = vec![0.0f32; self.input[0] * self.input[1] * out_plane];
-        let columns: Vec<_> = (0..self.output[1]).map(|o| self.window(1, o)).collect();
+        let columns = self.column_windows();
         out.par_chunks_mut(out_plane)
             .zip(x.par_chunks(in_plane))
             .for_each_init(
@@ -129,7 +135,7 @@ impl MaxPool {
     pub(crate) fn backward(&self, x: &[f32], grad: &[f32]) -> Vec<f32> {
         let (in_plane, out_plane) = (self.input_plane(), self.output_plane());
         let width = self.input[3];
-        let columns: Vec<_> = (0..self.output[1]).map(|o| self.window(1, o)).collect();
+        let columns = self.column_windows();
         let mut x_grad = vec![0.0f32; x.len()];
         x_grad
             .par_chunks_mut(in_plane)
