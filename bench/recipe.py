@@ -1,9 +1,16 @@
 """End-to-end recipe benchmark: the seed's Keras transfer-learning script against `lanner train`
 with the same settings, on the same data and the same cores, in one invocation.
 
-    python3 bench/recipe.py --data DIR [--arch mobilenet_v3_large|xception]
+    python3 bench/recipe.py --data DIR [--arch mobilenet_v3_large|mobilenet_v3_small_050|xception]
         [--initial-epochs N] [--fine-tune-epochs M] [--fine-tune-layer 100] [--threads 2]
+        [--from-scratch] [--image-size S] [--patience 2] [--batch-size 32] [--learning-rate 1e-4]
         [--lanner target/release/lanner] [--skip-keras | --skip-lanner] [--json OUT]
+
+The README's main job against the same job written in Keras:
+
+    python3 bench/recipe.py --data data/shapes --arch mobilenet_v3_small_050 --from-scratch \
+        --image-size 64 --batch-size 16 --initial-epochs 12 --fine-tune-epochs 8 \
+        --learning-rate 0.002 --random-rotation 0 --patience 20
 
 DIR holds `train/` and `validation/`, one subfolder per class (two classes). Make it with the
 project's generator (outside this script; the benchmark never builds anything):
@@ -17,7 +24,7 @@ and the Keras rows are still printed (`--skip-lanner` leaves them out on purpose
 
 What runs, one after the other, each in its own process:
 
-Keras (the seed): `image_dataset_from_directory(shuffle=True, seed=1, batch_size, image_size=(S, S))`
+Keras (the seed): `image_dataset_from_directory(shuffle=True, seed=SEED, batch_size, image_size=(S, S))`
 for train and validation, labels cast to float, `.prefetch(AUTOTUNE)`; the model is
 RandomFlip("horizontal") -> RandomRotation(R) (reflect, bilinear; training only) ->
 [xception.preprocess_input for Xception; MobileNetV3Large has its preprocessing built in] ->
@@ -28,11 +35,23 @@ except `base.layers[:fine_tune_layer]`, RMSprop(fine_tune_learning_rate), `fit(i
 epochs=N+M)` -- exactly M epochs, as Lanner runs exactly M -- with the seed's early stopping: an
 epoch is best when val_accuracy beats the best so far and val_accuracy + 0.005 > accuracy; after
 2 epochs without a best, stop; the best weights are restored at the end. S = 224 for
-MobileNetV3-Large, 299 for Xception; initial epochs default to 3 / 5 (the seed's). Seed 1
+MobileNetV3, 299 for Xception unless --image-size says otherwise; initial epochs default to 3 / 5
+(the seed's). `mobilenet_v3_small_050` is Keras' `MobileNetV3Small(alpha=0.5)`. Seed SEED (--seed, default 1)
 (`keras.utils.set_random_seed`). Threads: TF intra-op = --threads, inter-op = min(2, --threads),
 tf.data's private pool = --threads, OMP/MKL_NUM_THREADS = --threads.
 
-Lanner: `lanner train ... --weights none --seed 1 --overwrite` with the same settings, and
+With --from-scratch (the README's main job), one phase instead of two, as `lanner train
+--from-scratch` runs it: the whole model trains from the first epoch, the backbone called
+without `training=False` (so BatchNorm uses and updates the batch's statistics, with Keras'
+own BatchNorm momentum, 0.999 in its MobileNetV3), Adam(--learning-rate),
+`fit(epochs=initial_epochs + fine_tune_epochs)` under the seed's early stopping with
+--patience, the best weights restored. A --random-rotation of 0 leaves the RandomRotation layer
+out (Lanner skips the rotation then too). --keras-batch-norm-momentum M sets every Keras
+BatchNorm layer's momentum to M: 0.9 is Lanner's (timm's and PyTorch's `momentum=0.1`); with
+Keras' 0.999 a short run's running statistics are still mostly their initial values when
+validation uses them.
+
+Lanner: `lanner train ... --weights none --seed SEED --overwrite` with the same settings, and
 RAYON_NUM_THREADS = OMP_NUM_THREADS = --threads. Its per-epoch rows come from
 OUTPUT_DATA_DIR/metrics.jsonl (phase "head" is phase 1; "fine_tune" and "from_scratch" are
 phase 2). Model and output folders go to bench/work/recipe-ARCH/ (git-ignored).
@@ -64,8 +83,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANNER = os.path.join(ROOT, "target", "release", "lanner")
 
 # Lanner's --arch, image size, the seed's initial epochs.
-ARCHS = {"mobilenet_v3_large": (224, 3), "xception": (299, 5)}
-PATIENCE = 2
+ARCHS = {"mobilenet_v3_large": (224, 3), "mobilenet_v3_small_050": (224, 3), "xception": (299, 5)}
 MARGIN = 0.005
 
 
@@ -90,11 +108,11 @@ def keras_child(args):
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
-    keras.utils.set_random_seed(1)
-    size = ARCHS[args.arch][0]
+    keras.utils.set_random_seed(args.seed)
+    size = args.image_size
 
     def load(folder):
-        ds = keras.utils.image_dataset_from_directory(folder, shuffle=True, seed=1, batch_size=args.batch_size,
+        ds = keras.utils.image_dataset_from_directory(folder, shuffle=True, seed=args.seed, batch_size=args.batch_size,
                                                       image_size=(size, size))
         if len(ds.class_names) != 2:
             raise SystemExit(f"{folder}: the recipe is binary, found classes {ds.class_names}")
@@ -106,16 +124,25 @@ def keras_child(args):
     train = load(os.path.join(args.data, "train"))
     val = load(os.path.join(args.data, "validation"))
 
+    shape = (size, size, 3)
     if args.arch == "xception":
-        base = keras.applications.Xception(input_shape=(size, size, 3), include_top=False, weights=None)
+        base = keras.applications.Xception(input_shape=shape, include_top=False, weights=None)
+    elif args.arch == "mobilenet_v3_small_050":
+        base = keras.applications.MobileNetV3Small(input_shape=shape, alpha=0.5, include_top=False, weights=None)
     else:
-        base = keras.applications.MobileNetV3Large(input_shape=(size, size, 3), include_top=False, weights=None)
-    inputs = keras.Input((size, size, 3))
+        base = keras.applications.MobileNetV3Large(input_shape=shape, include_top=False, weights=None)
+    if args.keras_batch_norm_momentum is not None:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = args.keras_batch_norm_momentum
+    inputs = keras.Input(shape)
     x = keras.layers.RandomFlip("horizontal")(inputs)
-    x = keras.layers.RandomRotation(args.random_rotation, fill_mode="reflect", interpolation="bilinear")(x)
+    if args.random_rotation > 0 or not args.from_scratch:
+        x = keras.layers.RandomRotation(args.random_rotation, fill_mode="reflect", interpolation="bilinear")(x)
     if args.arch == "xception":
         x = keras.applications.xception.preprocess_input(x)
-    x = base(x, training=False)
+    # The seed calls the backbone with training=False; from scratch, BatchNorm follows `fit`.
+    x = base(x) if args.from_scratch else base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(args.drop_out_percentage)(x)
     model = keras.Model(inputs, keras.layers.Dense(1)(x))
@@ -163,6 +190,23 @@ def keras_child(args):
     class_weight = {0: 1.0, 1: 1.0}
     result = {"phase1": {"seconds": 0.0, "epochs": 0}, "phase2": {"seconds": 0.0, "epochs": 0}}
 
+    if args.from_scratch:
+        # One phase: everything trains, Adam at the learning rate, early stopping throughout.
+        base.trainable = True
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss=loss,
+                      metrics=metrics())
+        log, stop = EpochLog("from_scratch"), SeedEarlyStopping(args.patience)
+        start = time.perf_counter()
+        model.fit(train, epochs=args.initial_epochs + args.fine_tune_epochs, validation_data=val,
+                  class_weight=class_weight, callbacks=[log, stop], verbose=0)
+        result["phase2"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows,
+                            "best_epoch": stop.best_epoch}
+        val_loss, val_accuracy = model.evaluate(val, verbose=0)
+        result.update(val_accuracy=float(val_accuracy), val_loss=float(val_loss),
+                      versions=f"tensorflow {tf.__version__}, keras {keras.__version__}")
+        print(json.dumps(result))
+        return
+
     # Phase 1: the head alone.
     base.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss=loss, metrics=metrics())
@@ -180,7 +224,7 @@ def keras_child(args):
             layer.trainable = False
         model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=args.fine_tune_learning_rate),
                       loss=loss, metrics=metrics())
-        log, stop = EpochLog("fine_tune"), SeedEarlyStopping(PATIENCE)
+        log, stop = EpochLog("fine_tune"), SeedEarlyStopping(args.patience)
         start = time.perf_counter()
         model.fit(train, initial_epoch=args.initial_epochs, epochs=args.initial_epochs + args.fine_tune_epochs,
                   validation_data=val, class_weight=class_weight, callbacks=[log, stop], verbose=0)
@@ -199,7 +243,12 @@ def keras(args):
            "--initial-epochs", str(args.initial_epochs), "--fine-tune-epochs", str(args.fine_tune_epochs),
            "--fine-tune-layer", str(args.fine_tune_layer), "--learning-rate", repr(args.learning_rate),
            "--fine-tune-learning-rate", repr(args.fine_tune_learning_rate),
-           "--drop-out-percentage", repr(args.drop_out_percentage), "--random-rotation", repr(args.random_rotation)]
+           "--drop-out-percentage", repr(args.drop_out_percentage), "--random-rotation", repr(args.random_rotation),
+           "--image-size", str(args.image_size), "--patience", str(args.patience), "--seed", str(args.seed)]
+    if args.from_scratch:
+        cmd.append("--from-scratch")
+    if args.keras_batch_norm_momentum is not None:
+        cmd += ["--keras-batch-norm-momentum", repr(args.keras_batch_norm_momentum)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=thread_env(args.threads))
     wall = time.perf_counter() - start
@@ -241,7 +290,7 @@ def lanner(args):
         print(f"Lanner binary not found at {binary}: build it with `cargo build --release -p lanner` "
               f"or pass --lanner PATH. Lanner rows left out.", flush=True)
         return None
-    size = ARCHS[args.arch][0]
+    size = args.image_size
     work = os.path.join(ROOT, "bench", "work", f"recipe-{args.arch}")
     model_dir, output_dir = os.path.join(work, "model"), os.path.join(work, "output")
     os.makedirs(work, exist_ok=True)
@@ -252,7 +301,9 @@ def lanner(args):
            "--fine-tune-epochs", str(args.fine_tune_epochs), "--fine-tune-layer", str(args.fine_tune_layer),
            "--learning-rate", repr(args.learning_rate), "--fine-tune-learning-rate", repr(args.fine_tune_learning_rate),
            "--drop-out-percentage", repr(args.drop_out_percentage), "--random-rotation", repr(args.random_rotation),
-           "--seed", "1", "--overwrite"]
+           "--patience", str(args.patience), "--seed", str(args.seed), "--overwrite"]
+    if args.from_scratch:
+        cmd.append("--from-scratch")
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
     # Lanner's own output goes to stderr, so a failure explains itself above the table.
@@ -281,7 +332,7 @@ def lanner(args):
 
 # ---------------------------------------------------------------- report
 
-def table(ks, ln):
+def table(ks, ln, from_scratch):
     def seconds(r, key):
         return None if r is None else r[key]["seconds"]
 
@@ -295,7 +346,9 @@ def table(ks, ln):
         return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
     lines = [f"{'':<30} {'Keras':>10} {'Lanner':>10} {'Lanner/Keras':>13}"]
-    for label, key in (("phase 1 (head)", "phase1"), ("phase 2 (fine-tuning)", "phase2")):
+    phases = ((("from scratch", "phase2"),) if from_scratch
+              else (("phase 1 (head)", "phase1"), ("phase 2 (fine-tuning)", "phase2")))
+    for label, key in phases:
         k, l = seconds(ks, key), seconds(ln, key)
         lines.append(f"{label + ', s':<30} {fmt(k, '.1f'):>10} {fmt(l, '.1f'):>10} {ratio(l, k):>13}")
         k, l = per_epoch(ks, key), per_epoch(ln, key)
@@ -327,6 +380,13 @@ def main():
     parser.add_argument("--fine-tune-learning-rate", type=float, default=1e-5)
     parser.add_argument("--drop-out-percentage", type=float, default=0.1)
     parser.add_argument("--random-rotation", type=float, default=0.2)
+    parser.add_argument("--image-size", type=int, help="default: 224 for MobileNetV3, 299 for Xception")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train everything from the first epoch, BatchNorm on batch statistics")
+    parser.add_argument("--seed", type=int, default=1, help="both sides' random seed")
+    parser.add_argument("--patience", type=int, default=2, help="early stopping's patience (the seed's: 2)")
+    parser.add_argument("--keras-batch-norm-momentum", type=float,
+                        help="every Keras BatchNorm layer's momentum (default: Keras' own; 0.9 is Lanner's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lanner", default=LANNER, help="path of the lanner binary")
     skip = parser.add_mutually_exclusive_group()
@@ -337,6 +397,8 @@ def main():
     args = parser.parse_args()
     if args.initial_epochs is None:
         args.initial_epochs = ARCHS[args.arch][1]
+    if args.image_size is None:
+        args.image_size = ARCHS[args.arch][0]
     args.data = os.path.abspath(args.data)
     for split in ("train", "validation"):
         if not os.path.isdir(os.path.join(args.data, split)):
@@ -347,16 +409,23 @@ def main():
 
     line = machine()
     print(line, flush=True)
-    print(f"{args.arch}, image {ARCHS[args.arch][0]}, batch {args.batch_size}, weights none, seed 1, "
-          f"{args.threads} threads; phase 1 {args.initial_epochs} epochs (Adam {args.learning_rate:g}), "
-          f"phase 2 {args.fine_tune_epochs} epochs (RMSprop {args.fine_tune_learning_rate:g}, layers "
-          f"{args.fine_tune_layer}+, early stopping patience {PATIENCE}); dropout {args.drop_out_percentage:g}, "
+    if args.from_scratch:
+        plan = (f"from scratch {args.initial_epochs + args.fine_tune_epochs} epochs (Adam {args.learning_rate:g}, "
+                f"everything trains, BatchNorm on batch statistics, early stopping patience {args.patience})")
+    else:
+        plan = (f"phase 1 {args.initial_epochs} epochs (Adam {args.learning_rate:g}), "
+                f"phase 2 {args.fine_tune_epochs} epochs (RMSprop {args.fine_tune_learning_rate:g}, layers "
+                f"{args.fine_tune_layer}+, early stopping patience {args.patience})")
+    print(f"{args.arch}, image {args.image_size}, batch {args.batch_size}, weights none, seed {args.seed}, "
+          f"{args.threads} threads; {plan}; dropout {args.drop_out_percentage:g}, "
           f"rotation {args.random_rotation:g}; data {args.data}", flush=True)
+    if args.keras_batch_norm_momentum is not None:
+        print(f"Keras BatchNorm momentum {args.keras_batch_norm_momentum:g}", flush=True)
     ks = None if args.skip_keras else keras(args)
     ln = None if args.skip_lanner else lanner(args)
     if ks:
         print(ks["versions"])
-    print(table(ks, ln))
+    print(table(ks, ln, args.from_scratch))
     print("(Lanner/Keras: Lanner's time over Keras's time; below 1 means Lanner is faster. "
           "Phase times include validation.)")
     if args.json:

@@ -1,6 +1,7 @@
 //! The hyperparameters of a training run, by the seed's names, with its defaults and the
 //! checks that refuse a bad value before any training starts.
 
+use crate::initialisation::Initialisation;
 use lanner_models::{Architecture, ModelEntry};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,10 @@ pub struct Hyperparameters {
     pub patience: usize,
     /// Train the whole network from the first epoch with BatchNorm updating its statistics.
     pub from_scratch: bool,
+    /// How the backbone's convolution kernels start when no weights are loaded (cards
+    /// written before the option: timm's).
+    #[serde(default = "Initialisation::before_the_option")]
+    pub init: Initialisation,
     /// Seed of the shuffles, augmentations, dropout and initialisation.
     pub seed: u64,
 }
@@ -62,6 +67,7 @@ impl Hyperparameters {
             class_weights: None,
             patience: 2,
             from_scratch: false,
+            init: Initialisation::Keras,
             seed: 1,
         }
     }
@@ -173,6 +179,16 @@ mod tests {
         assert_eq!((xception.initial_epochs, xception.image_size), (5, 299));
         assert_eq!(xception.drop_out_percentage, 0.2);
         assert_eq!(hp.class_weight_vector(2), vec![1.0, 1.0]);
+        assert_eq!(hp.init, Initialisation::Keras);
+    }
+
+    #[test]
+    fn a_card_from_before_the_init_option_reads_as_timms() {
+        let mut json = serde_json::to_value(large()).unwrap();
+        assert_eq!(json["init"], "keras");
+        json.as_object_mut().unwrap().remove("init");
+        let read: Hyperparameters = serde_json::from_value(json).unwrap();
+        assert_eq!(read.init, Initialisation::Timm);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`hyperparameters`]: the seed's names and defaults, and the checks that refuse bad values.
 //! - [`recipe`]: the phases as a value ([`recipe::Recipe::seed`], [`recipe::Recipe::from_scratch`]).
 //! - [`classifier`]: backbone + head, the class-weighted losses, reproducible dropout masks.
+//! - [`initialisation`]: how a backbone without pretrained weights starts (Keras' or timm's).
 //! - [`optimizer`]: Adam and RMSprop as Keras 3 computes them, with a state that survives a
 //!   checkpoint.
 //! - [`freeze`]: what trains in a phase, by Keras layer index.
@@ -23,6 +24,7 @@ pub mod early_stopping;
 pub mod evaluate;
 pub mod freeze;
 pub mod hyperparameters;
+pub mod initialisation;
 pub mod metrics;
 pub mod optimizer;
 pub mod recipe;

@@ -142,6 +142,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     assert_eq!(card["preprocessing"]["image_size"], 32);
     assert_eq!(card["head"]["outputs"], 1);
     assert_eq!(card["hyperparameters"]["batch_size"], 16);
+    assert_eq!(card["hyperparameters"]["init"], "keras");
     let best = &card["best_epoch"];
     let best_accuracy = best["validation"]["accuracy"].as_f64().unwrap();
     assert!(

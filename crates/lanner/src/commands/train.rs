@@ -25,6 +25,7 @@ use lanner_models::precision::Precision;
 use lanner_sagemaker::contract::{Layout, ResourceHints, failure, hyperparameters_file};
 use lanner_train::artifact::{self, ModelCard};
 use lanner_train::classifier::Classifier;
+use lanner_train::initialisation::Initialisation;
 use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
@@ -136,6 +137,11 @@ pub struct TrainArgs {
     /// --weights none).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub from_scratch: Option<bool>,
+
+    /// How the backbone's convolution kernels start with --weights none: keras (Glorot
+    /// uniform, as Keras' applications) or timm (normal, variance 2 / fan-out).
+    #[arg(long, default_value = "keras", value_name = "keras|timm")]
+    pub init: Initialisation,
 
     /// Seed of the shuffles, augmentations, dropout and initialisation.
     #[arg(long, default_value_t = 1)]
@@ -502,6 +508,7 @@ impl TrainArgs {
             class_weights: self.class_weights.clone(),
             patience: self.patience,
             from_scratch: self.from_scratch.unwrap_or(false),
+            init: self.init,
             seed: self.seed,
         }
     }
@@ -606,9 +613,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         hyperparameters.seed,
         &autodiff,
     );
-    if let hub::ResolvedWeights::File(path) = &weights {
-        model.backbone = entry.load_weights(model.backbone, path)?;
-    }
+    model.backbone = match &weights {
+        hub::ResolvedWeights::File(path) => entry.load_weights(model.backbone, path)?,
+        hub::ResolvedWeights::Random => hyperparameters
+            .init
+            .apply(model.backbone, hyperparameters.seed),
+    };
 
     let workers = args
         .workers
