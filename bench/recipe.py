@@ -201,35 +201,30 @@ def keras_child(args):
                   class_weight=class_weight, callbacks=[log, stop], verbose=0)
         result["phase2"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows,
                             "best_epoch": stop.best_epoch}
-        val_loss, val_accuracy = model.evaluate(val, verbose=0)
-        result.update(val_accuracy=float(val_accuracy), val_loss=float(val_loss),
-                      versions=f"tensorflow {tf.__version__}, keras {keras.__version__}")
-        print(json.dumps(result))
-        return
+    else:
+        # Phase 1: the head alone.
+        base.trainable = False
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss=loss, metrics=metrics())
+        if args.initial_epochs > 0:
+            log = EpochLog("head")
+            start = time.perf_counter()
+            model.fit(train, epochs=args.initial_epochs, validation_data=val, class_weight=class_weight,
+                      callbacks=[log], verbose=0)
+            result["phase1"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows}
 
-    # Phase 1: the head alone.
-    base.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss=loss, metrics=metrics())
-    if args.initial_epochs > 0:
-        log = EpochLog("head")
-        start = time.perf_counter()
-        model.fit(train, epochs=args.initial_epochs, validation_data=val, class_weight=class_weight,
-                  callbacks=[log], verbose=0)
-        result["phase1"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows}
-
-    # Phase 2: fine-tuning from layer `fine_tune_layer` on.
-    if args.fine_tune_epochs > 0:
-        base.trainable = True
-        for layer in base.layers[:args.fine_tune_layer]:
-            layer.trainable = False
-        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=args.fine_tune_learning_rate),
-                      loss=loss, metrics=metrics())
-        log, stop = EpochLog("fine_tune"), SeedEarlyStopping(args.patience)
-        start = time.perf_counter()
-        model.fit(train, initial_epoch=args.initial_epochs, epochs=args.initial_epochs + args.fine_tune_epochs,
-                  validation_data=val, class_weight=class_weight, callbacks=[log, stop], verbose=0)
-        result["phase2"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows,
-                            "best_epoch": stop.best_epoch}
+        # Phase 2: fine-tuning from layer `fine_tune_layer` on.
+        if args.fine_tune_epochs > 0:
+            base.trainable = True
+            for layer in base.layers[:args.fine_tune_layer]:
+                layer.trainable = False
+            model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=args.fine_tune_learning_rate),
+                          loss=loss, metrics=metrics())
+            log, stop = EpochLog("fine_tune"), SeedEarlyStopping(args.patience)
+            start = time.perf_counter()
+            model.fit(train, initial_epoch=args.initial_epochs, epochs=args.initial_epochs + args.fine_tune_epochs,
+                      validation_data=val, class_weight=class_weight, callbacks=[log, stop], verbose=0)
+            result["phase2"] = {"seconds": time.perf_counter() - start, "epochs": len(log.rows), "rows": log.rows,
+                                "best_epoch": stop.best_epoch}
 
     val_loss, val_accuracy = model.evaluate(val, verbose=0)
     result.update(val_accuracy=float(val_accuracy), val_loss=float(val_loss),
