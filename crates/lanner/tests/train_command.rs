@@ -461,6 +461,10 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         &["--precision", "bf16"],
         "--precision bf16 runs on GPUs; this runs on the cpu",
     );
+    refused_with(
+        &["--init", "glorot"],
+        "`glorot` is not an initialisation; use keras or timm",
+    );
     let mut args = scratch_args(&data, &model);
     args.extend(["--drop-out-percentage".into(), "1".into()]);
     let result = run(&args);
