@@ -81,17 +81,11 @@ impl fmt::Display for Initialisation {
 const INIT_STREAM: u64 = 0x1417;
 
 /// Glorot's limit `√(6 / (fan_in + fan_out))` of a kernel of burn's shape
-/// `[out, in / groups, kh, kw]`, with Keras' fans (see the module's notes).
+/// `[out, in / groups, kh, kw]`, with Keras' fans (see the module's notes): they sum to
+/// `(out + in / groups) · kh · kw` for dense, pointwise and depthwise kernels alike.
 fn glorot_limit(dims: [usize; 4]) -> f32 {
     let [out, per_group, kh, kw] = dims;
-    let taps = kh * kw;
-    let (fan_in, fan_out) = if per_group == 1 && out > 1 {
-        // Depthwise: Keras' kernel is (kh, kw, channels, 1).
-        (out * taps, taps)
-    } else {
-        (per_group * taps, out * taps)
-    };
-    (6.0 / (fan_in + fan_out) as f64).sqrt() as f32
+    (6.0 / ((out + per_group) * kh * kw) as f64).sqrt() as f32
 }
 
 /// Redraws every rank-4 parameter (the convolution kernels; BatchNorm's vectors and the
