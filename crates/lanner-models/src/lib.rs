@@ -21,6 +21,8 @@
 //! - [`batch_norm`]: PyTorch-named BatchNorm with the seed's frozen-statistics mode;
 //!   [`sync_batch_norm`]: its batch statistics over every replica of a data-parallel step.
 //! - [`precision`]: f32, bf16 or f16 passes over f32 master weights.
+//! - [`worker_threads`]: a command's CPU work on rayon's workers, so that its many small
+//!   operations split without a thread hand-off each.
 //! - Building blocks: [`squeeze_excite`], [`activation`], [`channels`] (timm's rounding),
 //!   [`conv`].
 //!
@@ -50,6 +52,7 @@ pub mod sync_batch_norm;
 #[cfg(test)]
 mod test_values;
 pub mod weights;
+pub mod worker_threads;
 pub mod xception;
 
 pub use backbone::Backbone;

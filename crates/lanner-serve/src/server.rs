@@ -22,10 +22,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use burn::tensor::Device;
 use lanner_models::precision::Precision;
+use lanner_models::worker_threads::run_on_worker;
 use serde_json::json;
 use tokio::sync::{Notify, oneshot};
 
-use crate::batcher::{BatchingConfig, Job, JobQueue, job_queue, run_batcher};
+use crate::batcher::{BatchingConfig, Job, JobQueue, JobReceiver, job_queue, run_batcher};
 use crate::model_dir::ModelDir;
 use crate::predictor::{ModelInfo, Predictor};
 use crate::preprocess::{ImageError, hwc_to_chw, image_bytes_to_pixels};
@@ -147,6 +148,40 @@ pub fn serve(
     runtime.block_on(run(model, device, info, config, on_listening))
 }
 
+/// The inference thread's work: loads the model (then `/ping` answers 200) and batches the
+/// queued jobs until the handlers' queues are gone, or records why the model did not load.
+fn serve_model(model: ModelDir, device: Device, inference: Arc<AppState>, jobs: JobReceiver) {
+    // The unpacked archive is removed once the weights are in memory.
+    let loaded = Predictor::load(&model, device, inference.config.precision);
+    drop(model);
+    match loaded {
+        Ok(predictor) => {
+            inference.ready.store(true, Ordering::SeqCst);
+            eprintln!(
+                "lanner serve: model loaded ({}, classes: {})",
+                predictor.info.arch,
+                predictor.info.class_names.join(", ")
+            );
+            let metrics = Arc::clone(&inference);
+            let batching = inference.config.batching;
+            // Only the handlers' queues keep the batcher running.
+            drop(inference);
+            run_batcher(
+                jobs,
+                batching,
+                |pixels, count| predictor.predict(pixels, count),
+                |size| metrics.metrics.record_batch(size),
+            );
+        }
+        Err(error) => {
+            if let Ok(mut slot) = inference.load_error.lock() {
+                *slot = Some(error.to_string());
+            }
+            inference.load_failed.notify_one();
+        }
+    }
+}
+
 async fn run(
     model: ModelDir,
     device: Device,
@@ -178,35 +213,9 @@ async fn run(
     std::thread::Builder::new()
         .name("lanner-inference".into())
         .spawn(move || {
-            // The unpacked archive is removed once the weights are in memory.
-            let loaded = Predictor::load(&model, device, inference.config.precision);
-            drop(model);
-            match loaded {
-                Ok(predictor) => {
-                    inference.ready.store(true, Ordering::SeqCst);
-                    eprintln!(
-                        "lanner serve: model loaded ({}, classes: {})",
-                        predictor.info.arch,
-                        predictor.info.class_names.join(", ")
-                    );
-                    let metrics = Arc::clone(&inference);
-                    let batching = inference.config.batching;
-                    // Only the handlers' queues keep the batcher running.
-                    drop(inference);
-                    run_batcher(
-                        jobs,
-                        batching,
-                        |pixels, count| predictor.predict(pixels, count),
-                        |size| metrics.metrics.record_batch(size),
-                    );
-                }
-                Err(error) => {
-                    if let Ok(mut slot) = inference.load_error.lock() {
-                        *slot = Some(error.to_string());
-                    }
-                    inference.load_failed.notify_one();
-                }
-            }
+            // The work runs on a rayon worker (this thread waits), where each pass's
+            // operations split without a thread hand-off each.
+            run_on_worker(move || serve_model(model, device, inference, jobs))
         })
         .map_err(ServeError::Runtime)?;
 

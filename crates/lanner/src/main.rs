@@ -16,6 +16,7 @@ mod torch_runtime;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use lanner_models::worker_threads::run_on_worker;
 
 /// Train, tune and serve custom image classifiers — on a laptop, or on Amazon SageMaker.
 #[derive(Parser)]
@@ -74,12 +75,12 @@ fn main() -> ExitCode {
             Command::Data(args) => commands::data::run(args),
             Command::Models(args) => commands::models::run(args),
             Command::Train(args) => commands::train::run(*args),
-            Command::Evaluate(args) => commands::evaluate::run(args),
-            Command::Predict(args) => commands::predict::run(args),
+            Command::Evaluate(args) => run_on_worker(|| commands::evaluate::run(args)),
+            Command::Predict(args) => run_on_worker(|| commands::predict::run(args)),
             Command::Serve(args) => commands::serve::run(*args),
             Command::Fit(args) => commands::fit::run(*args),
             Command::Jobs(args) => commands::jobs::run(args),
-            Command::Bench(args) => commands::bench::run(args),
+            Command::Bench(args) => run_on_worker(|| commands::bench::run(args)),
         }
     });
     match result {

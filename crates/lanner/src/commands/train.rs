@@ -22,6 +22,7 @@ use lanner_data::loader::default_workers;
 use lanner_data::{Augmentation, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit};
 use lanner_models::hub::{self, HubConfig, WeightsSpec};
 use lanner_models::precision::Precision;
+use lanner_models::worker_threads::run_on_worker;
 use lanner_sagemaker::contract::{Layout, ResourceHints, failure, hyperparameters_file};
 use lanner_train::artifact::{self, ModelCard};
 use lanner_train::classifier::Classifier;
@@ -670,26 +671,30 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         hyperparameters.clone(),
         recipe.clone(),
     );
-    let outcome = train(
-        TrainingJob {
-            entry,
-            hyperparameters,
-            recipe,
-            class_names: class_names.clone(),
-            normalization: card.preprocessing.normalization(),
-            train: train_loader,
-            validation: validation_loader,
-            device,
-            replica_devices: devices,
-            precision: args.precision,
-            model,
-            checkpoint_dir: args.checkpoint_dir.clone(),
-            metrics_file,
-            stop,
-            readback_every,
-        },
-        &mut log,
-    )?;
+    let job = TrainingJob {
+        entry,
+        hyperparameters,
+        recipe,
+        class_names: class_names.clone(),
+        normalization: card.preprocessing.normalization(),
+        train: train_loader,
+        validation: validation_loader,
+        device,
+        replica_devices: devices,
+        precision: args.precision,
+        model,
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        metrics_file,
+        stop,
+        readback_every,
+    };
+    // One device: the steps' operations split on rayon's workers without a hand-off each.
+    // Replica threads queue their operations on the workers, so they must not hold one.
+    let outcome = if job.replica_devices.is_empty() {
+        run_on_worker(|| train(job, &mut log))
+    } else {
+        train(job, &mut log)
+    }?;
 
     card.epochs_run = outcome.history.len();
     card.best_epoch = outcome.best.clone();
