@@ -689,7 +689,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         readback_every,
     };
     // One device: the steps' operations split on rayon's workers without a hand-off each.
-    // Replica threads queue their operations on the workers, so they must not hold one.
+    // Data-parallel replica threads queue their operations on those workers, so the trainer,
+    // which waits for them, must not hold one.
     let outcome = if job.replica_devices.is_empty() {
         run_on_worker(|| train(job, &mut log))
     } else {
