@@ -502,11 +502,7 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::FusedOps;
-    use crate::test_values::{check_convolution_gradients, values};
-    use burn::backend::{Flex, TensorMetadata, ops::ModuleOps};
-    use burn::tensor::TensorData;
-    use burn_flex::FlexTensor;
+    use crate::test_values::{check_convolution_forward, check_convolution_gradients, values};
 
     /// The output and every gradient against burn-flex's own.
     fn matches_burn_flex(
@@ -527,48 +523,8 @@ mod tests {
         let output_shape = depthwise.output_shape();
         assert!(output_shape[2] <= height + padding[0].0 + padding[0].1);
         let case = format!("{x_shape:?} k{kernel:?} s{stride} p{padding:?}");
-        forward_matches_burn_flex(x_shape, weight_shape, output_shape, &options, &case);
+        check_convolution_forward(x_shape, weight_shape, output_shape, &options, &case);
         check_convolution_gradients(x_shape, weight_shape, output_shape, options, &case);
-    }
-
-    /// [`Depthwise::forward`], through [`FusedOps::biased_convolution`] and
-    /// [`FusedOps::convolution`], within 1e-5 of the largest output of burn-flex's `conv2d`.
-    fn forward_matches_burn_flex(
-        x_shape: [usize; 4],
-        weight_shape: [usize; 4],
-        output_shape: [usize; 4],
-        options: &ConvOptions<2>,
-        case: &str,
-    ) {
-        let tensor = |shape: &[usize], seed| {
-            let count = shape.iter().product();
-            FlexTensor::from_data(TensorData::new(values(count, seed), shape.to_vec()))
-        };
-        let (x, weight) = (tensor(&x_shape, 5), tensor(&weight_shape, 6));
-        let bias = tensor(&weight_shape[..1], 7);
-        let as_vec = |t: FlexTensor| {
-            assert_eq!(t.shape().as_slice(), output_shape, "{case}");
-            t.into_data().try_to_vec::<f32>().unwrap()
-        };
-        for bias in [Some(bias), None] {
-            let got = match bias.clone() {
-                Some(b) => <Flex as FusedOps>::biased_convolution(
-                    x.clone(),
-                    weight.clone(),
-                    b,
-                    options.clone(),
-                ),
-                None => <Flex as FusedOps>::convolution(x.clone(), weight.clone(), options.clone()),
-            };
-            let want =
-                <Flex as ModuleOps<Flex>>::conv2d(x.clone(), weight.clone(), bias, options.clone());
-            let (got, want) = (as_vec(got), as_vec(want));
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.0, "{case}");
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * scale, "forward, {case}: {g} vs {w}");
-            }
-        }
     }
 
     #[test]

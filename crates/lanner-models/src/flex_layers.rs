@@ -1,8 +1,8 @@
 //! The fused layers on burn-flex (the CPU device), written for f32 `[batch, channels, …]`
 //! data: BatchNorm with batch statistics, hard swish, hard sigmoid, global average pooling and
-//! max pooling ([`crate::max_pool`]), forward and backward, depthwise convolutions
-//! ([`crate::depthwise_conv`]) and the dense convolutions' gradients
-//! ([`crate::dense_gradients`]). Other types take burn's composites ([`crate::composite`]).
+//! max pooling ([`crate::max_pool`]), depthwise convolutions ([`crate::depthwise_conv`]) and
+//! dense ones ([`crate::dense_conv`]), forward and backward. Other types take burn's
+//! composites ([`crate::composite`]).
 //!
 //! burn-flex runs each tensor operation as a pass over memory into a new tensor, and reduces
 //! NCHW data per channel by first swapping the channels to the front, a copy. Here each layer
@@ -25,7 +25,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use crate::composite;
-use crate::dense_gradients::Dense;
+use crate::dense_conv::Dense;
 use crate::depthwise_conv::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
 use crate::fused::{FusedBackward, FusedOps};
@@ -386,7 +386,7 @@ impl FusedBackward for Flex {
 }
 
 /// A convolution of f32 data: depthwise ones directly ([`Depthwise::forward`]), others by
-/// burn-flex's `conv2d`.
+/// [`dense_convolution`].
 fn convolution(
     x: FlexTensor,
     weight: FlexTensor,
@@ -395,7 +395,7 @@ fn convolution(
 ) -> FlexTensor {
     let conv2d = <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d;
     let Some(depthwise) = Depthwise::of(&x.shape(), &weight.shape(), &options) else {
-        return conv2d(x, weight, bias, options);
+        return dense_convolution(x, weight, bias, options);
     };
     let biases = bias.as_ref().map(contiguous_f32);
     let (Some(xs), Some(weights), None | Some(Some(_))) =
@@ -406,6 +406,29 @@ fn convolution(
     let bias = biases.flatten();
     let out = depthwise.forward(values(&xs), values(&weights), bias.as_ref().map(values));
     tensor(out, Shape::from(depthwise.output_shape().to_vec()))
+}
+
+/// A convolution that is not depthwise: dense ones as matrix products ([`Dense::forward`]),
+/// others (grouped, dilated) by burn-flex's `conv2d`.
+fn dense_convolution(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    let conv2d = <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d;
+    let Some(dense) = Dense::of(&x.shape(), &weight.shape(), &options) else {
+        return conv2d(x, weight, bias, options);
+    };
+    let biases = bias.as_ref().map(contiguous_f32);
+    let (Some(xs), Some(weights), None | Some(Some(_))) =
+        (contiguous_f32(&x), contiguous_f32(&weight), &biases)
+    else {
+        return conv2d(x, weight, bias, options);
+    };
+    let bias = biases.flatten();
+    let out = dense.forward(values(&xs), values(&weights), bias.as_ref().map(values));
+    tensor(out, Shape::from(dense.output_shape().to_vec()))
 }
 
 /// `t` as contiguous values (itself when already contiguous), when it holds f32.

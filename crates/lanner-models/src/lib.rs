@@ -34,7 +34,7 @@ pub mod batch_norm;
 pub mod channels;
 mod composite;
 pub mod conv;
-mod dense_gradients;
+mod dense_conv;
 mod depthwise_conv;
 mod flex_layers;
 pub mod folded;
