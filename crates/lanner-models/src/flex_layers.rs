@@ -357,7 +357,7 @@ impl FusedBackward for Flex {
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
         let all_f32 = [&x, &weight, &grad].iter().all(|t| t.dtype() == DType::F32);
-        let direct = DirectGradients::of(&x.shape(), &weight.shape(), &options)
+        let direct = DirectConvolution::of(&x.shape(), &weight.shape(), &options)
             .filter(|direct| all_f32 && direct.output_shape()[..] == grad.shape()[..]);
         let Some(direct) = direct else {
             return composite::convolution_backward::<Self>(x, weight, bias, grad, options, needed);
@@ -385,50 +385,24 @@ impl FusedBackward for Flex {
     }
 }
 
-/// A convolution of f32 data: depthwise ones directly ([`Depthwise::forward`]), others by
-/// [`dense_convolution`].
+/// A convolution of f32 data: depthwise and dense ones by Lanner's loops
+/// ([`DirectConvolution`]), others (grouped, dilated) by burn-flex's `conv2d`.
 fn convolution(
     x: FlexTensor,
     weight: FlexTensor,
     bias: Option<FlexTensor>,
     options: ConvOptions<2>,
 ) -> FlexTensor {
-    let conv2d = <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d;
-    let Some(depthwise) = Depthwise::of(&x.shape(), &weight.shape(), &options) else {
-        return dense_convolution(x, weight, bias, options);
-    };
+    let direct = DirectConvolution::of(&x.shape(), &weight.shape(), &options);
     let biases = bias.as_ref().map(contiguous_f32);
-    let (Some(xs), Some(weights), None | Some(Some(_))) =
-        (contiguous_f32(&x), contiguous_f32(&weight), &biases)
+    let (Some(direct), Some(xs), Some(weights), None | Some(Some(_))) =
+        (direct, contiguous_f32(&x), contiguous_f32(&weight), &biases)
     else {
-        return conv2d(x, weight, bias, options);
+        return <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d(x, weight, bias, options);
     };
     let bias = biases.flatten();
-    let out = depthwise.forward(values(&xs), values(&weights), bias.as_ref().map(values));
-    tensor(out, Shape::from(depthwise.output_shape().to_vec()))
-}
-
-/// A convolution that is not depthwise: dense ones as matrix products ([`Dense::forward`]),
-/// others (grouped, dilated) by burn-flex's `conv2d`.
-fn dense_convolution(
-    x: FlexTensor,
-    weight: FlexTensor,
-    bias: Option<FlexTensor>,
-    options: ConvOptions<2>,
-) -> FlexTensor {
-    let conv2d = <Flex as burn::backend::ops::ModuleOps<Flex>>::conv2d;
-    let Some(dense) = Dense::of(&x.shape(), &weight.shape(), &options) else {
-        return conv2d(x, weight, bias, options);
-    };
-    let biases = bias.as_ref().map(contiguous_f32);
-    let (Some(xs), Some(weights), None | Some(Some(_))) =
-        (contiguous_f32(&x), contiguous_f32(&weight), &biases)
-    else {
-        return conv2d(x, weight, bias, options);
-    };
-    let bias = biases.flatten();
-    let out = dense.forward(values(&xs), values(&weights), bias.as_ref().map(values));
-    tensor(out, Shape::from(dense.output_shape().to_vec()))
+    let out = direct.forward(values(&xs), values(&weights), bias.as_ref().map(values));
+    tensor(out, Shape::from(direct.output_shape().to_vec()))
 }
 
 /// `t` as contiguous values (itself when already contiguous), when it holds f32.
@@ -526,13 +500,13 @@ impl Moments {
     }
 }
 
-/// The convolutions whose gradients burn-flex gets computed directly.
-enum DirectGradients {
+/// The convolutions that burn-flex runs with Lanner's own loops, forward and backward.
+enum DirectConvolution {
     Depthwise(Depthwise),
     Dense(Dense),
 }
 
-impl DirectGradients {
+impl DirectConvolution {
     fn of(x_shape: &[usize], weight_shape: &[usize], options: &ConvOptions<2>) -> Option<Self> {
         Depthwise::of(x_shape, weight_shape, options)
             .map(Self::Depthwise)
@@ -543,6 +517,13 @@ impl DirectGradients {
         match self {
             Self::Depthwise(depthwise) => depthwise.output_shape(),
             Self::Dense(dense) => dense.output_shape(),
+        }
+    }
+
+    fn forward(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        match self {
+            Self::Depthwise(depthwise) => depthwise.forward(x, weight, bias),
+            Self::Dense(dense) => dense.forward(x, weight, bias),
         }
     }
 
