@@ -79,6 +79,26 @@ impl Backbone {
         }
     }
 
+    /// The same backbone with every BatchNorm's epsilon set to `epsilon`. timm's models (and
+    /// PyTorch's layer) use 1e-5; Keras' applications and torchvision's MobileNetV3 use 1e-3.
+    /// Weights reproduce their outputs only with the epsilon they were trained with.
+    pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
+        match self {
+            Backbone::MobileNetV3(model) => {
+                Backbone::MobileNetV3(model.with_batch_norm_epsilon(epsilon))
+            }
+            Backbone::Xception(model) => Backbone::Xception(model.with_batch_norm_epsilon(epsilon)),
+        }
+    }
+
+    /// The epsilon its BatchNorms add to the variance.
+    pub fn batch_norm_epsilon(&self) -> f64 {
+        match self {
+            Backbone::MobileNetV3(model) => model.batch_norm_epsilon(),
+            Backbone::Xception(model) => model.batch_norm_epsilon(),
+        }
+    }
+
     /// Trainable parameters, counted as timm counts them: BatchNorm running statistics are
     /// left out (burn's `num_params` includes them).
     pub fn parameter_count(&self) -> usize {
@@ -87,5 +107,43 @@ impl Backbone {
             .filter(|t| !is_running_statistic(&t.name))
             .map(|t| t.shape.num_elements())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::batch_norm::BatchNorm2d;
+
+    #[test]
+    fn the_batch_norm_epsilon_reaches_every_batch_norm() {
+        for name in ["mobilenet_v3_small_050", "xception"] {
+            let backbone = crate::find(name)
+                .unwrap()
+                .init_backbone(&Device::flex())
+                .with_batch_norm_epsilon(1e-3);
+            assert_eq!(backbone.batch_norm_epsilon(), 1e-3, "{name}");
+            let layers = backbone
+                .collect(None, None, true)
+                .iter()
+                .filter(|t| t.name.ends_with(".running_var"))
+                .count();
+            let seen = RefCell::new(Vec::new());
+            let record = |bn: BatchNorm2d| {
+                seen.borrow_mut().push(bn.epsilon);
+                bn
+            };
+            match backbone {
+                Backbone::MobileNetV3(model) => drop(model.map_batch_norms(&record)),
+                Backbone::Xception(model) => drop(model.map_batch_norms(&record)),
+            }
+            let seen = seen.into_inner();
+            assert_eq!(seen.len(), layers, "{name}: one epsilon per BatchNorm");
+            assert!(seen.iter().all(|&e| e == 1e-3), "{name}: {seen:?}");
+        }
     }
 }

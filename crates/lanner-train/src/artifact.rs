@@ -90,6 +90,12 @@ pub struct ModelCard {
     pub preprocessing: Preprocessing,
     /// The head.
     pub head: HeadCard,
+    /// The epsilon the backbone's BatchNorms add to the variance: timm's 1e-5, or 1e-3 for
+    /// Keras' start (`--init keras`) and torchvision's weights. A reloaded model normalises
+    /// with it; [`save`] writes the saved model's. Cards written before it was recorded read
+    /// as 1e-5, which is what reloading used then.
+    #[serde(default = "timm_batch_norm_epsilon")]
+    pub batch_norm_epsilon: f64,
     /// The run's hyperparameters.
     pub hyperparameters: Hyperparameters,
     /// The phases it ran.
@@ -98,6 +104,11 @@ pub struct ModelCard {
     pub epochs_run: usize,
     /// The epoch kept.
     pub best_epoch: Option<BestEpoch>,
+}
+
+/// The BatchNorm epsilon of timm's models, and of every backbone before the card recorded it.
+fn timm_batch_norm_epsilon() -> f64 {
+    1e-5
 }
 
 /// A model folder that cannot be written or read.
@@ -170,6 +181,7 @@ impl ModelCard {
                 activation: if outputs == 1 { "sigmoid" } else { "softmax" }.into(),
             },
             class_names,
+            batch_norm_epsilon: timm_batch_norm_epsilon(),
             hyperparameters,
             recipe,
             epochs_run: 0,
@@ -254,9 +266,10 @@ pub fn apply_named_tensors(
     Ok(model)
 }
 
-/// Write `card` and `model` into `dir`. Without `overwrite`, a folder that holds a model is
-/// refused. Files are written under temporary names and renamed into place, the card last
-/// (and an old card removed first), so the folder never pairs a card with other weights.
+/// Write `card` and `model` into `dir`, the card with the model's BatchNorm epsilon. Without
+/// `overwrite`, a folder that holds a model is refused. Files are written under temporary
+/// names and renamed into place, the card last (and an old card removed first), so the folder
+/// never pairs a card with other weights.
 pub fn save(
     dir: &Path,
     card: &ModelCard,
@@ -276,7 +289,11 @@ pub fn save(
     // from run to run.
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     tensor_file::write(&weights_tmp, &named_tensors(model), metadata)?;
-    let json = serde_json::to_vec_pretty(card).expect("a model card serialises");
+    let card = ModelCard {
+        batch_norm_epsilon: model.backbone.batch_norm_epsilon(),
+        ..card.clone()
+    };
+    let json = serde_json::to_vec_pretty(&card).expect("a model card serialises");
     let card_tmp = dir.join(format!(".{CARD_FILE}.partial"));
     tensor_file::write_atomically(&card_tmp, &json).map_err(io)?;
     match fs::remove_file(dir.join(CARD_FILE)) {
@@ -317,9 +334,50 @@ pub fn load(dir: &Path, device: &Device) -> Result<(ModelCard, Classifier), Arti
             path: dir.join(CARD_FILE),
             reason,
         })?;
-    let model = Classifier::new(entry, card.class_names.len(), card.head.dropout, device);
+    let mut model = Classifier::new(entry, card.class_names.len(), card.head.dropout, device);
+    model.backbone = model
+        .backbone
+        .with_batch_norm_epsilon(card.batch_norm_epsilon);
     let path = dir.join(WEIGHTS_FILE);
     let tensors = tensor_file::read(&path)?;
     let model = apply_named_tensors(model, tensors, &path)?;
     Ok((card, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card(entry: &ModelEntry) -> ModelCard {
+        let hyperparameters = Hyperparameters::for_model(entry);
+        let recipe = Recipe::for_hyperparameters(&hyperparameters);
+        ModelCard::new(entry, vec!["a".into(), "b".into()], hyperparameters, recipe)
+    }
+
+    #[test]
+    fn the_batch_norm_epsilon_is_saved_and_reloaded() {
+        let entry = lanner_models::find("mobilenet_v3_small_050").unwrap();
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = Classifier::seeded(entry, 2, 0.2, 3, &device);
+        model.backbone = model.backbone.with_batch_norm_epsilon(1e-3);
+        let card = card(entry);
+        assert_eq!(card.batch_norm_epsilon, 1e-5);
+        save(dir.path(), &card, &model, false).unwrap();
+        let (loaded_card, loaded) = load(dir.path(), &device).unwrap();
+        assert_eq!(
+            loaded_card.batch_norm_epsilon, 1e-3,
+            "the model's, not the card's"
+        );
+        assert_eq!(loaded.backbone.batch_norm_epsilon(), 1e-3);
+    }
+
+    #[test]
+    fn a_card_without_the_epsilon_reads_as_timms() {
+        let entry = lanner_models::find("mobilenet_v3_small_050").unwrap();
+        let mut json = serde_json::to_value(card(entry)).unwrap();
+        json.as_object_mut().unwrap().remove("batch_norm_epsilon");
+        let read: ModelCard = serde_json::from_value(json).unwrap();
+        assert_eq!(read.batch_norm_epsilon, 1e-5);
+    }
 }

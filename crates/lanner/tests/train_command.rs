@@ -143,6 +143,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     assert_eq!(card["head"]["outputs"], 1);
     assert_eq!(card["hyperparameters"]["batch_size"], 16);
     assert_eq!(card["hyperparameters"]["init"], "keras");
+    assert_eq!(card["batch_norm_epsilon"], 1e-3, "Keras' start");
     let best = &card["best_epoch"];
     let best_accuracy = best["validation"]["accuracy"].as_f64().unwrap();
     assert!(

@@ -205,7 +205,12 @@ impl MobileNetV3 {
         })
     }
 
-    fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
+    /// The epsilon of its BatchNorms (all share it).
+    pub fn batch_norm_epsilon(&self) -> f64 {
+        self.bn1.epsilon
+    }
+
+    pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         MobileNetV3 {
             conv_stem: self.conv_stem,
             bn1: f(self.bn1),

@@ -136,9 +136,9 @@ impl RepLayer {
         }
     }
 
-    fn with_frozen_batch_norm(self, frozen: bool) -> Self {
+    fn map_batch_norm(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         match self {
-            RepLayer::BatchNorm(bn) => RepLayer::BatchNorm(bn.with_frozen_statistics(frozen)),
+            RepLayer::BatchNorm(bn) => RepLayer::BatchNorm(f(bn)),
             other => other,
         }
     }
@@ -235,14 +235,15 @@ impl XceptionBlock {
         x + shortcut
     }
 
-    pub(crate) fn with_frozen_batch_norm(self, frozen: bool) -> Self {
+    /// The same block with `f` applied to each of its BatchNorms.
+    pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         XceptionBlock {
             skip: self.skip,
-            skipbn: self.skipbn.map(|bn| bn.with_frozen_statistics(frozen)),
+            skipbn: self.skipbn.map(f),
             rep: self
                 .rep
                 .into_iter()
-                .map(|layer| layer.with_frozen_batch_norm(frozen))
+                .map(|layer| layer.map_batch_norm(f))
                 .collect(),
         }
     }

@@ -184,28 +184,46 @@ impl Xception {
     /// The same backbone with every BatchNorm's statistics frozen (or not); see
     /// [`XceptionConfig::frozen_batch_norm`].
     pub fn with_frozen_batch_norm(self, frozen: bool) -> Self {
-        let freeze = |block: XceptionBlock| block.with_frozen_batch_norm(frozen);
+        self.map_batch_norms(&|bn| bn.with_frozen_statistics(frozen))
+    }
+
+    /// The same backbone with every BatchNorm's epsilon set to `epsilon` (timm's is 1e-5,
+    /// Keras' 1e-3).
+    pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
+        self.map_batch_norms(&|mut bn| {
+            bn.epsilon = epsilon;
+            bn
+        })
+    }
+
+    /// The epsilon of its BatchNorms (all share it).
+    pub fn batch_norm_epsilon(&self) -> f64 {
+        self.bn1.epsilon
+    }
+
+    pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
+        let block = |block: XceptionBlock| block.map_batch_norms(f);
         Xception {
             conv1: self.conv1,
-            bn1: self.bn1.with_frozen_statistics(frozen),
+            bn1: f(self.bn1),
             conv2: self.conv2,
-            bn2: self.bn2.with_frozen_statistics(frozen),
-            block1: freeze(self.block1),
-            block2: freeze(self.block2),
-            block3: freeze(self.block3),
-            block4: freeze(self.block4),
-            block5: freeze(self.block5),
-            block6: freeze(self.block6),
-            block7: freeze(self.block7),
-            block8: freeze(self.block8),
-            block9: freeze(self.block9),
-            block10: freeze(self.block10),
-            block11: freeze(self.block11),
-            block12: freeze(self.block12),
+            bn2: f(self.bn2),
+            block1: block(self.block1),
+            block2: block(self.block2),
+            block3: block(self.block3),
+            block4: block(self.block4),
+            block5: block(self.block5),
+            block6: block(self.block6),
+            block7: block(self.block7),
+            block8: block(self.block8),
+            block9: block(self.block9),
+            block10: block(self.block10),
+            block11: block(self.block11),
+            block12: block(self.block12),
             conv3: self.conv3,
-            bn3: self.bn3.with_frozen_statistics(frozen),
+            bn3: f(self.bn3),
             conv4: self.conv4,
-            bn4: self.bn4.with_frozen_statistics(frozen),
+            bn4: f(self.bn4),
         }
     }
 }

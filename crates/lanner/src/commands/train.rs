@@ -139,8 +139,9 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub from_scratch: Option<bool>,
 
-    /// How the backbone's convolution kernels start with --weights none: keras (Glorot
-    /// uniform, as Keras' applications) or timm (normal, variance 2 / fan-out).
+    /// How the backbone starts with --weights none: keras (Glorot-uniform kernels and
+    /// BatchNorm epsilon 1e-3, as Keras' applications) or timm (normal kernels of variance
+    /// 2 / fan-out, epsilon 1e-5).
     #[arg(long, default_value = "keras", value_name = "keras|timm")]
     pub init: Initialisation,
 
