@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 
-use crate::batch_norm::is_running_statistic;
+use crate::batch_norm::{BatchNorm2d, is_running_statistic};
 use crate::mobilenet_v3::MobileNetV3;
 use crate::xception::Xception;
 
@@ -83,19 +83,21 @@ impl Backbone {
     /// PyTorch's layer) use 1e-5; Keras' applications and torchvision's MobileNetV3 use 1e-3.
     /// Weights reproduce their outputs only with the epsilon they were trained with.
     pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
+        let set = |mut bn: BatchNorm2d| {
+            bn.epsilon = epsilon;
+            bn
+        };
         match self {
-            Backbone::MobileNetV3(model) => {
-                Backbone::MobileNetV3(model.with_batch_norm_epsilon(epsilon))
-            }
-            Backbone::Xception(model) => Backbone::Xception(model.with_batch_norm_epsilon(epsilon)),
+            Backbone::MobileNetV3(model) => Backbone::MobileNetV3(model.map_batch_norms(&set)),
+            Backbone::Xception(model) => Backbone::Xception(model.map_batch_norms(&set)),
         }
     }
 
-    /// The epsilon its BatchNorms add to the variance.
+    /// The epsilon its BatchNorms add to the variance (all share it).
     pub fn batch_norm_epsilon(&self) -> f64 {
         match self {
-            Backbone::MobileNetV3(model) => model.batch_norm_epsilon(),
-            Backbone::Xception(model) => model.batch_norm_epsilon(),
+            Backbone::MobileNetV3(model) => model.bn1.epsilon,
+            Backbone::Xception(model) => model.bn1.epsilon,
         }
     }
 
@@ -117,7 +119,6 @@ mod tests {
     use burn::tensor::Device;
 
     use super::*;
-    use crate::batch_norm::BatchNorm2d;
 
     #[test]
     fn the_batch_norm_epsilon_reaches_every_batch_norm() {

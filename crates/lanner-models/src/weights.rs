@@ -496,10 +496,12 @@ pub fn load_pretrained(
         other_names,
     };
     let loaded = load_checkpoint(backbone, path, &spec)?;
-    Ok(match loaded.module {
-        Backbone::MobileNetV3(model) if loaded.other_names => {
-            Backbone::MobileNetV3(model.with_batch_norm_epsilon(TORCHVISION_BATCH_NORM_EPSILON))
-        }
-        backbone => backbone,
+    Ok(if loaded.other_names {
+        // torchvision's names: a torchvision MobileNetV3, trained with its epsilon.
+        loaded
+            .module
+            .with_batch_norm_epsilon(TORCHVISION_BATCH_NORM_EPSILON)
+    } else {
+        loaded.module
     })
 }

@@ -195,21 +195,7 @@ impl MobileNetV3 {
         self.map_batch_norms(&|bn| bn.with_frozen_statistics(frozen))
     }
 
-    /// The same backbone with every BatchNorm's epsilon set to `epsilon`: timm's (and
-    /// PyTorch's) is 1e-5, torchvision's MobileNetV3 and Keras' use 1e-3, and weights trained
-    /// with one only reproduce their outputs with it.
-    pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
-        self.map_batch_norms(&|mut bn| {
-            bn.epsilon = epsilon;
-            bn
-        })
-    }
-
-    /// The epsilon of its BatchNorms (all share it).
-    pub fn batch_norm_epsilon(&self) -> f64 {
-        self.bn1.epsilon
-    }
-
+    /// The same backbone with `f` applied to each of its BatchNorms.
     pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         MobileNetV3 {
             conv_stem: self.conv_stem,

@@ -187,20 +187,7 @@ impl Xception {
         self.map_batch_norms(&|bn| bn.with_frozen_statistics(frozen))
     }
 
-    /// The same backbone with every BatchNorm's epsilon set to `epsilon` (timm's is 1e-5,
-    /// Keras' 1e-3).
-    pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
-        self.map_batch_norms(&|mut bn| {
-            bn.epsilon = epsilon;
-            bn
-        })
-    }
-
-    /// The epsilon of its BatchNorms (all share it).
-    pub fn batch_norm_epsilon(&self) -> f64 {
-        self.bn1.epsilon
-    }
-
+    /// The same backbone with `f` applied to each of its BatchNorms.
     pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         let block = |block: XceptionBlock| block.map_batch_norms(f);
         Xception {
