@@ -83,13 +83,17 @@ impl Backbone {
     /// PyTorch's layer) use 1e-5; Keras' applications and torchvision's MobileNetV3 use 1e-3.
     /// Weights reproduce their outputs only with the epsilon they were trained with.
     pub fn with_batch_norm_epsilon(self, epsilon: f64) -> Self {
-        let set = |mut bn: BatchNorm2d| {
+        self.map_batch_norms(&|mut bn: BatchNorm2d| {
             bn.epsilon = epsilon;
             bn
-        };
+        })
+    }
+
+    /// The same backbone with `f` applied to each of its BatchNorms.
+    pub(crate) fn map_batch_norms(self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {
         match self {
-            Backbone::MobileNetV3(model) => Backbone::MobileNetV3(model.map_batch_norms(&set)),
-            Backbone::Xception(model) => Backbone::Xception(model.map_batch_norms(&set)),
+            Backbone::MobileNetV3(model) => Backbone::MobileNetV3(model.map_batch_norms(f)),
+            Backbone::Xception(model) => Backbone::Xception(model.map_batch_norms(f)),
         }
     }
 
@@ -138,10 +142,7 @@ mod tests {
                 seen.borrow_mut().push(bn.epsilon);
                 bn
             };
-            match backbone {
-                Backbone::MobileNetV3(model) => drop(model.map_batch_norms(&record)),
-                Backbone::Xception(model) => drop(model.map_batch_norms(&record)),
-            }
+            drop(backbone.map_batch_norms(&record));
             let seen = seen.into_inner();
             assert_eq!(seen.len(), layers, "{name}: one epsilon per BatchNorm");
             assert!(seen.iter().all(|&e| e == 1e-3), "{name}: {seen:?}");
