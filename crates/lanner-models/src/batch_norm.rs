@@ -9,6 +9,7 @@ use burn::module::{Module, Param, RunningState};
 use burn::nn::Initializer;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+use crate::activation::Activation;
 use crate::precision::in_dtype;
 use crate::sync_batch_norm::Share;
 
@@ -79,13 +80,42 @@ impl BatchNorm2d {
     /// Normalise with batch statistics when training on an autodiff device (unless the
     /// statistics are frozen), with the running statistics otherwise.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let batch_statistics =
-            !self.frozen_statistics && self.training.is_enabled() && x.device().is_autodiff();
-        if batch_statistics {
+        if self.uses_batch_statistics(&x) {
             self.forward_batch_statistics(x)
         } else {
             self.forward_running_statistics(x)
         }
+    }
+
+    /// `activation` on [`Self::forward`]'s output. With batch statistics on burn-flex this is
+    /// one operation each way ([`crate::fused::batch_norm_training_activated`]): the
+    /// normalised values are neither written out nor kept for the backward pass.
+    pub fn forward_activated(&self, x: Tensor<4>, activation: Activation) -> Tensor<4> {
+        let one_operation = self.uses_batch_statistics(&x)
+            && crate::fused::activates_in_batch_norm(&x.device())
+            && crate::sync_batch_norm::current_share().is_none();
+        if !one_operation {
+            return activation.forward(self.forward(x));
+        }
+        let device = x.device();
+        let (output, mean, var) = crate::fused::batch_norm_training_activated(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.running_mean.value_sync().to_device(&device),
+            self.running_var.value_sync().to_device(&device),
+            self.epsilon,
+            self.momentum,
+            activation,
+        );
+        self.update_running_statistics(mean, var);
+        output
+    }
+
+    /// Whether [`Self::forward`] normalises `x` with its own statistics: when training on an
+    /// autodiff device, unless the statistics are frozen.
+    fn uses_batch_statistics(&self, x: &Tensor<4>) -> bool {
+        !self.frozen_statistics && self.training.is_enabled() && x.device().is_autodiff()
     }
 
     /// The same layer with its statistics frozen (or not).

@@ -109,6 +109,22 @@ pub(crate) fn frozen_batch_norm_backward<B: Backend>(
     [x_grad, weight_grad, bias_grad]
 }
 
+/// BatchNorm's output from its batch statistics, `(x − mean)·inverse_std·weight + bias` per
+/// channel, for [`crate::fused::FusedBackward::batch_norm_training_activated_backward`].
+pub(crate) fn normalise<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    inverse_std: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let channels = Channels::of(&x.shape());
+    let per_channel = |t| channels.broadcast::<B>(t);
+    let centred = B::float_sub(x, per_channel(mean));
+    let scale = B::float_mul(weight, inverse_std);
+    B::float_add(B::float_mul(centred, per_channel(scale)), per_channel(bias))
+}
+
 /// [`crate::fused::FusedBackward::batch_norm_training_backward`] as tensor operations.
 pub(crate) fn batch_norm_training_backward<B: Backend>(
     x: FloatTensor<B>,

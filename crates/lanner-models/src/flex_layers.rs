@@ -18,12 +18,13 @@
 
 use rayon::prelude::*;
 
-use burn::backend::ops::ModuleOps;
+use burn::backend::ops::{ActivationOps, ModuleOps};
 use burn::backend::{Flex, Shape, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
+use crate::activation::Activation;
 use crate::composite;
 use crate::dense_conv::Dense;
 use crate::depthwise_conv::Depthwise;
@@ -37,6 +38,16 @@ const CHUNK: usize = 1 << 14;
 /// Independent partial sums per reduction: enough for the vector units to run unhindered.
 const LANES: usize = 16;
 
+/// The six tensors of [`FusedOps::batch_norm_training`].
+type BatchNormOutputs = (
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+    FlexTensor,
+);
+
 impl FusedOps for Flex {
     fn batch_norm_training(
         x: FloatTensor<Self>,
@@ -46,87 +57,23 @@ impl FusedOps for Flex {
         running_var: FloatTensor<Self>,
         epsilon: f64,
         momentum: f64,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
-        let planes = Planes::of(&x.shape());
-        let inputs = [&x, &weight, &bias, &running_mean, &running_var].map(contiguous_f32);
-        let (Some(planes), [Some(xs), Some(weight), Some(bias), Some(mean), Some(var)]) =
-            (planes, inputs)
-        else {
-            return composite::batch_norm_training::<Self>(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                epsilon,
-                momentum,
-            );
-        };
-        let xs = values(&xs);
-        let moments: Vec<Moments> = (0..planes.channels)
-            .into_par_iter()
-            .map(|channel| {
-                planes
-                    .of_channel(xs, channel)
-                    .map(Moments::of_plane)
-                    .fold(Moments::default(), Moments::merge)
-            })
-            .collect();
-        let count = planes.per_channel() as f64;
-        let unbiased = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
-        let batch_mean: Vec<f32> = moments.iter().map(|m| m.mean as f32).collect();
-        let inverse_std: Vec<f32> = moments
-            .iter()
-            .map(|m| (1.0 / (m.squares / count + epsilon).sqrt()) as f32)
-            .collect();
-        let (weight, bias) = (values(&weight), values(&bias));
-        let scale: Vec<f32> = (0..planes.channels)
-            .map(|c| weight[c] * inverse_std[c])
-            .collect();
-        let shift: Vec<f32> = (0..planes.channels)
-            .map(|c| bias[c] - batch_mean[c] * scale[c])
-            .collect();
-        let mut output = vec![0.0f32; xs.len()];
-        output
-            .par_chunks_mut(planes.plane)
-            .zip(xs.par_chunks(planes.plane))
-            .enumerate()
-            .for_each(|(index, (out, x))| {
-                let channel = index % planes.channels;
-                scale_and_shift(out, x, scale[channel], shift[channel]);
-            });
-        let (running_mean, running_var) = (values(&mean), values(&var));
-        let moved = |running: &[f32], batch: &dyn Fn(&Moments) -> f64| -> Vec<f32> {
-            running
-                .iter()
-                .zip(&moments)
-                .map(|(&r, m)| (f64::from(r) * (1.0 - momentum) + batch(m) * momentum) as f32)
-                .collect()
-        };
-        let new_mean = moved(running_mean, &|m| m.mean);
-        let new_var = moved(running_var, &|m| m.squares / count * unbiased);
-        let vector = || Shape::new([planes.channels]);
-        let inverse_std = tensor(inverse_std, vector());
-        (
-            tensor(output, x.shape()),
-            tensor(batch_mean, vector()),
-            inverse_std.clone(),
-            tensor(new_mean, vector()),
-            tensor(new_var, vector()),
-            // Nothing else to save for the backward pass.
-            inverse_std,
-        )
+    ) -> BatchNormOutputs {
+        let inputs = [x, weight, bias, running_mean, running_var];
+        batch_norm_training(inputs, epsilon, momentum, None)
+    }
+
+    fn batch_norm_training_activated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        epsilon: f64,
+        momentum: f64,
+        activation: Activation,
+    ) -> BatchNormOutputs {
+        let inputs = [x, weight, bias, running_mean, running_var];
+        batch_norm_training(inputs, epsilon, momentum, Some(activation))
     }
 
     fn convolution(
@@ -199,95 +146,268 @@ impl FusedOps for Flex {
     }
 }
 
-impl FusedBackward for Flex {
-    fn batch_norm_training_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        inverse_std: FloatTensor<Self>,
-        _saved: FloatTensor<Self>,
-        _epsilon: f64,
-        grad: FloatTensor<Self>,
-        needed: [bool; 3],
-    ) -> [Option<FloatTensor<Self>>; 3] {
-        let planes = Planes::of(&x.shape()).filter(|_| x.shape() == grad.shape());
-        let inputs = [&x, &weight, &mean, &inverse_std, &grad].map(contiguous_f32);
-        let (
-            Some(planes),
-            [
-                Some(xs),
-                Some(weight),
-                Some(means),
-                Some(inverse),
-                Some(grads),
-            ],
-        ) = (planes, inputs)
-        else {
-            return composite::batch_norm_training_backward::<Self>(
+/// [`FusedOps::batch_norm_training`] on f32 tensors, then `activation` where there is one
+/// ([`FusedOps::batch_norm_training_activated`]); burn's composites for other types.
+/// `inputs`: `x`, the weight, the bias, the running mean and variance.
+fn batch_norm_training(
+    inputs: [FlexTensor; 5],
+    epsilon: f64,
+    momentum: f64,
+    activation: Option<Activation>,
+) -> BatchNormOutputs {
+    let planes = Planes::of(&inputs[0].shape());
+    let [x, weight, bias, running_mean, running_var] = inputs;
+    let contiguous = [&x, &weight, &bias, &running_mean, &running_var].map(contiguous_f32);
+    let (Some(planes), [Some(xs), Some(weight), Some(bias), Some(mean), Some(var)]) =
+        (planes, contiguous)
+    else {
+        let (output, mean, inverse_std, running_mean, running_var, saved) =
+            composite::batch_norm_training::<Flex>(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                epsilon,
+                momentum,
+            );
+        let output = match activation {
+            None => output,
+            Some(Activation::Relu) => Flex::relu(output),
+            Some(Activation::HardSwish) => Flex::hard_swish(output),
+        };
+        return (output, mean, inverse_std, running_mean, running_var, saved);
+    };
+    let xs = values(&xs);
+    let moments: Vec<Moments> = (0..planes.channels)
+        .into_par_iter()
+        .map(|channel| {
+            planes
+                .of_channel(xs, channel)
+                .map(Moments::of_plane)
+                .fold(Moments::default(), Moments::merge)
+        })
+        .collect();
+    let count = planes.per_channel() as f64;
+    let unbiased = if count > 1.0 {
+        count / (count - 1.0)
+    } else {
+        1.0
+    };
+    let batch_mean: Vec<f32> = moments.iter().map(|m| m.mean as f32).collect();
+    let inverse_std: Vec<f32> = moments
+        .iter()
+        .map(|m| (1.0 / (m.squares / count + epsilon).sqrt()) as f32)
+        .collect();
+    let (scale, shift) =
+        scale_and_shift_of(values(&weight), values(&bias), &batch_mean, &inverse_std);
+    let mut output = vec![0.0f32; xs.len()];
+    output
+        .par_chunks_mut(planes.plane)
+        .zip(xs.par_chunks(planes.plane))
+        .enumerate()
+        .for_each(|(index, (out, x))| {
+            let channel = index % planes.channels;
+            normalise(out, x, scale[channel], shift[channel], activation);
+        });
+    let (running_mean, running_var) = (values(&mean), values(&var));
+    let moved = |running: &[f32], batch: &dyn Fn(&Moments) -> f64| -> Vec<f32> {
+        running
+            .iter()
+            .zip(&moments)
+            .map(|(&r, m)| (f64::from(r) * (1.0 - momentum) + batch(m) * momentum) as f32)
+            .collect()
+    };
+    let new_mean = moved(running_mean, &|m| m.mean);
+    let new_var = moved(running_var, &|m| m.squares / count * unbiased);
+    let vector = || Shape::new([planes.channels]);
+    let inverse_std = tensor(inverse_std, vector());
+    (
+        tensor(output, x.shape()),
+        tensor(batch_mean, vector()),
+        inverse_std.clone(),
+        tensor(new_mean, vector()),
+        tensor(new_var, vector()),
+        // Nothing else to save for the backward pass.
+        inverse_std,
+    )
+}
+
+/// [`FusedBackward::batch_norm_training_backward`] on f32 tensors, or, with an activation and
+/// BatchNorm's bias, [`FusedBackward::batch_norm_training_activated_backward`]: the gradient
+/// reaching BatchNorm's output is then the activation's slope at `x·scale + shift` times
+/// `grad`, computed where it is used rather than stored. burn's composites for other types.
+/// `inputs`: `x`, the weight, the batch mean and inverse standard deviation, what the forward
+/// pass saved, and the output gradient.
+fn batch_norm_training_backward(
+    inputs: [FlexTensor; 6],
+    epsilon: f64,
+    activated: Option<(Activation, FlexTensor)>,
+    needed: [bool; 3],
+) -> [Option<FlexTensor>; 3] {
+    let [x, weight, mean, inverse_std, saved, grad] = inputs;
+    let planes = Planes::of(&x.shape()).filter(|_| x.shape() == grad.shape());
+    let contiguous = [&x, &weight, &mean, &inverse_std, &grad].map(contiguous_f32);
+    let bias = activated.as_ref().map(|(_, bias)| contiguous_f32(bias));
+    let (
+        Some(planes),
+        [
+            Some(xs),
+            Some(weight),
+            Some(means),
+            Some(inverse),
+            Some(grads),
+        ],
+        None | Some(Some(_)),
+    ) = (planes, contiguous, &bias)
+    else {
+        return match activated {
+            None => composite::batch_norm_training_backward::<Flex>(
                 x,
                 weight,
                 mean,
                 inverse_std,
                 grad,
                 needed,
-            );
+            ),
+            Some((activation, bias)) => {
+                let normalised = composite::normalise::<Flex>(
+                    x.clone(),
+                    weight.clone(),
+                    bias,
+                    mean.clone(),
+                    inverse_std.clone(),
+                );
+                let grad = match activation {
+                    Activation::Relu => Flex::relu_backward(normalised, grad),
+                    Activation::HardSwish => Flex::hard_swish_backward(normalised, grad),
+                };
+                let _ = (saved, epsilon);
+                composite::batch_norm_training_backward::<Flex>(
+                    x,
+                    weight,
+                    mean,
+                    inverse_std,
+                    grad,
+                    needed,
+                )
+            }
         };
-        let (xs, grads) = (values(&xs), values(&grads));
-        let (weight, means, inverse) = (values(&weight), values(&means), values(&inverse));
-        // Per channel: Σ grad and Σ grad·(x − mean).
-        let sums: Vec<[f64; 2]> = (0..planes.channels)
-            .into_par_iter()
-            .map(|channel| {
-                let mut sums = [0.0; 2];
-                let pairs = planes
-                    .of_channel(grads, channel)
-                    .zip(planes.of_channel(xs, channel));
-                for (grad, x) in pairs {
-                    let mut plane_sums = [0.0; 2];
-                    gradient_sums(grad, x, means[channel], &mut plane_sums);
-                    sums[0] += plane_sums[0];
-                    sums[1] += plane_sums[1];
-                }
-                sums
+    };
+    let activation = activated.map(|(activation, _)| activation);
+    let bias = bias.flatten();
+    let (xs, grads) = (values(&xs), values(&grads));
+    let (weight, means, inverse) = (values(&weight), values(&means), values(&inverse));
+    // The activation's input, `x·scale + shift`, exactly as the forward pass computed it.
+    let (scale, shift) = match &bias {
+        Some(bias) => scale_and_shift_of(weight, values(bias), means, inverse),
+        None => (Vec::new(), Vec::new()),
+    };
+    // Per channel: Σ grad and Σ grad·(x − mean), `grad` being the gradient that reaches
+    // BatchNorm's output.
+    let sums: Vec<[f64; 2]> = (0..planes.channels)
+        .into_par_iter()
+        .map(|channel| {
+            let mut sums = [0.0; 2];
+            let pairs = planes
+                .of_channel(grads, channel)
+                .zip(planes.of_channel(xs, channel));
+            for (grad, x) in pairs {
+                let mut plane_sums = [0.0; 2];
+                let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+                gradient_sums(grad, x, means[channel], slope, &mut plane_sums);
+                sums[0] += plane_sums[0];
+                sums[1] += plane_sums[1];
+            }
+            sums
+        })
+        .collect();
+    let x_grad = needed[0].then(|| {
+        // weight·inverse_std · (grad − Σgrad/N − (x − mean)·inverse_std²·Σgrad·(x − mean)/N)
+        let count = planes.per_channel() as f64;
+        let terms: Vec<[f32; 3]> = (0..planes.channels)
+            .map(|c| {
+                let inverse = f64::from(inverse[c]);
+                let a = f64::from(weight[c]) * inverse;
+                let b = -a * inverse * inverse * sums[c][1] / count;
+                let offset = -a * sums[c][0] / count - b * f64::from(means[c]);
+                [a as f32, b as f32, offset as f32]
             })
             .collect();
-        let x_grad = needed[0].then(|| {
-            // weight·inverse_std · (grad − Σgrad/N − (x − mean)·inverse_std²·Σgrad·(x − mean)/N)
-            let count = planes.per_channel() as f64;
-            let terms: Vec<[f32; 3]> = (0..planes.channels)
-                .map(|c| {
-                    let inverse = f64::from(inverse[c]);
-                    let a = f64::from(weight[c]) * inverse;
-                    let b = -a * inverse * inverse * sums[c][1] / count;
-                    let shift = -a * sums[c][0] / count - b * f64::from(means[c]);
-                    [a as f32, b as f32, shift as f32]
-                })
-                .collect();
-            let mut x_grad = vec![0.0f32; xs.len()];
-            x_grad
-                .par_chunks_mut(planes.plane)
-                .zip(
-                    grads
-                        .par_chunks(planes.plane)
-                        .zip(xs.par_chunks(planes.plane)),
-                )
-                .enumerate()
-                .for_each(|(index, (out, (grad, x)))| {
-                    let [a, b, shift] = terms[index % planes.channels];
-                    input_gradient(out, grad, x, a, b, shift);
-                });
-            tensor(x_grad, x.shape())
-        });
-        let vector = |values: Vec<f32>| tensor(values, Shape::new([planes.channels]));
-        let weight_grad = needed[1].then(|| {
-            vector(
-                (0..planes.channels)
-                    .map(|c| (sums[c][1] * f64::from(inverse[c])) as f32)
-                    .collect(),
+        let mut x_grad = vec![0.0f32; xs.len()];
+        x_grad
+            .par_chunks_mut(planes.plane)
+            .zip(
+                grads
+                    .par_chunks(planes.plane)
+                    .zip(xs.par_chunks(planes.plane)),
             )
-        });
-        let bias_grad = needed[2].then(|| vector(sums.iter().map(|s| s[0] as f32).collect()));
-        [x_grad, weight_grad, bias_grad]
+            .enumerate()
+            .for_each(|(index, (out, (grad, x)))| {
+                let channel = index % planes.channels;
+                let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+                input_gradient(out, grad, x, terms[channel], slope);
+            });
+        tensor(x_grad, x.shape())
+    });
+    let vector = |values: Vec<f32>| tensor(values, Shape::new([planes.channels]));
+    let weight_grad = needed[1].then(|| {
+        vector(
+            (0..planes.channels)
+                .map(|c| (sums[c][1] * f64::from(inverse[c])) as f32)
+                .collect(),
+        )
+    });
+    let bias_grad = needed[2].then(|| vector(sums.iter().map(|s| s[0] as f32).collect()));
+    [x_grad, weight_grad, bias_grad]
+}
+
+/// Per channel, BatchNorm's `scale = weight·inverse_std` and `shift = bias − mean·scale`, so
+/// that its output is `x·scale + shift`: the same values forward and backward.
+fn scale_and_shift_of(
+    weight: &[f32],
+    bias: &[f32],
+    mean: &[f32],
+    inverse_std: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = weight.iter().zip(inverse_std).map(|(w, i)| w * i).collect();
+    let shift = bias
+        .iter()
+        .zip(mean.iter().zip(&scale))
+        .map(|(b, (m, s))| b - m * s)
+        .collect();
+    (scale, shift)
+}
+
+impl FusedBackward for Flex {
+    fn batch_norm_training_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        inverse_std: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let inputs = [x, weight, mean, inverse_std, saved, grad];
+        batch_norm_training_backward(inputs, epsilon, None, needed)
+    }
+
+    fn batch_norm_training_activated_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        inverse_std: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        epsilon: f64,
+        activation: Activation,
+        grad: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let inputs = [x, weight, mean, inverse_std, saved, grad];
+        batch_norm_training_backward(inputs, epsilon, Some((activation, bias)), needed)
     }
 
     fn hard_swish_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -605,54 +725,126 @@ fn squared_deviations_generic<const FMA: bool>(values: &[f32], mean: f32, total:
     *total = lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + rest;
 }
 
-dispatch!(gradient_sums(grad: &[f32], x: &[f32], mean: f32, sums: &mut [f64; 2]) => gradient_sums_generic);
+/// The slope of an activation at `x·scale + shift`: what turns the gradient of the activation's
+/// output into that of BatchNorm's in [`gradient_sums`] and [`input_gradient`].
+type Slope = Option<(Activation, f32, f32)>;
 
-/// `sums = [Σ grad, Σ grad·(x − mean)]` over one plane, as [`plane_sum_generic`].
+dispatch!(gradient_sums(grad: &[f32], x: &[f32], mean: f32, slope: Slope, sums: &mut [f64; 2]) => gradient_sums_generic);
+
+/// `sums = [Σ g, Σ g·(x − mean)]` over one plane, as [`plane_sum_generic`]; `g` is `grad`,
+/// or with a `slope`, the gradient reaching BatchNorm's output through the activation at
+/// `x·scale + shift`.
 #[inline(always)]
-fn gradient_sums_generic<const FMA: bool>(grad: &[f32], x: &[f32], mean: f32, sums: &mut [f64; 2]) {
+fn gradient_sums_generic<const FMA: bool>(
+    grad: &[f32],
+    x: &[f32],
+    mean: f32,
+    slope: Slope,
+    sums: &mut [f64; 2],
+) {
+    *sums = match slope {
+        None => gradient_sums_through::<FMA>(grad, x, mean, |g, _| g),
+        Some((Activation::Relu, scale, shift)) => {
+            gradient_sums_through::<FMA>(grad, x, mean, |g, x| {
+                relu_gradient(fma::<FMA>(x, scale, shift), g)
+            })
+        }
+        Some((Activation::HardSwish, scale, shift)) => {
+            gradient_sums_through::<FMA>(grad, x, mean, |g, x| {
+                hard_swish_gradient(fma::<FMA>(x, scale, shift), g)
+            })
+        }
+    }
+}
+
+#[inline(always)]
+fn gradient_sums_through<const FMA: bool>(
+    grad: &[f32],
+    x: &[f32],
+    mean: f32,
+    through: impl Fn(f32, f32) -> f32,
+) -> [f64; 2] {
     let (mut plain, mut centred) = ([0.0f32; LANES], [0.0f32; LANES]);
     let (grads, xs) = (grad.chunks_exact(LANES), x.chunks_exact(LANES));
     let mut rest = [0.0f64; 2];
     for (g, x) in grads.remainder().iter().zip(xs.remainder()) {
-        rest[0] += f64::from(*g);
-        rest[1] += f64::from(*g) * f64::from(*x - mean);
+        let g = f64::from(through(*g, *x));
+        rest[0] += g;
+        rest[1] += g * f64::from(*x - mean);
     }
     for (g, x) in grads.zip(xs) {
         let g: &[f32; LANES] = g.try_into().expect("LANES values");
         let x: &[f32; LANES] = x.try_into().expect("LANES values");
         for lane in 0..LANES {
-            plain[lane] += g[lane];
-            centred[lane] = fma::<FMA>(g[lane], x[lane] - mean, centred[lane]);
+            let g = through(g[lane], x[lane]);
+            plain[lane] += g;
+            centred[lane] = fma::<FMA>(g, x[lane] - mean, centred[lane]);
         }
     }
     let total = |lanes: [f32; LANES]| lanes.iter().map(|&l| f64::from(l)).sum::<f64>();
-    *sums = [total(plain) + rest[0], total(centred) + rest[1]];
+    [total(plain) + rest[0], total(centred) + rest[1]]
 }
 
-dispatch!(scale_and_shift(out: &mut [f32], x: &[f32], scale: f32, shift: f32) => scale_and_shift_generic);
+dispatch!(normalise(out: &mut [f32], x: &[f32], scale: f32, shift: f32, activation: Option<Activation>) => normalise_generic);
 
-/// `out = x · scale + shift`.
+/// `out = x · scale + shift`, then `activation` where there is one.
 #[inline(always)]
-fn scale_and_shift_generic<const FMA: bool>(out: &mut [f32], x: &[f32], scale: f32, shift: f32) {
-    for (out, x) in out.iter_mut().zip(x) {
-        *out = fma::<FMA>(*x, scale, shift);
+fn normalise_generic<const FMA: bool>(
+    out: &mut [f32],
+    x: &[f32],
+    scale: f32,
+    shift: f32,
+    activation: Option<Activation>,
+) {
+    let pairs = out.iter_mut().zip(x);
+    match activation {
+        None => pairs.for_each(|(out, x)| *out = fma::<FMA>(*x, scale, shift)),
+        Some(Activation::Relu) => {
+            pairs.for_each(|(out, x)| *out = relu(fma::<FMA>(*x, scale, shift)))
+        }
+        Some(Activation::HardSwish) => {
+            pairs.for_each(|(out, x)| *out = hard_swish(fma::<FMA>(*x, scale, shift)))
+        }
     }
 }
 
-dispatch!(input_gradient(out: &mut [f32], grad: &[f32], x: &[f32], a: f32, b: f32, shift: f32) => input_gradient_generic);
+dispatch!(input_gradient(out: &mut [f32], grad: &[f32], x: &[f32], terms: [f32; 3], slope: Slope) => input_gradient_generic);
 
-/// `out = a·grad + b·x + shift`: BatchNorm's input gradient over one plane.
+/// `out = a·g + b·x + c` with `[a, b, c] = terms`, `g` as in [`gradient_sums_generic`]:
+/// BatchNorm's input gradient over one plane.
 #[inline(always)]
 fn input_gradient_generic<const FMA: bool>(
     out: &mut [f32],
     grad: &[f32],
     x: &[f32],
-    a: f32,
-    b: f32,
-    shift: f32,
+    terms: [f32; 3],
+    slope: Slope,
+) {
+    match slope {
+        None => input_gradient_through::<FMA>(out, grad, x, terms, |g, _| g),
+        Some((Activation::Relu, scale, shift)) => {
+            input_gradient_through::<FMA>(out, grad, x, terms, |g, x| {
+                relu_gradient(fma::<FMA>(x, scale, shift), g)
+            })
+        }
+        Some((Activation::HardSwish, scale, shift)) => {
+            input_gradient_through::<FMA>(out, grad, x, terms, |g, x| {
+                hard_swish_gradient(fma::<FMA>(x, scale, shift), g)
+            })
+        }
+    }
+}
+
+#[inline(always)]
+fn input_gradient_through<const FMA: bool>(
+    out: &mut [f32],
+    grad: &[f32],
+    x: &[f32],
+    [a, b, c]: [f32; 3],
+    through: impl Fn(f32, f32) -> f32,
 ) {
     for (out, (g, x)) in out.iter_mut().zip(grad.iter().zip(x)) {
-        *out = fma::<FMA>(a, *g, fma::<FMA>(b, *x, shift));
+        *out = fma::<FMA>(a, through(*g, *x), fma::<FMA>(b, *x, c));
     }
 }
 
@@ -662,7 +854,7 @@ dispatch!(hard_swish_into(out: &mut [f32], x: &[f32]) => hard_swish_generic);
 #[inline(always)]
 fn hard_swish_generic<const FMA: bool>(out: &mut [f32], x: &[f32]) {
     for (out, x) in out.iter_mut().zip(x) {
-        *out = *x * (*x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0);
+        *out = hard_swish(*x);
     }
 }
 
@@ -683,15 +875,41 @@ dispatch!(hard_swish_gradient_into(out: &mut [f32], x: &[f32], grad: &[f32]) => 
 #[inline(always)]
 fn hard_swish_gradient_generic<const FMA: bool>(out: &mut [f32], x: &[f32], grad: &[f32]) {
     for (out, (x, g)) in out.iter_mut().zip(x.iter().zip(grad)) {
-        let slope = if *x < -3.0 {
-            0.0
-        } else if *x > 3.0 {
-            1.0
-        } else {
-            *x * (1.0 / 3.0) + 0.5
-        };
-        *out = *g * slope;
+        *out = hard_swish_gradient(*x, *g);
     }
+}
+
+/// `x · clamp(x / 6 + 1/2, 0, 1)`, as [`composite::hard_swish`] computes it.
+#[inline(always)]
+fn hard_swish(x: f32) -> f32 {
+    x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)
+}
+
+/// `grad` times hard swish's slope at `x`: 0 below −3, 1 above 3, `x/3 + 1/2` between
+/// (PyTorch's `hardswish_backward`).
+#[inline(always)]
+fn hard_swish_gradient(x: f32, grad: f32) -> f32 {
+    let slope = if x < -3.0 {
+        0.0
+    } else if x > 3.0 {
+        1.0
+    } else {
+        x * (1.0 / 3.0) + 0.5
+    };
+    grad * slope
+}
+
+/// `max(0, x)`, NaN kept (as burn-flex's `relu`).
+#[inline(always)]
+fn relu(x: f32) -> f32 {
+    if x.is_nan() || x > 0.0 { x } else { 0.0 }
+}
+
+/// `grad` where ReLU's input `x` is above 0 (or NaN, as burn-flex's `relu_backward` keeps it),
+/// else 0.
+#[inline(always)]
+fn relu_gradient(x: f32, grad: f32) -> f32 {
+    if x.is_nan() || x > 0.0 { grad } else { 0.0 }
 }
 
 dispatch!(hard_sigmoid_gradient_into(out: &mut [f32], x: &[f32], grad: &[f32]) => hard_sigmoid_gradient_generic);

@@ -51,6 +51,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::activation::Activation;
 use crate::composite;
 use crate::sync_batch_norm::Exchange;
 
@@ -155,6 +156,45 @@ pub fn batch_norm_training(
     )
 }
 
+/// [`batch_norm_training`] followed by `activation`, as one operation each way: on burn-flex
+/// the normalised values are not kept, and the backward pass computes the activation's
+/// gradient from `x` again. Only where [`activates_in_batch_norm`] holds.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_training_activated(
+    x: Tensor<4>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    running_mean: Tensor<1>,
+    running_var: Tensor<1>,
+    epsilon: f64,
+    momentum: f64,
+    activation: Activation,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    let (output, _, _, mean, var, _) = <Dispatch as FusedOps>::batch_norm_training_activated(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        running_mean.into_dispatch(),
+        running_var.into_dispatch(),
+        epsilon,
+        momentum,
+        activation,
+    );
+    (
+        Tensor::from_dispatch(output),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(var),
+    )
+}
+
+/// Whether [`batch_norm_training_activated`] runs on `device`: on burn-flex
+/// (`crate::flex_layers`), unless [`set_enabled`] turned the fused layers off. Elsewhere the
+/// activation follows [`batch_norm_training`] as a layer of its own (ATen's kernels on
+/// libtorch, as PyTorch runs them).
+pub fn activates_in_batch_norm(device: &Device) -> bool {
+    on_flex(device)
+}
+
 /// burn's `conv2d`, whose gradients come from one backward operation (ATen's
 /// `convolution_backward` on libtorch, as in PyTorch's autograd) where burn's autodiff makes
 /// one call per gradient. Only on a device where [`available`] holds.
@@ -215,6 +255,11 @@ pub fn max_pool(
 /// layers off. Elsewhere burn's own max pooling keeps its indices for the backward pass, as
 /// PyTorch's does.
 pub fn pools_directly(device: &Device) -> bool {
+    on_flex(device)
+}
+
+/// Whether `device` is a burn-flex device and the fused layers are on.
+fn on_flex(device: &Device) -> bool {
     ENABLED.load(Ordering::Relaxed)
         && matches!(
             device.clone().inner().as_dispatch(),
@@ -291,6 +336,44 @@ pub trait FusedOps: Backend {
             epsilon,
             momentum,
         )
+    }
+
+    /// [`Self::batch_norm_training`], then `activation` on the output; returns the same six
+    /// tensors. Defaults to the two operations.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    #[fusion(default)]
+    fn batch_norm_training_activated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        epsilon: f64,
+        momentum: f64,
+        activation: Activation,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (output, mean, inverse_std, running_mean, running_var, saved) =
+            Self::batch_norm_training(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                epsilon,
+                momentum,
+            );
+        let output = match activation {
+            Activation::Relu => Self::relu(output),
+            Activation::HardSwish => Self::hard_swish(output),
+        };
+        (output, mean, inverse_std, running_mean, running_var, saved)
     }
 
     /// A 2-D convolution without bias: the backend's `conv2d`.
@@ -389,6 +472,47 @@ pub trait FusedBackward: Backend {
     ) -> [Option<FloatTensor<Self>>; 3] {
         let _ = (saved, epsilon);
         composite::batch_norm_training_backward::<Self>(x, weight, mean, inverse_std, grad, needed)
+    }
+
+    /// The gradients of [`FusedOps::batch_norm_training_activated`], as
+    /// [`Self::batch_norm_training_backward`]'s for the gradient that reaches BatchNorm's
+    /// output through `activation`. That gradient needs the normalised values, which are
+    /// computed again from `x` (with `bias`): `(x − mean)·inverse_std·weight + bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_training_activated_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        inverse_std: FloatTensor<Self>,
+        saved: FloatTensor<Self>,
+        epsilon: f64,
+        activation: Activation,
+        grad: FloatTensor<Self>,
+        needed: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        let normalised = composite::normalise::<Self>(
+            x.clone(),
+            weight.clone(),
+            bias,
+            mean.clone(),
+            inverse_std.clone(),
+        );
+        // ReLU's gradient is masked where its output is ≤ 0, which is where its input is.
+        let grad = match activation {
+            Activation::Relu => Self::relu_backward(normalised, grad),
+            Activation::HardSwish => Self::hard_swish_backward(normalised, grad),
+        };
+        Self::batch_norm_training_backward(
+            x,
+            weight,
+            mean,
+            inverse_std,
+            saved,
+            epsilon,
+            grad,
+            needed,
+        )
     }
 
     /// The gradients of [`FusedOps::convolution`] with respect to `x`, `weight` and `bias`
@@ -607,102 +731,29 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        #[derive(Debug)]
-        struct BatchNormTraining;
+        let inputs = [x, weight, bias, running_mean, running_var];
+        tracked_batch_norm_training::<B, C>(inputs, epsilon, momentum, None)
+    }
 
-        impl<B: FusedBackward> Backward<B, 3> for BatchNormTraining {
-            /// The input, the weight, the batch mean and inverse standard deviation, what else
-            /// the backend saved, and ε.
-            type State = (
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                f64,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, weight, mean, inverse_std, saved, epsilon) = ops.state;
-                let needed = ops.parents.each_ref().map(Option::is_some);
-                let gradients = B::batch_norm_training_backward(
-                    x,
-                    weight,
-                    mean,
-                    inverse_std,
-                    saved,
-                    epsilon,
-                    grad,
-                    needed,
-                );
-                register!(ops.parents, gradients, grads);
-            }
-        }
-
-        let running_mean = running_mean.into_primitive();
-        let running_var = running_var.into_primitive();
-        let untracked = <Self as AutodiffBackend>::from_inner;
-        match BatchNormTraining
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, weight) = (x.into_primitive(), weight.into_primitive());
-                let (output, mean, inverse_std, running_mean, running_var, saved) =
-                    B::batch_norm_training(
-                        x.clone(),
-                        weight.clone(),
-                        bias.into_primitive(),
-                        running_mean,
-                        running_var,
-                        epsilon,
-                        momentum,
-                    );
-                let state = (
-                    x,
-                    weight,
-                    mean.clone(),
-                    inverse_std.clone(),
-                    saved.clone(),
-                    epsilon,
-                );
-                (
-                    prep.finish(state, output),
-                    untracked(mean),
-                    untracked(inverse_std),
-                    untracked(running_mean),
-                    untracked(running_var),
-                    untracked(saved),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (output, mean, inverse_std, running_mean, running_var, saved) =
-                    B::batch_norm_training(
-                        x.into_primitive(),
-                        weight.into_primitive(),
-                        bias.into_primitive(),
-                        running_mean,
-                        running_var,
-                        epsilon,
-                        momentum,
-                    );
-                (
-                    prep.finish(output),
-                    untracked(mean),
-                    untracked(inverse_std),
-                    untracked(running_mean),
-                    untracked(running_var),
-                    untracked(saved),
-                )
-            }
-        }
+    fn batch_norm_training_activated(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running_mean: FloatTensor<Self>,
+        running_var: FloatTensor<Self>,
+        epsilon: f64,
+        momentum: f64,
+        activation: Activation,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let inputs = [x, weight, bias, running_mean, running_var];
+        tracked_batch_norm_training::<B, C>(inputs, epsilon, momentum, Some(activation))
     }
 
     fn convolution(
@@ -852,6 +903,151 @@ impl<B: Backend> Backward<B, 1> for GatherAcrossReplicas {
         let [parent] = ops.parents;
         if let Some(parent) = parent {
             grads.register::<B>(parent.id, summed);
+        }
+    }
+}
+
+/// [`FusedOps::batch_norm_training`] under autodiff, followed by `activation` where there is
+/// one ([`FusedOps::batch_norm_training_activated`]); the backward pass is the matching one of
+/// [`FusedBackward`]. `inputs`: `x`, the weight, the bias, the running mean and variance.
+#[allow(clippy::type_complexity)]
+fn tracked_batch_norm_training<B: FusedOps + FusedBackward, C: CheckpointStrategy>(
+    inputs: [FloatTensor<Autodiff<B, C>>; 5],
+    epsilon: f64,
+    momentum: f64,
+    activation: Option<Activation>,
+) -> (
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+) {
+    #[derive(Debug)]
+    struct BatchNormTraining;
+
+    /// What the backward pass takes: the input, the weight, the batch mean and inverse
+    /// standard deviation, what else the backend saved, ε, and the activation with the bias
+    /// (which recomputes the activation's input).
+    type State<B> = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+        Option<(Activation, FloatTensor<B>)>,
+    );
+
+    impl<B: FusedBackward> Backward<B, 3> for BatchNormTraining {
+        type State = State<B>;
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 3>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad = grads.consume::<B>(&ops.node);
+            let (x, weight, mean, inverse_std, saved, epsilon, activated) = ops.state;
+            let needed = ops.parents.each_ref().map(Option::is_some);
+            let gradients = match activated {
+                None => B::batch_norm_training_backward(
+                    x,
+                    weight,
+                    mean,
+                    inverse_std,
+                    saved,
+                    epsilon,
+                    grad,
+                    needed,
+                ),
+                Some((activation, bias)) => B::batch_norm_training_activated_backward(
+                    x,
+                    weight,
+                    bias,
+                    mean,
+                    inverse_std,
+                    saved,
+                    epsilon,
+                    activation,
+                    grad,
+                    needed,
+                ),
+            };
+            register!(ops.parents, gradients, grads);
+        }
+    }
+
+    let forward = |x, weight, bias, running_mean, running_var| match activation {
+        None => B::batch_norm_training(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+        ),
+        Some(activation) => B::batch_norm_training_activated(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+            activation,
+        ),
+    };
+    let [x, weight, bias, running_mean, running_var] = inputs;
+    let running_mean = running_mean.into_primitive();
+    let running_var = running_var.into_primitive();
+    let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+    let prepared = BatchNormTraining
+        .prepare::<C>([x.node(), weight.node(), bias.node()])
+        .compute_bound()
+        .stateful();
+    let (x, weight, bias) = (
+        x.into_primitive(),
+        weight.into_primitive(),
+        bias.into_primitive(),
+    );
+    match prepared {
+        OpsKind::Tracked(prep) => {
+            let kept_bias = activation.map(|activation| (activation, bias.clone()));
+            let (output, mean, inverse_std, running_mean, running_var, saved) =
+                forward(x.clone(), weight.clone(), bias, running_mean, running_var);
+            let state = (
+                x,
+                weight,
+                mean.clone(),
+                inverse_std.clone(),
+                saved.clone(),
+                epsilon,
+                kept_bias,
+            );
+            (
+                prep.finish(state, output),
+                untracked(mean),
+                untracked(inverse_std),
+                untracked(running_mean),
+                untracked(running_var),
+                untracked(saved),
+            )
+        }
+        OpsKind::UnTracked(prep) => {
+            let (output, mean, inverse_std, running_mean, running_var, saved) =
+                forward(x, weight, bias, running_mean, running_var);
+            (
+                prep.finish(output),
+                untracked(mean),
+                untracked(inverse_std),
+                untracked(running_mean),
+                untracked(running_var),
+                untracked(saved),
+            )
         }
     }
 }
@@ -1016,7 +1212,7 @@ mod tests {
     use burn::tensor::activation::{self, relu};
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::{DType, Device, Tensor, TensorData};
 
     use super::*;
 
@@ -1220,6 +1416,116 @@ mod tests {
             let want = training_layers(&Device::flex(), false, input_gradient);
             let got = training_layers(&Device::flex(), true, input_gradient);
             assert_close(&got, &want, &format!("input gradient {input_gradient}"));
+        }
+    }
+
+    /// BatchNorm on batch statistics then `activation`, as one operation
+    /// ([`batch_norm_training_activated`]) or as two, in `dtype`, followed by a 1x1
+    /// convolution so that the output gradient varies. Returns the output, the running
+    /// statistics, and the gradients of BatchNorm's weight and bias, of the convolution and
+    /// (when it requires one) of the input.
+    fn activated_batch_norm(
+        activation: Activation,
+        one_operation: bool,
+        input_gradient: bool,
+        dtype: DType,
+    ) -> Vec<Vec<f32>> {
+        let device = Device::flex().autodiff();
+        let values = |n: usize, seed: usize, spread: f32, offset: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((((i * 7919 + seed * 104729) % 1009) as f32) / 1009.0 - 0.5) * spread)
+                .map(|v| v + offset)
+                .collect()
+        };
+        let tensor = |shape: Vec<usize>, seed, spread, offset| {
+            let n = shape.iter().product();
+            let data = TensorData::new(values(n, seed, spread, offset), shape);
+            Tensor::<4>::from_data(data, &device).cast(dtype)
+        };
+        let vector = |n: usize, seed, spread, offset| {
+            let data = TensorData::new(values(n, seed, spread, offset), [n]);
+            Tensor::<1>::from_data(data, &device).cast(dtype)
+        };
+        let channels = 5;
+        let x = tensor(vec![3, channels, 6, 7], 1, 6.0, 0.5);
+        let x = if input_gradient { x.require_grad() } else { x };
+        // Scales up to 3.5 and shifts of ±1.5: the normalised values reach past ±3, every
+        // piece of hard swish.
+        let weight = vector(channels, 2, 4.0, 1.5).require_grad();
+        let bias = vector(channels, 3, 3.0, 0.0).require_grad();
+        let running = || (vector(channels, 4, 1.0, 0.0), vector(channels, 5, 1.0, 1.0));
+        let (running_mean, running_var) = running();
+        let conv_weight = tensor(vec![4, channels, 1, 1], 6, 2.0, 0.0).require_grad();
+        let (epsilon, momentum) = (1e-3, 0.1);
+        let (activated, mean, var) = if one_operation {
+            batch_norm_training_activated(
+                x.clone(),
+                weight.clone(),
+                bias.clone(),
+                running_mean,
+                running_var,
+                epsilon,
+                momentum,
+                activation,
+            )
+        } else {
+            let (normalised, mean, var) = batch_norm_training(
+                x.clone(),
+                weight.clone(),
+                bias.clone(),
+                running_mean,
+                running_var,
+                epsilon,
+                momentum,
+            );
+            (activation.forward(normalised), mean, var)
+        };
+        let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        let output = super::conv2d(activated, conv_weight.clone(), None, options);
+        let weights = tensor(output.dims().to_vec(), 7, 2.0, 0.0);
+        let gradients = (output.clone() * weights).sum().backward();
+        let floats = |data: TensorData| data.convert::<f32>().try_into_vec::<f32>().unwrap();
+        let read = |t: Tensor<4>| floats(t.into_data());
+        let read_1 = |t: Tensor<1>| floats(t.into_data());
+        let mut results = vec![
+            read(output.inner()),
+            read_1(mean.inner()),
+            read_1(var.inner()),
+            read_1(weight.grad(&gradients).unwrap()),
+            read_1(bias.grad(&gradients).unwrap()),
+            read(conv_weight.grad(&gradients).unwrap()),
+        ];
+        match x.grad(&gradients) {
+            Some(gradient) => results.push(read(gradient)),
+            None => assert!(!input_gradient, "no gradient for the input"),
+        }
+        results
+    }
+
+    #[test]
+    fn batch_norm_training_activated_matches_batch_norm_then_the_activation() {
+        assert!(activates_in_batch_norm(&Device::flex()));
+        for activation in [Activation::Relu, Activation::HardSwish] {
+            for input_gradient in [true, false] {
+                let what = format!("{activation:?}, input gradient {input_gradient}");
+                let run = |one, dtype| activated_batch_norm(activation, one, input_gradient, dtype);
+                // f32: Lanner's loops (`crate::flex_layers`) against two operations.
+                let got = run(true, DType::F32);
+                assert_close(&got, &run(false, DType::F32), &what);
+                // bf16: burn's composites (what the default bodies of `FusedOps` and
+                // `FusedBackward` do), to bf16's precision.
+                let (bf16, want) = (run(true, DType::BF16), run(false, DType::BF16));
+                assert_eq!(bf16.len(), want.len(), "{what}, bf16");
+                for (index, (a, b)) in bf16.iter().zip(&want).enumerate() {
+                    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 0.05 * scale,
+                            "{what}, bf16, result {index}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -87,8 +87,8 @@ impl DepthwiseSeparable {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = self.has_skip.then(|| x.clone());
         let x = self
-            .activation
-            .forward(self.bn1.forward(crate::conv::forward(&self.conv_dw, x)));
+            .bn1
+            .forward_activated(crate::conv::forward(&self.conv_dw, x), self.activation);
         let x = match &self.se {
             Some(se) => se.forward(x),
             None => x,
@@ -194,11 +194,11 @@ impl InvertedResidual {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = self.has_skip.then(|| x.clone());
         let x = self
-            .activation
-            .forward(self.bn1.forward(crate::conv::forward(&self.conv_pw, x)));
+            .bn1
+            .forward_activated(crate::conv::forward(&self.conv_pw, x), self.activation);
         let x = self
-            .activation
-            .forward(self.bn2.forward(crate::conv::forward(&self.conv_dw, x)));
+            .bn2
+            .forward_activated(crate::conv::forward(&self.conv_dw, x), self.activation);
         let x = match &self.se {
             Some(se) => se.forward(x),
             None => x,
@@ -270,8 +270,8 @@ pub struct ConvBnAct {
 impl ConvBnAct {
     /// Apply the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.activation
-            .forward(self.bn1.forward(crate::conv::forward(&self.conv, x)))
+        self.bn1
+            .forward_activated(crate::conv::forward(&self.conv, x), self.activation)
     }
 
     fn map_batch_norms(mut self, f: &impl Fn(BatchNorm2d) -> BatchNorm2d) -> Self {

@@ -12,9 +12,9 @@ pub mod torchvision;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::hard_swish;
 use burn::tensor::{Device, Tensor};
 
+use crate::activation::Activation;
 use crate::batch_norm::{BatchNorm2d, BatchNorm2dConfig};
 use crate::channels::round_channels;
 use crate::conv::conv2d;
@@ -175,7 +175,8 @@ impl MobileNetV3 {
     /// across stages. See [`crate::Backbone::unit_count`].
     pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
         let x = if units.contains(&0) {
-            hard_swish(self.bn1.forward(crate::conv::forward(&self.conv_stem, x)))
+            let x = crate::conv::forward(&self.conv_stem, x);
+            self.bn1.forward_activated(x, Activation::HardSwish)
         } else {
             x
         };

@@ -9,6 +9,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d, Relu};
 use burn::tensor::{Device, Tensor};
 
+use crate::activation::Activation;
 use crate::batch_norm::{BatchNorm2d, BatchNorm2dConfig};
 use crate::fused;
 
@@ -223,10 +224,18 @@ pub struct XceptionBlock {
 impl XceptionBlock {
     /// Apply the block.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let x = self
-            .rep
-            .iter()
-            .fold(input.clone(), |x, layer| layer.forward(x));
+        let mut x = input.clone();
+        let mut layers = self.rep.iter().peekable();
+        while let Some(layer) = layers.next() {
+            x = match (layer, layers.peek()) {
+                // BatchNorm and the ReLU after it (the next repetition's) as one operation.
+                (RepLayer::BatchNorm(bn), Some(RepLayer::Relu(_))) => {
+                    layers.next();
+                    bn.forward_activated(x, Activation::Relu)
+                }
+                _ => layer.forward(x),
+            };
+        }
         let shortcut = match (&self.skip, &self.skipbn) {
             (Some(skip), Some(bn)) => bn.forward(crate::conv::forward(skip, input)),
             (Some(skip), None) => crate::conv::forward(skip, input),

@@ -18,9 +18,9 @@ pub mod blocks;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use crate::activation::Activation::Relu;
 use crate::batch_norm::BatchNorm2d;
 use blocks::{SeparableConv2d, SeparableConv2dConfig, XceptionBlock, XceptionBlockConfig};
 
@@ -172,11 +172,11 @@ impl Xception {
     /// Units `units` of the network (see [`unit_of`]): each takes the previous one's output.
     pub fn forward_units(&self, x: Tensor<4>, units: std::ops::Range<usize>) -> Tensor<4> {
         units.fold(x, |x, unit| match unit {
-            0 => relu(self.bn1.forward(crate::conv::forward(&self.conv1, x))),
-            1 => relu(self.bn2.forward(crate::conv::forward(&self.conv2, x))),
+            0 => (self.bn1).forward_activated(crate::conv::forward(&self.conv1, x), Relu),
+            1 => (self.bn2).forward_activated(crate::conv::forward(&self.conv2, x), Relu),
             2..=13 => self.blocks()[unit - 2].forward(x),
-            14 => relu(self.bn3.forward(self.conv3.forward(x))),
-            15 => relu(self.bn4.forward(self.conv4.forward(x))),
+            14 => self.bn3.forward_activated(self.conv3.forward(x), Relu),
+            15 => self.bn4.forward_activated(self.conv4.forward(x), Relu),
             _ => panic!("Xception has {UNITS} units, not {}", unit + 1),
         })
     }
