@@ -80,36 +80,33 @@ impl BatchNorm2d {
     /// Normalise with batch statistics when training on an autodiff device (unless the
     /// statistics are frozen), with the running statistics otherwise.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        if self.uses_batch_statistics(&x) {
-            self.forward_batch_statistics(x)
-        } else {
-            self.forward_running_statistics(x)
-        }
+        self.forward_then(x, None)
     }
 
     /// `activation` on [`Self::forward`]'s output. With batch statistics on burn-flex this is
-    /// one operation each way ([`crate::fused::batch_norm_training_activated`]): the
-    /// normalised values are neither written out nor kept for the backward pass.
+    /// one operation each way ([`crate::fused::batch_norm_training`]): the normalised values
+    /// are neither written out nor kept for the backward pass.
     pub fn forward_activated(&self, x: Tensor<4>, activation: Activation) -> Tensor<4> {
-        let one_operation = self.uses_batch_statistics(&x)
-            && crate::fused::activates_in_batch_norm(&x.device())
-            && crate::sync_batch_norm::current_share().is_none();
-        if !one_operation {
-            return activation.forward(self.forward(x));
+        self.forward_then(x, Some(activation))
+    }
+
+    fn forward_then(&self, x: Tensor<4>, activation: Option<Activation>) -> Tensor<4> {
+        let batch_statistics = self.uses_batch_statistics(&x);
+        // The activation inside BatchNorm's own operation, where it can be.
+        let inside = activation.filter(|_| {
+            batch_statistics
+                && crate::fused::activates_in_batch_norm(&x.device())
+                && crate::sync_batch_norm::current_share().is_none()
+        });
+        let output = if batch_statistics {
+            self.forward_batch_statistics(x, inside)
+        } else {
+            self.forward_running_statistics(x)
+        };
+        match activation {
+            Some(activation) if inside.is_none() => activation.forward(output),
+            _ => output,
         }
-        let device = x.device();
-        let (output, mean, var) = crate::fused::batch_norm_training_activated(
-            x,
-            self.weight.val(),
-            self.bias.val(),
-            self.running_mean.value_sync().to_device(&device),
-            self.running_var.value_sync().to_device(&device),
-            self.epsilon,
-            self.momentum,
-            activation,
-        );
-        self.update_running_statistics(mean, var);
-        output
     }
 
     /// Whether [`Self::forward`] normalises `x` with its own statistics: when training on an
@@ -164,14 +161,17 @@ impl BatchNorm2d {
         x * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
     }
 
-    fn forward_batch_statistics(&self, x: Tensor<4>) -> Tensor<4> {
+    /// BatchNorm with batch statistics, and `activation` in the same operation (only where
+    /// [`crate::fused::activates_in_batch_norm`] holds).
+    fn forward_batch_statistics(&self, x: Tensor<4>, activation: Option<Activation>) -> Tensor<4> {
         let device = x.device();
         if let Some(share) = crate::sync_batch_norm::current_share() {
             return self.forward_whole_batch_statistics(x, share);
         }
         if crate::fused::available(&device) {
             // One operation each way, which the `torch` build runs as PyTorch's train-mode
-            // BatchNorm does (cuDNN's or ATen's kernels, running statistics included).
+            // BatchNorm does (cuDNN's or ATen's kernels, running statistics included), and
+            // burn-flex with the activation.
             let (output, mean, var) = crate::fused::batch_norm_training(
                 x,
                 self.weight.val(),
@@ -180,6 +180,7 @@ impl BatchNorm2d {
                 self.running_var.value_sync().to_device(&device),
                 self.epsilon,
                 self.momentum,
+                activation,
             );
             self.update_running_statistics(mean, var);
             return output;

@@ -126,11 +126,15 @@ pub fn frozen_batch_norm(
 }
 
 /// BatchNorm over `[batch, channels, height, width]` while training, with the batch's own
-/// statistics: returns the output and the running statistics moved toward the batch's by
-/// `momentum` (PyTorch's convention: the weight of the batch; the variance unbiased), in the
-/// running statistics' type. One operation forward and one backward on libtorch (PyTorch's
-/// train-mode `BatchNorm2d`). Gradients reach `x`, `weight` and `bias`; the running
-/// statistics returned carry none. Only on a device where [`available`] holds.
+/// statistics, then `activation` where there is one: returns the output and the running
+/// statistics moved toward the batch's by `momentum` (PyTorch's convention: the weight of the
+/// batch; the variance unbiased), in the running statistics' type. One operation forward and
+/// one backward: on libtorch PyTorch's train-mode `BatchNorm2d`; on burn-flex also with the
+/// activation, whose input (the normalised values) is then neither written out nor kept for
+/// the backward pass. Gradients reach `x`, `weight` and `bias`; the running statistics
+/// returned carry none. Only on a device where [`available`] holds, and with an activation
+/// only where [`activates_in_batch_norm`] does.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_training(
     x: Tensor<4>,
     weight: Tensor<1>,
@@ -139,16 +143,35 @@ pub fn batch_norm_training(
     running_var: Tensor<1>,
     epsilon: f64,
     momentum: f64,
+    activation: Option<Activation>,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    let (output, _, _, mean, var, _) = <Dispatch as FusedOps>::batch_norm_training(
+    let (x, weight, bias) = (
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
-        running_mean.into_dispatch(),
-        running_var.into_dispatch(),
-        epsilon,
-        momentum,
     );
+    let (running_mean, running_var) = (running_mean.into_dispatch(), running_var.into_dispatch());
+    let (output, _, _, mean, var, _) = match activation {
+        None => <Dispatch as FusedOps>::batch_norm_training(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+        ),
+        Some(activation) => <Dispatch as FusedOps>::batch_norm_training_activated(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+            activation,
+        ),
+    };
     (
         Tensor::from_dispatch(output),
         Tensor::from_dispatch(mean),
@@ -156,41 +179,10 @@ pub fn batch_norm_training(
     )
 }
 
-/// [`batch_norm_training`] followed by `activation`, as one operation each way: on burn-flex
-/// the normalised values are not kept, and the backward pass computes the activation's
-/// gradient from `x` again. Only where [`activates_in_batch_norm`] holds.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_training_activated(
-    x: Tensor<4>,
-    weight: Tensor<1>,
-    bias: Tensor<1>,
-    running_mean: Tensor<1>,
-    running_var: Tensor<1>,
-    epsilon: f64,
-    momentum: f64,
-    activation: Activation,
-) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    let (output, _, _, mean, var, _) = <Dispatch as FusedOps>::batch_norm_training_activated(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        running_mean.into_dispatch(),
-        running_var.into_dispatch(),
-        epsilon,
-        momentum,
-        activation,
-    );
-    (
-        Tensor::from_dispatch(output),
-        Tensor::from_dispatch(mean),
-        Tensor::from_dispatch(var),
-    )
-}
-
-/// Whether [`batch_norm_training_activated`] runs on `device`: on burn-flex
+/// Whether [`batch_norm_training`] takes an activation on `device`: on burn-flex
 /// (`crate::flex_layers`), unless [`set_enabled`] turned the fused layers off. Elsewhere the
-/// activation follows [`batch_norm_training`] as a layer of its own (ATen's kernels on
-/// libtorch, as PyTorch runs them).
+/// activation follows BatchNorm as a layer of its own (ATen's kernels on libtorch, as PyTorch
+/// runs them).
 pub fn activates_in_batch_norm(device: &Device) -> bool {
     on_flex(device)
 }
@@ -1343,6 +1335,7 @@ mod tests {
                 running_var,
                 epsilon,
                 momentum,
+                None,
             );
             let bias = Some(conv_bias.clone());
             let hidden = super::conv2d(normalised, conv_weight.clone(), bias, strided);
@@ -1420,7 +1413,7 @@ mod tests {
     }
 
     /// BatchNorm on batch statistics then `activation`, as one operation
-    /// ([`batch_norm_training_activated`]) or as two, in `dtype`, followed by a 1x1
+    /// ([`batch_norm_training`] with the activation) or as two, in `dtype`, followed by a 1x1
     /// convolution so that the output gradient varies. Returns the output, the running
     /// statistics, and the gradients of BatchNorm's weight and bias, of the convolution and
     /// (when it requires one) of the input.
@@ -1457,28 +1450,19 @@ mod tests {
         let (running_mean, running_var) = running();
         let conv_weight = tensor(vec![4, channels, 1, 1], 6, 2.0, 0.0).require_grad();
         let (epsilon, momentum) = (1e-3, 0.1);
-        let (activated, mean, var) = if one_operation {
-            batch_norm_training_activated(
-                x.clone(),
-                weight.clone(),
-                bias.clone(),
-                running_mean,
-                running_var,
-                epsilon,
-                momentum,
-                activation,
-            )
-        } else {
-            let (normalised, mean, var) = batch_norm_training(
-                x.clone(),
-                weight.clone(),
-                bias.clone(),
-                running_mean,
-                running_var,
-                epsilon,
-                momentum,
-            );
-            (activation.forward(normalised), mean, var)
+        let (normalised, mean, var) = batch_norm_training(
+            x.clone(),
+            weight.clone(),
+            bias.clone(),
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+            one_operation.then_some(activation),
+        );
+        let activated = match one_operation {
+            true => normalised,
+            false => activation.forward(normalised),
         };
         let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
         let output = super::conv2d(activated, conv_weight.clone(), None, options);
