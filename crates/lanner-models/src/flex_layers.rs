@@ -12,6 +12,9 @@
 //!   (in f64), as PyTorch combines per-thread Welford statistics. The output is one more pass.
 //! - BatchNorm's backward pass reads the gradient and the input once for two sums per channel,
 //!   and once more to write the input's gradient, `a·grad + b·x + c` per channel.
+//! - A ReLU or hard swish after BatchNorm ([`FusedOps::batch_norm_training_activated`]) is
+//!   applied in BatchNorm's output pass; backward, its slope at `x·scale + shift` is computed
+//!   again in both of BatchNorm's passes. BatchNorm's own output is never written.
 //! - The activations and pooling are one pass each way.
 //!
 //! The layers match burn's composites within float rounding (`crate::fused`'s tests).

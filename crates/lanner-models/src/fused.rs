@@ -18,7 +18,9 @@
 //! update as tensor operations (eight per layer, and two more to invert the variance for the
 //! backward pass); PyTorch's train-mode BatchNorm is one operation (cuDNN's or ATen's
 //! `native_batch_norm`, as `batch_norm` chooses), which updates the running statistics in the
-//! same kernel, and so is the `torch` build's (on copies of them: two small copies). burn's autodiff asks for a convolution's input, weight and bias gradients
+//! same kernel, and so is the `torch` build's (on copies of them: two small copies). On
+//! burn-flex the ReLU or hard swish after it joins that operation
+//! ([`FusedOps::batch_norm_training_activated`], see [`activates_in_batch_norm`]). burn's autodiff asks for a convolution's input, weight and bias gradients
 //! one call each; [`conv2d`] asks for them in one, as PyTorch's `convolution_backward` does.
 //! [`gather_across_replicas`] collects a vector from every replica of a data-parallel step,
 //! forward and backward, for BatchNorm statistics over the whole batch
