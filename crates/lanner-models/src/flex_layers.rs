@@ -240,15 +240,14 @@ fn batch_norm_training(
 /// BatchNorm's bias, [`FusedBackward::batch_norm_training_activated_backward`]: the gradient
 /// reaching BatchNorm's output is then the activation's slope at `x·scale + shift` times
 /// `grad`, computed where it is used rather than stored. burn's composites for other types.
-/// `inputs`: `x`, the weight, the batch mean and inverse standard deviation, what the forward
-/// pass saved, and the output gradient.
+/// `inputs`: `x`, the weight, the batch mean and inverse standard deviation, and the output
+/// gradient.
 fn batch_norm_training_backward(
-    inputs: [FlexTensor; 6],
-    epsilon: f64,
+    inputs: [FlexTensor; 5],
     activated: Option<(Activation, FlexTensor)>,
     needed: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
-    let [x, weight, mean, inverse_std, saved, grad] = inputs;
+    let [x, weight, mean, inverse_std, grad] = inputs;
     let planes = Planes::of(&x.shape()).filter(|_| x.shape() == grad.shape());
     let contiguous = [&x, &weight, &mean, &inverse_std, &grad].map(contiguous_f32);
     let bias = activated.as_ref().map(|(_, bias)| contiguous_f32(bias));
@@ -285,7 +284,6 @@ fn batch_norm_training_backward(
                     Activation::Relu => Flex::relu_backward(normalised, grad),
                     Activation::HardSwish => Flex::hard_swish_backward(normalised, grad),
                 };
-                let _ = (saved, epsilon);
                 composite::batch_norm_training_backward::<Flex>(
                     x,
                     weight,
@@ -393,8 +391,10 @@ impl FusedBackward for Flex {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let inputs = [x, weight, mean, inverse_std, saved, grad];
-        batch_norm_training_backward(inputs, epsilon, None, needed)
+        // burn-flex saves nothing else, and needs no ε: `inverse_std` already holds it.
+        let _ = (saved, epsilon);
+        let inputs = [x, weight, mean, inverse_std, grad];
+        batch_norm_training_backward(inputs, None, needed)
     }
 
     fn batch_norm_training_activated_backward(
@@ -409,8 +409,9 @@ impl FusedBackward for Flex {
         grad: FloatTensor<Self>,
         needed: [bool; 3],
     ) -> [Option<FloatTensor<Self>>; 3] {
-        let inputs = [x, weight, mean, inverse_std, saved, grad];
-        batch_norm_training_backward(inputs, epsilon, Some((activation, bias)), needed)
+        let _ = (saved, epsilon);
+        let inputs = [x, weight, mean, inverse_std, grad];
+        batch_norm_training_backward(inputs, Some((activation, bias)), needed)
     }
 
     fn hard_swish_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -147,33 +147,15 @@ pub fn batch_norm_training(
     momentum: f64,
     activation: Option<Activation>,
 ) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
-    let (x, weight, bias) = (
+    let inputs = [
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
-    );
-    let (running_mean, running_var) = (running_mean.into_dispatch(), running_var.into_dispatch());
-    let (output, _, _, mean, var, _) = match activation {
-        None => <Dispatch as FusedOps>::batch_norm_training(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            epsilon,
-            momentum,
-        ),
-        Some(activation) => <Dispatch as FusedOps>::batch_norm_training_activated(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            epsilon,
-            momentum,
-            activation,
-        ),
-    };
+        running_mean.into_dispatch(),
+        running_var.into_dispatch(),
+    ];
+    let (output, _, _, mean, var, _) =
+        batch_norm_training_on::<Dispatch>(inputs, epsilon, momentum, activation);
     (
         Tensor::from_dispatch(output),
         Tensor::from_dispatch(mean),
@@ -901,6 +883,47 @@ impl<B: Backend> Backward<B, 1> for GatherAcrossReplicas {
     }
 }
 
+/// `B`'s [`FusedOps::batch_norm_training`], or with an activation its
+/// [`FusedOps::batch_norm_training_activated`]. `inputs`: `x`, the weight, the bias, the
+/// running mean and variance.
+#[allow(clippy::type_complexity)]
+fn batch_norm_training_on<B: FusedOps>(
+    inputs: [FloatTensor<B>; 5],
+    epsilon: f64,
+    momentum: f64,
+    activation: Option<Activation>,
+) -> (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+) {
+    let [x, weight, bias, running_mean, running_var] = inputs;
+    match activation {
+        None => B::batch_norm_training(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+        ),
+        Some(activation) => B::batch_norm_training_activated(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            epsilon,
+            momentum,
+            activation,
+        ),
+    }
+}
+
 /// [`FusedOps::batch_norm_training`] under autodiff, followed by `activation` where there is
 /// one ([`FusedOps::batch_norm_training_activated`]); the backward pass is the matching one of
 /// [`FusedBackward`]. `inputs`: `x`, the weight, the bias, the running mean and variance.
@@ -974,26 +997,9 @@ fn tracked_batch_norm_training<B: FusedOps + FusedBackward, C: CheckpointStrateg
         }
     }
 
-    let forward = |x, weight, bias, running_mean, running_var| match activation {
-        None => B::batch_norm_training(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            epsilon,
-            momentum,
-        ),
-        Some(activation) => B::batch_norm_training_activated(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            epsilon,
-            momentum,
-            activation,
-        ),
+    let forward = |x, weight, bias, running_mean, running_var| {
+        let inputs = [x, weight, bias, running_mean, running_var];
+        batch_norm_training_on::<B>(inputs, epsilon, momentum, activation)
     };
     let [x, weight, bias, running_mean, running_var] = inputs;
     let running_mean = running_mean.into_primitive();
