@@ -182,13 +182,12 @@ fn batch_norm_training(
         return (output, mean, inverse_std, running_mean, running_var, saved);
     };
     let xs = values(&xs);
+    let of_planes: Vec<Moments> = xs.par_chunks(planes.plane).map(Moments::of_plane).collect();
     let moments: Vec<Moments> = (0..planes.channels)
-        .into_par_iter()
         .map(|channel| {
             planes
-                .of_channel(xs, channel)
-                .map(Moments::of_plane)
-                .fold(Moments::default(), Moments::merge)
+                .of_channel(&of_planes, channel)
+                .fold(Moments::default(), |all, plane| all.merge(*plane))
         })
         .collect();
     let count = planes.per_channel() as f64;
@@ -305,18 +304,25 @@ fn batch_norm_training_backward(
         None => (Vec::new(), Vec::new()),
     };
     // Per channel: Σ grad and Σ grad·(x − mean), `grad` being the gradient that reaches
-    // BatchNorm's output.
+    // BatchNorm's output; plane by plane in memory order, then added up image by image.
+    let mut of_planes = vec![[0.0f64; 2]; planes.count];
+    of_planes
+        .par_iter_mut()
+        .zip(
+            grads
+                .par_chunks(planes.plane)
+                .zip(xs.par_chunks(planes.plane)),
+        )
+        .enumerate()
+        .for_each(|(index, (plane_sums, (grad, x)))| {
+            let channel = index % planes.channels;
+            let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+            gradient_sums(grad, x, means[channel], slope, plane_sums);
+        });
     let sums: Vec<[f64; 2]> = (0..planes.channels)
-        .into_par_iter()
         .map(|channel| {
             let mut sums = [0.0; 2];
-            let pairs = planes
-                .of_channel(grads, channel)
-                .zip(planes.of_channel(xs, channel));
-            for (grad, x) in pairs {
-                let mut plane_sums = [0.0; 2];
-                let slope = activation.map(|a| (a, scale[channel], shift[channel]));
-                gradient_sums(grad, x, means[channel], slope, &mut plane_sums);
+            for plane_sums in planes.of_channel(&of_planes, channel) {
                 sums[0] += plane_sums[0];
                 sums[1] += plane_sums[1];
             }
@@ -573,11 +579,9 @@ impl Planes {
         self.count / self.channels * self.plane
     }
 
-    /// The planes of `channel` in `data`, image by image.
-    fn of_channel<'a>(&self, data: &'a [f32], channel: usize) -> impl Iterator<Item = &'a [f32]> {
-        data.chunks_exact(self.plane)
-            .skip(channel)
-            .step_by(self.channels)
+    /// Of one value per plane (`[batch, channels]`), those of `channel`, image by image.
+    fn of_channel<'a, T>(&self, per_plane: &'a [T], channel: usize) -> impl Iterator<Item = &'a T> {
+        per_plane.iter().skip(channel).step_by(self.channels)
     }
 }
 

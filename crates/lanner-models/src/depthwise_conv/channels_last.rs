@@ -246,3 +246,22 @@ fn weight_gradient_image_generic<const FMA: bool>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_moves_every_value() {
+        for (rows, columns) in [(1, 1), (16, 16), (37, 5), (3, 40), (960, 49), (33, 17)] {
+            let from: Vec<f32> = (0..rows * columns).map(|v| v as f32).collect();
+            let mut to = vec![f32::NAN; rows * columns];
+            transpose(&from, rows, columns, &mut to);
+            for i in 0..rows {
+                for j in 0..columns {
+                    assert_eq!(to[j * rows + i], from[i * columns + j], "{rows}x{columns}");
+                }
+            }
+        }
+    }
+}
