@@ -19,6 +19,8 @@
 //!
 //! The layers match burn's composites within float rounding (`crate::fused`'s tests).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use burn::backend::ops::{ActivationOps, ModuleOps};
@@ -203,15 +205,11 @@ fn batch_norm_training(
         .collect();
     let (scale, shift) =
         scale_and_shift_of(values(&weight), values(&bias), &batch_mean, &inverse_std);
-    let mut output = vec![0.0f32; xs.len()];
-    output
-        .par_chunks_mut(planes.plane)
-        .zip(xs.par_chunks(planes.plane))
-        .enumerate()
-        .for_each(|(index, (out, x))| {
-            let channel = index % planes.channels;
-            normalise(out, x, scale[channel], shift[channel], activation);
-        });
+    let output = written_by_planes(xs.len(), planes.plane, |index, out| {
+        let x = &xs[index * planes.plane..][..planes.plane];
+        let channel = index % planes.channels;
+        normalise(out, x, scale[channel], shift[channel], activation);
+    });
     let (running_mean, running_var) = (values(&mean), values(&var));
     let moved = |running: &[f32], batch: &dyn Fn(&Moments) -> f64| -> Vec<f32> {
         running
@@ -341,20 +339,12 @@ fn batch_norm_training_backward(
                 [a as f32, b as f32, offset as f32]
             })
             .collect();
-        let mut x_grad = vec![0.0f32; xs.len()];
-        x_grad
-            .par_chunks_mut(planes.plane)
-            .zip(
-                grads
-                    .par_chunks(planes.plane)
-                    .zip(xs.par_chunks(planes.plane)),
-            )
-            .enumerate()
-            .for_each(|(index, (out, (grad, x)))| {
-                let channel = index % planes.channels;
-                let slope = activation.map(|a| (a, scale[channel], shift[channel]));
-                input_gradient(out, grad, x, terms[channel], slope);
-            });
+        let x_grad = written_by_planes(xs.len(), planes.plane, |index, out| {
+            let at = index * planes.plane..(index + 1) * planes.plane;
+            let channel = index % planes.channels;
+            let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+            input_gradient(out, &grads[at.clone()], &xs[at], terms[channel], slope);
+        });
         tensor(x_grad, x.shape())
     });
     let vector = |values: Vec<f32>| tensor(values, Shape::new([planes.channels]));
@@ -543,6 +533,26 @@ fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
 /// The values of a contiguous f32 tensor.
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
+}
+
+/// `len` values that `write(index, plane)` sets, plane by plane (`plane` values each) in
+/// parallel, without zeroing them first: `vec![0.0; len]` would cost a pass over memory as
+/// long as the writing pass itself. `write` must set every value of its plane; the kernels it
+/// calls ([`normalise`], [`input_gradient`]) assert that their inputs are as long.
+fn written_by_planes(
+    len: usize,
+    plane: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.spare_capacity_mut()[..len]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(index, plane)| write(index, plane));
+    // SAFETY: the first `len` values were each written by `write`, which sets every value of
+    // every plane it is given (the kernels assert the lengths that guarantee it).
+    unsafe { values.set_len(len) };
+    values
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
@@ -793,36 +803,39 @@ fn gradient_sums_through<const FMA: bool>(
     [total(plain) + rest[0], total(centred) + rest[1]]
 }
 
-dispatch!(normalise(out: &mut [f32], x: &[f32], scale: f32, shift: f32, activation: Option<Activation>) => normalise_generic);
+dispatch!(normalise(out: &mut [MaybeUninit<f32>], x: &[f32], scale: f32, shift: f32, activation: Option<Activation>) => normalise_generic);
 
-/// `out = x · scale + shift`, then `activation` where there is one.
+/// `out = x · scale + shift`, then `activation` where there is one: every value of `out`.
 #[inline(always)]
 fn normalise_generic<const FMA: bool>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     x: &[f32],
     scale: f32,
     shift: f32,
     activation: Option<Activation>,
 ) {
+    assert_eq!(out.len(), x.len());
     let pairs = out.iter_mut().zip(x);
     match activation {
-        None => pairs.for_each(|(out, x)| *out = fma::<FMA>(*x, scale, shift)),
-        Some(Activation::Relu) => {
-            pairs.for_each(|(out, x)| *out = relu(fma::<FMA>(*x, scale, shift)))
-        }
-        Some(Activation::HardSwish) => {
-            pairs.for_each(|(out, x)| *out = hard_swish(fma::<FMA>(*x, scale, shift)))
-        }
+        None => pairs.for_each(|(out, x)| {
+            out.write(fma::<FMA>(*x, scale, shift));
+        }),
+        Some(Activation::Relu) => pairs.for_each(|(out, x)| {
+            out.write(relu(fma::<FMA>(*x, scale, shift)));
+        }),
+        Some(Activation::HardSwish) => pairs.for_each(|(out, x)| {
+            out.write(hard_swish(fma::<FMA>(*x, scale, shift)));
+        }),
     }
 }
 
-dispatch!(input_gradient(out: &mut [f32], grad: &[f32], x: &[f32], terms: [f32; 3], slope: Slope) => input_gradient_generic);
+dispatch!(input_gradient(out: &mut [MaybeUninit<f32>], grad: &[f32], x: &[f32], terms: [f32; 3], slope: Slope) => input_gradient_generic);
 
 /// `out = a·g + b·x + c` with `[a, b, c] = terms`, `g` as in [`gradient_sums_generic`]:
-/// BatchNorm's input gradient over one plane.
+/// BatchNorm's input gradient over one plane, every value of `out`.
 #[inline(always)]
 fn input_gradient_generic<const FMA: bool>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     grad: &[f32],
     x: &[f32],
     terms: [f32; 3],
@@ -845,14 +858,15 @@ fn input_gradient_generic<const FMA: bool>(
 
 #[inline(always)]
 fn input_gradient_through<const FMA: bool>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     grad: &[f32],
     x: &[f32],
     [a, b, c]: [f32; 3],
     through: impl Fn(f32, f32) -> f32,
 ) {
+    assert!(out.len() == grad.len() && out.len() == x.len());
     for (out, (g, x)) in out.iter_mut().zip(grad.iter().zip(x)) {
-        *out = fma::<FMA>(a, through(*g, *x), fma::<FMA>(b, *x, c));
+        out.write(fma::<FMA>(a, through(*g, *x), fma::<FMA>(b, *x, c)));
     }
 }
 
