@@ -8,6 +8,7 @@
 //! - [`augment`]: random horizontal flip and Keras' `RandomRotation` (reflect, bilinear).
 //! - [`loader`]: worker threads that build `[B, 3, H, W]` batches ahead of the training step,
 //!   with bounded memory and an optional cache of resized images.
+//! - [`memory`]: whether that cache fits in the memory the process has (containers included).
 //! - [`summary`]: what `lanner data PATH` reports.
 //! - [`synthetic`]: a generated two-class shapes dataset for demos, tests and benchmarks.
 
@@ -16,6 +17,7 @@ pub mod decode;
 pub mod error;
 pub mod folder;
 pub mod loader;
+pub mod memory;
 pub mod numpy_rng;
 pub mod resize;
 pub mod rng;

@@ -9,6 +9,7 @@ use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
+use lanner_data::memory;
 use lanner_data::summary::Undecodable;
 use lanner_data::{
     Augmentation, DatasetSummary, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit,
@@ -68,7 +69,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub no_flip: bool,
 
-    /// Keep resized images in memory after the first epoch (with --benchmark).
+    /// Keep resized images in memory after the first epoch (with --benchmark; left off, with
+    /// a warning, when they would take more than half the memory available).
     #[arg(long)]
     pub cache: bool,
 }
@@ -198,7 +200,18 @@ fn benchmark(
     let mut config = LoaderConfig::new(args.batch_size, (args.image_size, args.image_size));
     config.seed = u64::from(args.seed);
     config.workers = workers;
-    config.cache = args.cache;
+    config.cache = args.cache
+        && match memory::cache_warning(
+            images,
+            (args.image_size, args.image_size),
+            memory::available_bytes(),
+        ) {
+            Some(warning) => {
+                eprintln!("warning: {warning}");
+                false
+            }
+            None => true,
+        };
     config.strict = args.strict;
     config.max_pixels = args.max_image_pixels;
     config.augmentation = Some(Augmentation {
@@ -214,7 +227,7 @@ fn benchmark(
         args.image_size,
         !args.no_flip,
         args.random_rotation,
-        args.cache
+        loader.config().cache
     );
     let mut rates = Vec::new();
     for epoch in 0..epochs {

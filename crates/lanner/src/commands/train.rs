@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
+use lanner_data::memory;
 use lanner_data::{Augmentation, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit};
 use lanner_models::hub::{self, HubConfig, WeightsSpec};
 use lanner_models::precision::Precision;
@@ -167,7 +168,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
 
-    /// Keep decoded images in memory after the first epoch.
+    /// Keep decoded images in memory after the first epoch (left off, with a warning, when
+    /// they would take more than half the memory available).
     #[arg(long)]
     pub cache: bool,
 
@@ -628,13 +630,22 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         .unwrap_or_else(default_workers)
         .max(1);
     let size = hyperparameters.image_size;
+    let images = train_folder.samples.len() + validation_folder.samples.len();
+    let cache = args.cache
+        && match memory::cache_warning(images, (size, size), memory::available_bytes()) {
+            Some(warning) => {
+                log.message(&format!("warning: {warning}"));
+                false
+            }
+            None => true,
+        };
     let loader_config = |augment: bool| LoaderConfig {
         shuffle: augment,
         seed: hyperparameters.seed,
         augmentation: augment
             .then(|| Augmentation::seed_recipe(hyperparameters.random_rotation as f32)),
         workers,
-        cache: args.cache,
+        cache,
         strict: args.strict,
         max_pixels: args.max_image_pixels,
         ..LoaderConfig::new(hyperparameters.batch_size, (size, size))
