@@ -8,7 +8,8 @@
 //! - [`augment`]: random horizontal flip and Keras' `RandomRotation` (reflect, bilinear).
 //! - [`loader`]: worker threads that build `[B, 3, H, W]` batches ahead of the training step,
 //!   with bounded memory and an optional cache of resized images.
-//! - [`memory`]: whether that cache fits in the memory the process has (containers included).
+//! - [`memory`]: whether the loader caches its resized images: by default when they are small
+//!   next to the memory the process has (containers included), up to half of it when asked.
 //! - [`summary`]: what `lanner data PATH` reports.
 //! - [`synthetic`]: a generated two-class shapes dataset for demos, tests and benchmarks.
 

@@ -1,14 +1,17 @@
-//! Whether the loader's cache of resized images fits in memory, decided before the first
-//! epoch: the cache fills during that epoch, so a data set too large for it would otherwise
-//! end the run half-way through, killed for memory, with nothing saved.
+//! Whether the loader keeps its resized images in memory after the first epoch, decided
+//! before that epoch starts: the cache fills during it, so a data set too large for it would
+//! otherwise end the run half-way through, killed for memory, with nothing saved.
+//!
+//! Cached or not, the batches are the same, bit for bit; the cache only saves decoding and
+//! resizing every image every epoch. So it is on by default when the images are small next to
+//! the memory ([`AUTO_LIMIT`]), `--cache` asks for it up to half the memory available, and
+//! `--no-cache` turns it off. As Ultralytics does for its `cache=ram`, a cache that would not
+//! fit is left off with a warning rather than refused.
 //!
 //! The memory a process may still use is the smaller of the kernel's estimate
 //! (`MemAvailable` in `/proc/meminfo`) and what its control group leaves it (cgroup v2
 //! `memory.max − memory.current`, or v1's `limit_in_bytes − usage_in_bytes`): in a container,
-//! SageMaker's included, the group's limit is the one that kills. The cache may take at most
-//! half of it; the model, the optimizer and the batches in flight need the rest. As
-//! Ultralytics does for its `cache=ram`, a cache that would not fit is left off with a
-//! warning: the results are the same without it, only slower.
+//! SageMaker's included, the group's limit is the one that kills.
 
 use std::path::{Path, PathBuf};
 
@@ -18,27 +21,76 @@ pub fn cache_bytes_per_image((height, width): (usize, usize)) -> u64 {
     (height as u64 * width as u64 * 3 + 1) * std::mem::size_of::<f32>() as u64
 }
 
-/// Why a cache of `images` images of `image_size` should be left off, given `available`
-/// bytes of memory: one sentence, or `None` when it fits (or when the memory is unknown).
-pub fn cache_warning(
+/// What the user asked of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheRequest {
+    /// Nothing said: cache when the images are small next to the memory (see [`AUTO_LIMIT`]).
+    Auto,
+    /// `--cache`: cache unless the images would take more than half the memory available.
+    Always,
+    /// `--no-cache`: decode every image every epoch.
+    Never,
+}
+
+/// The most an unasked-for cache may hold: 1 GB (1,660 images at 224x224), and at most a
+/// quarter of the memory available.
+pub const AUTO_LIMIT: u64 = 1_000_000_000;
+
+/// Whether to cache, and the line that says so (or why not) in the training log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheDecision {
+    pub cache: bool,
+    pub message: Option<String>,
+}
+
+/// Whether `images` images of `image_size` are cached under `request`, given `available`
+/// bytes of memory (`None`: unknown, when only the 1 GB limit of `Auto` applies).
+pub fn decide_cache(
+    request: CacheRequest,
     images: usize,
-    image_size: (usize, usize),
+    (height, width): (usize, usize),
     available: Option<u64>,
-) -> Option<String> {
-    let needed = images as u64 * cache_bytes_per_image(image_size);
-    let available = available?;
-    (needed > available / 2).then(|| {
-        format!(
-            "--cache would keep {} of resized images in memory ({images} images at {}x{}), \
-             more than half of the {} this process has available, so it is left off: the \
-             batches are the same without it, but every epoch decodes the images again (lower \
-             --image-size or free memory to cache them)",
-            human_bytes(needed),
-            image_size.0,
-            image_size.1,
-            human_bytes(available),
-        )
-    })
+) -> CacheDecision {
+    let needed = images as u64 * cache_bytes_per_image((height, width));
+    let what = format!(
+        "{} of resized images ({images} at {height}x{width})",
+        human_bytes(needed)
+    );
+    let of_available = |share: u64| available.is_none_or(|a| needed <= a / share);
+    let (cache, message) = match request {
+        CacheRequest::Never => (false, None),
+        CacheRequest::Always if of_available(2) => (
+            true,
+            Some(format!("Caching {what} in memory after the first epoch")),
+        ),
+        CacheRequest::Always => (
+            false,
+            Some(format!(
+                "warning: --cache would keep {what} in memory, more than half of the {} this \
+                 process has available, so it is left off: the batches are the same without \
+                 it, but every epoch decodes the images again (lower --image-size or free \
+                 memory to cache them)",
+                human_bytes(available.unwrap_or(0)),
+            )),
+        ),
+        CacheRequest::Auto if needed <= AUTO_LIMIT && of_available(4) => (
+            true,
+            Some(format!(
+                "Caching {what} in memory after the first epoch (--no-cache decodes them \
+                 every epoch instead)"
+            )),
+        ),
+        CacheRequest::Auto => (
+            false,
+            Some(format!(
+                "Decoding the images every epoch: caching them would keep {what} in memory, \
+                 more than 1 GB or a quarter of the {} available (--cache keeps them up to \
+                 half of it)",
+                available.map_or_else(|| "memory".to_string(), human_bytes),
+            )),
+        ),
+    };
+    CacheDecision { cache, message }
 }
 
 /// Bytes of memory this process may still allocate, if the system says.
@@ -159,21 +211,56 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_is_left_off_when_it_needs_more_than_half_the_memory() {
+    fn the_cache_is_on_by_default_when_small_and_up_to_half_the_memory_when_asked() {
+        use CacheRequest::{Always, Auto, Never};
         // 600 images at 64x64: 49,156 bytes each, 29.5 MB in all.
         assert_eq!(cache_bytes_per_image((64, 64)), 49_156);
-        assert_eq!(cache_warning(600, (64, 64), Some(60_000_000)), None);
-        let warning = cache_warning(600, (64, 64), Some(58_000_000)).unwrap();
-        assert!(
-            warning.starts_with(
-                "--cache would keep 29.5 MB of resized images in memory (600 images at 64x64), \
-                 more than half of the 58.0 MB"
-            ),
-            "{warning}"
+        let decide = |request, available| decide_cache(request, 600, (64, 64), available);
+
+        let auto = decide(Auto, Some(120_000_000));
+        assert!(auto.cache);
+        assert_eq!(
+            auto.message.as_deref(),
+            Some(
+                "Caching 29.5 MB of resized images (600 at 64x64) in memory after the first \
+                 epoch (--no-cache decodes them every epoch instead)"
+            )
         );
-        assert!(warning.contains("left off"), "{warning}");
-        // Unknown memory (not Linux): the user's flag stands.
-        assert_eq!(cache_warning(1_000_000, (224, 224), None), None);
+        // Over a quarter of what is available: off by default, on when asked.
+        let auto = decide(Auto, Some(110_000_000));
+        assert!(!auto.cache);
+        assert!(
+            auto.message
+                .unwrap()
+                .starts_with("Decoding the images every epoch: caching them would keep 29.5 MB")
+        );
+        assert!(decide(Always, Some(60_000_000)).cache);
+        // Over half: off even when asked, with a warning.
+        let always = decide(Always, Some(58_000_000));
+        assert!(!always.cache);
+        assert!(
+            always.message.as_deref().unwrap().starts_with(
+                "warning: --cache would keep 29.5 MB of resized images (600 at 64x64) in \
+                 memory, more than half of the 58.0 MB"
+            ),
+            "{always:?}"
+        );
+        assert_eq!(
+            decide(Never, Some(1 << 40)),
+            CacheDecision {
+                cache: false,
+                message: None
+            }
+        );
+
+        // Over 1 GB: not by default, even with memory to spare; asked for, it is kept.
+        let large = |request| decide_cache(request, 2_000, (224, 224), Some(100 << 30));
+        assert!(!large(Auto).cache);
+        assert!(large(Always).cache);
+        // Unknown memory (not Linux): the 1 GB limit, and the user's flag stands.
+        assert!(decide(Auto, None).cache);
+        assert!(!decide_cache(Auto, 2_000, (224, 224), None).cache);
+        assert!(decide_cache(Always, 1_000_000, (224, 224), None).cache);
     }
 
     #[test]

@@ -268,20 +268,22 @@ fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
     assert!(same, "the resumed run ends with other weights");
 }
 
-/// The trainer may read each step's logits late (a GPU runs ahead of the host in between):
-/// the weights and every reported number are those of reading them after every step.
+/// The trainer may read each step's logits late (a GPU runs ahead of the host in between),
+/// and caches the resized images by default: the weights and every reported number are those
+/// of reading the logits after every step and of decoding every image every epoch.
 #[test]
-fn reading_logits_steps_late_changes_no_number() {
+fn reading_logits_steps_late_or_decoding_every_epoch_changes_no_number() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data);
-    let train = |name: &str, readback_every: Option<&str>| {
+    let train = |name: &str, readback_every: Option<&str>, extra: &[&str]| {
         let model = dir.path().join(name);
         let output = dir.path().join(format!("{name}-output"));
         let mut args = scratch_args(&data, &model);
         let epochs = args.iter().position(|a| a == "--initial-epochs").unwrap();
         args[epochs + 1] = "2".into();
         args.extend(["--output-data-dir".into(), output.to_str().unwrap().into()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut command = common::lanner_command();
         command.args(&args).env_remove("LANNER_READBACK_EVERY");
         if let Some(every) = readback_every {
@@ -289,6 +291,15 @@ fn reading_logits_steps_late_changes_no_number() {
         }
         let result = command.output().unwrap();
         assert!(result.status.success(), "{}", text(&result.stderr));
+        // 192 + 48 images of 32x32, 12,292 bytes each.
+        let caching = "Caching 3.0 MB of resized images (240 at 32x32) in memory after the first \
+                       epoch (--no-cache decodes them every epoch instead)";
+        assert_eq!(
+            text(&result.stdout).contains(caching),
+            !extra.contains(&"--no-cache"),
+            "{}",
+            text(&result.stdout)
+        );
         let numbers: Vec<String> = json_lines(&output.join("metrics.jsonl"))
             .iter()
             .map(|epoch| {
@@ -303,11 +314,14 @@ fn reading_logits_steps_late_changes_no_number() {
         (numbers, weights)
     };
     // 6 batches an epoch: read in groups of 4 and 2.
-    let (every_step, every_step_weights) = train("every-step", None);
-    let (late, late_weights) = train("late", Some("4"));
+    let (every_step, every_step_weights) = train("every-step", None, &[]);
+    let (late, late_weights) = train("late", Some("4"), &[]);
     assert_eq!(every_step.len(), 4);
     assert_eq!(every_step, late);
     assert!(every_step_weights == late_weights, "other weights");
+    let (decoded, decoded_weights) = train("decoded", None, &["--no-cache"]);
+    assert_eq!(every_step, decoded);
+    assert!(every_step_weights == decoded_weights, "other weights");
 
     let refused = common::lanner_command()
         .args(scratch_args(&data, &dir.path().join("refused")))

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
-use lanner_data::memory;
+use lanner_data::memory::{self, CacheRequest};
 use lanner_data::summary::Undecodable;
 use lanner_data::{
     Augmentation, DatasetSummary, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit,
@@ -200,18 +200,21 @@ fn benchmark(
     let mut config = LoaderConfig::new(args.batch_size, (args.image_size, args.image_size));
     config.seed = u64::from(args.seed);
     config.workers = workers;
-    config.cache = args.cache
-        && match memory::cache_warning(
-            images,
-            (args.image_size, args.image_size),
-            memory::available_bytes(),
-        ) {
-            Some(warning) => {
-                eprintln!("warning: {warning}");
-                false
-            }
-            None => true,
-        };
+    // A benchmark caches only when asked, to time the loader either way.
+    let request = match args.cache {
+        true => CacheRequest::Always,
+        false => CacheRequest::Never,
+    };
+    let cache = memory::decide_cache(
+        request,
+        images,
+        (args.image_size, args.image_size),
+        memory::available_bytes(),
+    );
+    if let Some(message) = cache.message.filter(|_| !cache.cache) {
+        eprintln!("{message}");
+    }
+    config.cache = cache.cache;
     config.strict = args.strict;
     config.max_pixels = args.max_image_pixels;
     config.augmentation = Some(Augmentation {

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
 use lanner_data::loader::default_workers;
-use lanner_data::memory;
+use lanner_data::memory::{self, CacheRequest};
 use lanner_data::{Augmentation, ImageFolder, Loader, LoaderConfig, Subset, ValidationSplit};
 use lanner_models::hub::{self, HubConfig, WeightsSpec};
 use lanner_models::precision::Precision;
@@ -168,10 +168,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
 
-    /// Keep decoded images in memory after the first epoch (left off, with a warning, when
-    /// they would take more than half the memory available).
-    #[arg(long)]
+    /// Keep the resized images in memory after the first epoch, up to half the memory
+    /// available (default: when they take at most 1 GB and a quarter of it).
+    #[arg(long, overrides_with = "no_cache")]
     pub cache: bool,
+
+    /// Decode every image every epoch, even when the cache would fit.
+    #[arg(long, overrides_with = "cache")]
+    pub no_cache: bool,
 
     /// Stop on an undecodable image instead of skipping it.
     #[arg(long)]
@@ -237,7 +241,8 @@ fn split_long_option(text: &str) -> Option<(&str, Option<&str>)> {
 
 /// The arguments as clap takes them: `--name_with_underscores` (the SageMaker SDK's usual
 /// spelling) becomes `--name-with-underscores`, and a plain flag followed by `true`/`false`
-/// (`--cache True`, as the training toolkit passes a boolean) becomes the flag or nothing.
+/// (`--cache True`, as the training toolkit passes a boolean) becomes the flag, or for `false`
+/// its `--no-` form where there is one (`--no-cache`), else nothing.
 fn normalize(args: Vec<OsString>, options: &[KnownOption]) -> Vec<OsString> {
     let mut normalized = Vec::new();
     let mut iter = args.into_iter().peekable();
@@ -294,8 +299,15 @@ fn normalize(args: Vec<OsString>, options: &[KnownOption]) -> Vec<OsString> {
                 None => None,
             },
         };
-        if value != Some(false) {
-            normalized.push(format!("--{name}").into());
+        match value {
+            Some(false) => {
+                // `--cache False` asks for the opposite flag where there is one (`--no-cache`).
+                let negated = format!("no-{}", known.long);
+                if find_option(options, &negated).is_some() {
+                    normalized.push(format!("--{negated}").into());
+                }
+            }
+            _ => normalized.push(format!("--{name}").into()),
         }
     }
     normalized
@@ -631,14 +643,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         .max(1);
     let size = hyperparameters.image_size;
     let images = train_folder.samples.len() + validation_folder.samples.len();
-    let cache = args.cache
-        && match memory::cache_warning(images, (size, size), memory::available_bytes()) {
-            Some(warning) => {
-                log.message(&format!("warning: {warning}"));
-                false
-            }
-            None => true,
-        };
+    let request = match (args.cache, args.no_cache) {
+        (true, _) => CacheRequest::Always,
+        (_, true) => CacheRequest::Never,
+        _ => CacheRequest::Auto,
+    };
+    let memory::CacheDecision {
+        cache,
+        message: cache_message,
+    } = memory::decide_cache(request, images, (size, size), memory::available_bytes());
     let loader_config = |augment: bool| LoaderConfig {
         shuffle: augment,
         seed: hyperparameters.seed,
@@ -663,6 +676,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         validation_loader.samples().len(),
         device_name,
     ));
+    if let Some(message) = &cache_message {
+        log.message(message);
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -792,6 +808,24 @@ mod tests {
                 "sm-model-dir",
             ]
         );
+    }
+
+    #[test]
+    fn a_false_flag_becomes_its_no_form_where_there_is_one() {
+        let options = known_options();
+        let normalized = normalize(
+            strings(&[
+                "--cache",
+                "False",
+                "--overwrite=false",
+                "--no_cache",
+                "true",
+            ]),
+            &options,
+        );
+        assert_eq!(normalized, strings(&["--no-cache", "--no-cache"]));
+        let normalized = normalize(strings(&["--cache=false", "--cache", "true"]), &options);
+        assert_eq!(normalized, strings(&["--no-cache", "--cache"]));
     }
 
     #[test]
