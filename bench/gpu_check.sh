@@ -272,7 +272,7 @@ syncs() {
 }
 
 # from_files BINARY: `lanner train` from image files, where the loader's workers decode each
-# batch and it is copied to the GPU, with the copy on a stream of its own (overlapping the step
+# batch every epoch (`--no-cache`) and it is copied to the GPU, with the copy on a stream of its own (overlapping the step
 # before) and on the compute stream. `lanner bench` reuses one batch on the device.
 from_files() {
   local bin=$1 copy_stream
@@ -282,7 +282,7 @@ from_files() {
       90 "$bin" train --train "$WORK/large/train" \
       --validation "$WORK/large/validation" --arch mobilenet_v3_large --image-size 224 \
       --batch-size 256 --weights none --initial-epochs 1 --fine-tune-epochs 3 \
-      --fine-tune-layer 0 --precision bf16 --device "$GPU" --overwrite \
+      --fine-tune-layer 0 --precision bf16 --device "$GPU" --overwrite --no-cache \
       --model-dir "$WORK/large-model-$copy_stream" --output-data-dir "$WORK/large-out-$copy_stream"
     [ -f "$WORK/large-out-$copy_stream/metrics.jsonl" ] && python3 -c 'import json, sys
 for line in open(sys.argv[1]):
