@@ -299,6 +299,7 @@ def lanner(args):
            "--patience", str(args.patience), "--seed", str(args.seed), "--overwrite"]
     if args.from_scratch:
         cmd.append("--from-scratch")
+    cmd.extend(args.lanner_arg)
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
     # Lanner's own output goes to stderr, so a failure explains itself above the table.
@@ -384,6 +385,8 @@ def main():
                         help="every Keras BatchNorm layer's momentum (default: Keras' own; 0.9 is Lanner's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lanner", default=LANNER, help="path of the lanner binary")
+    parser.add_argument("--lanner-arg", action="append", default=[],
+                        help="one more argument for `lanner train` (repeat it), e.g. --lanner-arg=--no-cache")
     skip = parser.add_mutually_exclusive_group()
     skip.add_argument("--skip-keras", action="store_true")
     skip.add_argument("--skip-lanner", action="store_true")
