@@ -3,9 +3,12 @@
 //! Request handlers put a [`Job`] (one or more preprocessed images and a reply channel) on a
 //! bounded queue; one inference thread owns the model and runs [`run_batcher`]: it takes the
 //! oldest job, waits at most `max_delay` after that job arrived for more, up to
-//! `max_batch_size` images, runs them as one batch and sends each job its rows. A job larger
-//! than `max_batch_size` runs alone, in passes of at most `max_batch_size`. Jobs whose client
-//! gave up (the reply channel is closed) are dropped without inference.
+//! `max_batch_size` images, runs them as one batch and sends each job its rows. With no delay
+//! (`lanner serve`'s default) a pass takes the jobs already queued when the model is free: a
+//! lone request never waits for company, and under load the requests that arrive during one
+//! pass share the next. A job larger than `max_batch_size` runs alone, in passes of at most
+//! `max_batch_size`. Jobs whose client gave up (the reply channel is closed) are dropped
+//! without inference.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -347,5 +350,62 @@ mod tests {
         thread.join().unwrap();
         // The abandoned job never reached the model.
         assert_eq!(*sizes.lock().unwrap(), vec![1, 1]);
+    }
+
+    #[test]
+    fn without_a_delay_a_lone_job_runs_at_once_and_jobs_queued_meanwhile_share_the_next_pass() {
+        let config = BatchingConfig {
+            max_batch_size: 8,
+            max_delay: Duration::ZERO,
+            max_queue: 16,
+        };
+        let (queue, receiver) = job_queue(config.max_queue);
+        let (started, pass_started) = crossbeam_channel::unbounded();
+        let (go, gate) = crossbeam_channel::unbounded::<()>();
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let thread = std::thread::spawn(move || {
+            let infer = |pixels: Vec<f32>, count: usize| {
+                started.send(count).unwrap();
+                gate.recv().unwrap();
+                double(pixels, count)
+            };
+            run_batcher(receiver, config, infer, |n| seen.lock().unwrap().push(n))
+        });
+        let (lone, lone_answer) = job(&[1.0]);
+        queue.submit(lone).unwrap();
+        // The lone job's pass starts without waiting for company...
+        assert_eq!(pass_started.recv().unwrap(), 1);
+        // ...and the jobs that arrive while it runs are taken together once it ends.
+        let answers: Vec<_> = [[2.0].as_slice(), &[3.0, 4.0], &[5.0]]
+            .iter()
+            .map(|values| {
+                let (job, answer) = job(values);
+                queue.submit(job).unwrap();
+                answer
+            })
+            .collect();
+        go.send(()).unwrap();
+        assert_eq!(
+            lone_answer.blocking_recv().unwrap().unwrap(),
+            vec![vec![2.0]]
+        );
+        assert_eq!(pass_started.recv().unwrap(), 4);
+        go.send(()).unwrap();
+        let rows: Vec<_> = answers
+            .into_iter()
+            .map(|a| a.blocking_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                vec![vec![4.0]],
+                vec![vec![6.0], vec![8.0]],
+                vec![vec![10.0]]
+            ]
+        );
+        drop(queue);
+        thread.join().unwrap();
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 4]);
     }
 }

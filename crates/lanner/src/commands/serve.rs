@@ -55,8 +55,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
 
-    /// Milliseconds the first request of a batch waits for others.
-    #[arg(long, default_value_t = 5)]
+    /// Milliseconds the first request of a batch waits for others. With 0, a pass takes the
+    /// requests queued when the model is free: a lone request never waits, and requests that
+    /// arrive during a pass share the next one.
+    #[arg(long, default_value_t = 0)]
     pub max_batch_delay: u64,
 
     /// Requests waiting for the model at most; beyond it, 503 with Retry-After.
