@@ -325,6 +325,18 @@ pub fn load_card(dir: &Path) -> Result<ModelCard, ArtifactError> {
     Ok(card)
 }
 
+/// The card of the Lanner model that a weights file comes from, when `weights` is the
+/// [`WEIGHTS_FILE`] of a model folder (one with a [`CARD_FILE`]); `None` for any other
+/// checkpoint (timm's, torchvision's).
+pub fn card_beside(weights: &Path) -> Result<Option<ModelCard>, ArtifactError> {
+    match weights.parent() {
+        Some(dir) if weights.file_name() == Some(WEIGHTS_FILE.as_ref()) && exists(dir) => {
+            load_card(dir).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Load the model in `dir` onto `device`: its card and the classifier with its weights.
 pub fn load(dir: &Path, device: &Device) -> Result<(ModelCard, Classifier), ArtifactError> {
     let card = load_card(dir)?;

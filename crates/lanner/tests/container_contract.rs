@@ -6,11 +6,10 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use common::{lanner_command, last_line, stripes, text};
+use common::{lanner_command, last_line, stripes, text, wait_for_line};
 
 /// A small from-scratch recipe, as SageMaker writes hyperparameters: every value a string,
 /// strings quoted as the SDK's framework estimators quote them, and the SDK's own entries.
@@ -240,15 +239,11 @@ fn sigterm_is_a_spot_interruption_the_checkpoint_resumes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        if line.unwrap().starts_with("Epoch 2/") {
-            break;
-        }
-    }
+    let reader = wait_for_line(&mut child, "Epoch 2/");
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let stopped = child.wait_with_output().unwrap();
+    reader.join().unwrap();
     assert!(!stopped.status.success());
     let reason = failure(&base);
     assert!(reason.starts_with("training was stopped"), "{reason}");

@@ -5,11 +5,10 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{lanner, stripes, text};
+use common::{lanner, stripes, text, wait_for_line};
 
 fn dataset(root: &Path) {
     stripes(&root.join("train"), 96, 1);
@@ -199,6 +198,15 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         "{stdout}\n{}",
         text(&result.stderr)
     );
+    // The backbone keeps the epsilon it was trained with (Keras' start), not timm's default.
+    assert!(
+        stdout.contains("BatchNorm epsilon 0.001 as in ")
+            && stdout.contains("lanner.json (the model these weights come from)"),
+        "{stdout}"
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&fs::read(tuned.join("lanner.json")).unwrap()).unwrap();
+    assert_eq!(card["batch_norm_epsilon"], 1e-3);
     assert!(stdout.contains("Phase 1/2 (head): Adam at learning rate 0.003, up to 1 epochs"));
     assert!(stdout.contains("Phase 2/2 (fine_tune): RMSprop at learning rate 0.00001"));
     assert!(
@@ -235,17 +243,13 @@ fn a_run_stopped_by_sigterm_resumes_to_the_same_weights() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        if line.unwrap().starts_with("Epoch 3/") {
-            break;
-        }
-    }
+    let reader = wait_for_line(&mut child, "Epoch 3/");
     std::thread::sleep(std::time::Duration::from_millis(150));
     // SIGTERM, as SageMaker stops a job (not `Child::kill`, which is SIGKILL).
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let stopped = child.wait_with_output().unwrap();
+    reader.join().unwrap();
     assert!(!stopped.status.success());
     let message = text(&stopped.stderr);
     assert!(message.contains("training was stopped"), "{message}");

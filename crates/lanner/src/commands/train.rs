@@ -630,7 +630,22 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         &autodiff,
     );
     model.backbone = match &weights {
-        hub::ResolvedWeights::File(path) => entry.load_weights(model.backbone, path)?,
+        hub::ResolvedWeights::File(path) => {
+            let backbone = entry.load_weights(model.backbone, path)?;
+            // A Lanner model's backbone normalises with the epsilon it was trained with
+            // (Keras' 1e-3 after `--init keras`), which its weights alone do not say.
+            match artifact::card_beside(path)? {
+                Some(card) if card.batch_norm_epsilon != backbone.batch_norm_epsilon() => {
+                    log.message(&format!(
+                        "BatchNorm epsilon {} as in {} (the model these weights come from)",
+                        card.batch_norm_epsilon,
+                        path.with_file_name(artifact::CARD_FILE).display()
+                    ));
+                    backbone.with_batch_norm_epsilon(card.batch_norm_epsilon)
+                }
+                _ => backbone,
+            }
+        }
         hub::ResolvedWeights::Random => hyperparameters
             .init
             .apply(model.backbone, hyperparameters.seed),

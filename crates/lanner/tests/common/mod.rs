@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
 
 use image::{Rgb, RgbImage};
 
@@ -74,4 +77,32 @@ pub fn lanner_command() -> Command {
 /// The last line of `bytes` (an error sentence after any warnings).
 pub fn last_line(bytes: &[u8]) -> String {
     text(bytes).lines().last().unwrap_or_default().to_string()
+}
+
+/// Returns once `child` (stdout piped) prints a line that starts with `prefix`, and goes on
+/// reading its stdout to the end on a thread, so that the child never writes into a closed
+/// pipe; joining the thread gives the lines after that one.
+pub fn wait_for_line(child: &mut Child, prefix: &str) -> JoinHandle<Vec<String>> {
+    let stdout = child.stdout.take().expect("the child's stdout is piped");
+    let (seen, wait) = mpsc::channel();
+    let looked_for = prefix.to_string();
+    let reader = thread::spawn(move || {
+        let mut after: Option<Vec<String>> = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            match &mut after {
+                Some(rest) => rest.push(line),
+                None if line.starts_with(&looked_for) => {
+                    after = Some(Vec::new());
+                    let _ = seen.send(());
+                }
+                None => {}
+            }
+        }
+        after.unwrap_or_default()
+    });
+    if wait.recv().is_err() {
+        panic!("the child's output ended without a line starting with {prefix:?}");
+    }
+    reader
 }
