@@ -137,10 +137,15 @@ pub trait Reporter {
 /// Keras' console output: `Epoch 4/13`, then one line per epoch with its time and metrics.
 /// On a terminal a progress bar with ETA and running loss is redrawn on stderr during the
 /// epoch; elsewhere (SageMaker, CI, pipes) only the plain lines appear.
+///
+/// A closed stdout (`lanner train … | head`, a log reader that died) does not stop training:
+/// the log says so once on stderr and goes on without its lines; `metrics.jsonl` and the model
+/// are written as before.
 pub struct KerasLog {
     progress_bar: bool,
     epoch_started: Instant,
     first_batch: usize,
+    stdout_closed: bool,
 }
 
 impl KerasLog {
@@ -155,6 +160,23 @@ impl KerasLog {
             progress_bar,
             epoch_started: Instant::now(),
             first_batch: 0,
+            stdout_closed: false,
+        }
+    }
+
+    /// Prints `text` and a newline on stdout, flushed, unless stdout has failed before.
+    fn line(&mut self, text: &str) {
+        if self.stdout_closed {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        if let Err(error) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+            self.stdout_closed = true;
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: the training log cannot be written to stdout ({error}); training \
+                 goes on without it, and metrics.jsonl and the model are still written"
+            );
         }
     }
 }
@@ -167,7 +189,7 @@ impl Default for KerasLog {
 
 impl Reporter for KerasLog {
     fn message(&mut self, text: &str) {
-        println!("{text}");
+        self.line(text);
     }
 
     fn phase_start(
@@ -178,7 +200,7 @@ impl Reporter for KerasLog {
         trainable: usize,
         total: usize,
     ) {
-        println!(
+        self.line(&format!(
             "Phase {}/{count} ({}): {} at learning rate {}, up to {} epochs; {} of {} parameters trainable",
             index + 1,
             phase.name.as_str(),
@@ -187,7 +209,7 @@ impl Reporter for KerasLog {
             phase.epochs,
             thousands(trainable),
             thousands(total),
-        );
+        ));
     }
 
     fn epoch_start(
@@ -197,8 +219,7 @@ impl Reporter for KerasLog {
         _batches: usize,
         first_batch: usize,
     ) {
-        println!("Epoch {epoch}/{total_epochs}");
-        let _ = std::io::stdout().flush();
+        self.line(&format!("Epoch {epoch}/{total_epochs}"));
         self.epoch_started = Instant::now();
         self.first_batch = first_batch;
     }
@@ -232,15 +253,14 @@ impl Reporter for KerasLog {
         if self.progress_bar {
             eprint!("\r{:80}\r", "");
         }
-        println!(
+        self.line(&format!(
             "{} samples - {:.0}s - {:.1} images/s - waited for data {:.0}% - {}",
             record.train.samples,
             record.seconds,
             record.train_images_per_second,
             100.0 * record.data_wait_share(),
             record.keras_metrics()
-        );
-        let _ = std::io::stdout().flush();
+        ));
     }
 }
 

@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -213,6 +214,44 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         stdout.contains("Epoch 1/3") && stdout.contains("Epoch 3/3"),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_closed_stdout_does_not_stop_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let model = dir.path().join("model");
+    let output = dir.path().join("output");
+    let mut args = scratch_args(&data, &model);
+    args.extend(["--output-data-dir".into(), output.to_str().unwrap().into()]);
+    // As `lanner train … | head -1`: the reader goes away after the first line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lanner"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(
+        first.starts_with("Training mobilenet_v3_small_050"),
+        "{first}"
+    );
+    let result = child.wait_with_output().unwrap();
+    let stderr = text(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("warning: the training log cannot be written to stdout")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(model.join("lanner.json").is_file());
+    assert_eq!(json_lines(&output.join("metrics.jsonl")).len(), 8);
 }
 
 #[test]
