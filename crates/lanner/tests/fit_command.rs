@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -276,6 +277,44 @@ fn a_local_job_trains_records_and_packs_like_sagemaker() {
         "{message}"
     );
     assert_eq!(fs::read(job.join("job.json")).unwrap(), job_before);
+}
+
+#[test]
+fn a_closed_stdout_does_not_fail_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let output = dir.path().join("jobs");
+    let mut command = lanner_command();
+    command.arg("fit").args([
+        "--train",
+        data.join("train").to_str().unwrap(),
+        "--validation",
+        data.join("validation").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--job-name",
+        "unread",
+    ]);
+    for hyperparameter in HYPERPARAMETERS {
+        command.args(["-p", hyperparameter]);
+    }
+    // As `lanner fit … | head -1`: the reader goes away after the first line.
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("[unread] "), "{first}");
+    let result = child.wait_with_output().unwrap();
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let record = json(&output.join("unread/job.json"));
+    assert_eq!(record["TrainingJobStatus"], "Completed");
+    assert!(output.join("unread/model.tar.gz").is_file());
 }
 
 #[test]
@@ -737,7 +776,6 @@ fn a_job_reads_its_channels_from_s3_and_uploads_its_model_there() {
 
 #[test]
 fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data);

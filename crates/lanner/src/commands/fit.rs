@@ -3,6 +3,7 @@
 //! its outcome into an exit status.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -176,12 +177,15 @@ pub fn run(args: FitArgs) -> Result<ExitCode> {
                 .model_artifacts
                 .as_ref()
                 .map_or("", |a| a.s3_model_artifacts.as_str());
-            println!("Training job {name} completed.");
-            println!("Model artifacts: {artifact}");
+            let mut summary =
+                format!("Training job {name} completed.\nModel artifacts: {artifact}\n");
             for metric in &record.final_metric_data_list {
-                println!("{}: {}", metric.metric_name, metric.value);
+                summary += &format!("{}: {}\n", metric.metric_name, metric.value);
             }
-            println!("Job folder: {}", record.local_job_dir);
+            summary += &format!("Job folder: {}\n", record.local_job_dir);
+            // `lanner fit … | head`: the job is done and recorded whether or not anyone reads
+            // the summary.
+            let _ = std::io::stdout().lock().write_all(summary.as_bytes());
             Ok(ExitCode::SUCCESS)
         }
         JobStatus::Stopped => bail!(
