@@ -249,6 +249,25 @@ fn a_local_job_trains_records_and_packs_like_sagemaker() {
     }
     let logs = jobs(&["logs", "stripes-1", "--output", output_arg]);
     assert_eq!(text(&logs.stdout), log);
+    // A long log whose reader stops after a line (`| head -1`) ends without an error.
+    fs::write(
+        job.join("training.log"),
+        log.repeat(1 + (1 << 20) / log.len()),
+    )
+    .unwrap();
+    let mut reader = lanner_command()
+        .args(["jobs", "logs", "stripes-1", "--output", output_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(reader.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let read_once = reader.wait_with_output().unwrap();
+    assert!(read_once.status.success(), "{}", text(&read_once.stderr));
+    fs::write(job.join("training.log"), &log).unwrap();
     let missing = jobs(&["describe", "stripes-9", "--output", output_arg]);
     assert!(!missing.status.success());
     assert!(

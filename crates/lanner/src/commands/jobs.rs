@@ -1,6 +1,7 @@
 //! `lanner jobs list|describe|logs`: the training jobs `lanner fit` ran, read from the
 //! records their folders keep (`job.json`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -177,8 +178,14 @@ fn logs(args: LogsArgs) -> Result<ExitCode> {
             path.display()
         )
     })?;
-    print!("{text}");
-    Ok(ExitCode::SUCCESS)
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // `lanner jobs logs NAME | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        result => {
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// From the start of training to its end (or to the last update, while it runs).
