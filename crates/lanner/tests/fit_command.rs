@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{lanner_command, last_line, stripes, text};
+use common::{first_line_then_close, lanner_command, last_line, stripes, text};
 
 /// The recipe of the other e2e tests: from scratch, tiny, a few seconds.
 const HYPERPARAMETERS: &[&str] = &[
@@ -36,6 +36,12 @@ fn dataset(root: &Path) {
 }
 
 fn fit(args: &[&str], env: &[(&str, &str)]) -> Output {
+    fit_command(args, env).output().unwrap()
+}
+
+/// `lanner fit ARGS… -p HYPERPARAMETERS…` with `env`, and no S3 endpoint from the test's own
+/// environment.
+fn fit_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = lanner_command();
     command.arg("fit").args(args);
     for name in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"] {
@@ -47,7 +53,7 @@ fn fit(args: &[&str], env: &[(&str, &str)]) -> Output {
     for hyperparameter in HYPERPARAMETERS {
         command.args(["-p", hyperparameter]);
     }
-    command.output().unwrap()
+    command
 }
 
 fn jobs(args: &[&str]) -> Output {
@@ -261,10 +267,7 @@ fn a_local_job_trains_records_and_packs_like_sagemaker() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = String::new();
-    BufReader::new(reader.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    first_line_then_close(&mut reader);
     let read_once = reader.wait_with_output().unwrap();
     assert!(read_once.status.success(), "{}", text(&read_once.stderr));
     fs::write(job.join("training.log"), &log).unwrap();
@@ -304,30 +307,25 @@ fn a_closed_stdout_does_not_fail_the_job() {
     let data = dir.path().join("data");
     dataset(&data);
     let output = dir.path().join("jobs");
-    let mut command = lanner_command();
-    command.arg("fit").args([
-        "--train",
-        data.join("train").to_str().unwrap(),
-        "--validation",
-        data.join("validation").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--job-name",
-        "unread",
-    ]);
-    for hyperparameter in HYPERPARAMETERS {
-        command.args(["-p", hyperparameter]);
-    }
     // As `lanner fit … | head -1`: the reader goes away after the first line.
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let mut child = fit_command(
+        &[
+            "--train",
+            data.join("train").to_str().unwrap(),
+            "--validation",
+            data.join("validation").to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--job-name",
+            "unread",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let first = first_line_then_close(&mut child);
     assert!(first.starts_with("[unread] "), "{first}");
     let result = child.wait_with_output().unwrap();
     assert!(result.status.success(), "{}", text(&result.stderr));

@@ -5,11 +5,10 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{lanner, stripes, text, wait_for_line};
+use common::{first_line_then_close, lanner, stripes, text, wait_for_line};
 
 fn dataset(root: &Path) {
     stripes(&root.join("train"), 96, 1);
@@ -232,10 +231,7 @@ fn a_closed_stdout_does_not_stop_training() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let first = first_line_then_close(&mut child);
     assert!(
         first.starts_with("Training mobilenet_v3_small_050"),
         "{first}"

@@ -106,3 +106,13 @@ pub fn wait_for_line(child: &mut Child, prefix: &str) -> JoinHandle<Vec<String>>
     }
     reader
 }
+
+/// Reads the first line `child` prints (stdout piped), then closes the pipe, as `| head -1`
+/// does.
+pub fn first_line_then_close(child: &mut Child) -> String {
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("the child's stdout is piped"))
+        .read_line(&mut first)
+        .unwrap();
+    first
+}
