@@ -178,14 +178,8 @@ fn logs(args: LogsArgs) -> Result<ExitCode> {
             path.display()
         )
     })?;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        // `lanner jobs logs NAME | head`: the reader has what it wanted.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
-        result => {
-            result?;
-            Ok(ExitCode::SUCCESS)
-        }
-    }
+    super::reader_left(std::io::stdout().lock().write_all(text.as_bytes()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// From the start of training to its end (or to the last update, while it runs).

@@ -127,10 +127,8 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
             }
         },
     );
-    match write_error.map_or_else(|| out.flush(), Err) {
-        // `lanner predict … | head`: the reader has what it wanted.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
-        result => result?,
+    if super::reader_left(write_error.map_or_else(|| out.flush(), Err))? {
+        return Ok(ExitCode::SUCCESS);
     }
     if failed > 0 && !args.skip_errors {
         bail!(
