@@ -121,7 +121,8 @@ fn open_decoder<'a>(
 fn bad(path: &Path, error: image::ImageError) -> DataError {
     DataError::BadImage {
         path: path.to_path_buf(),
-        reason: error.to_string(),
+        // Some decoder messages end in a line break, which would split the sentence around it.
+        reason: error.to_string().trim_end().to_string(),
     }
 }
 

@@ -38,6 +38,10 @@ pub enum DataError {
         height: u32,
         limit: u64,
     },
+    #[error(
+        "no training image of class '{class}' can be decoded ({skipped} skipped, listed above); replace them, or remove the class folder to train without it"
+    )]
+    NoUsableImages { class: String, skipped: usize },
     #[error("{0}")]
     InvalidOption(String),
     #[error(
@@ -54,5 +58,16 @@ impl DataError {
             self,
             DataError::BadImage { .. } | DataError::Unreadable { .. }
         )
+    }
+
+    /// Why a file could not be used, without its path or the advice around it, for a list that
+    /// already names the file ("train/cat/3.jpg: the file is empty").
+    pub fn reason(&self) -> String {
+        match self {
+            DataError::BadImage { reason, .. } | DataError::Unreadable { reason, .. } => {
+                reason.clone()
+            }
+            other => other.to_string(),
+        }
     }
 }

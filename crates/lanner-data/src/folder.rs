@@ -39,6 +39,9 @@ pub struct ImageFolder {
     pub root: PathBuf,
     pub class_names: Vec<String>,
     pub samples: Vec<Sample>,
+    /// Files in the class folders that are not read because their extension is not one of
+    /// [`IMAGE_EXTENSIONS`] (a `.webp` or `.tiff` image, notes, metadata), hidden files aside.
+    pub ignored: Vec<PathBuf>,
 }
 
 impl ImageFolder {
@@ -61,21 +64,28 @@ impl ImageFolder {
             return Err(DataError::NoClasses(root.to_path_buf()));
         }
         let mut samples = Vec::new();
+        let mut ignored = Vec::new();
         for (label, class) in class_names.iter().enumerate() {
             let class_dir = root.join(class);
-            let before = samples.len();
-            for path in image_files(&class_dir)? {
-                samples.push(Sample { path, label });
-            }
-            if samples.len() == before {
+            let (images, others) = walk(&class_dir)?;
+            if images.is_empty() {
                 return Err(DataError::EmptyClass(class_dir));
             }
+            samples.extend(images.into_iter().map(|path| Sample { path, label }));
+            ignored.extend(others);
         }
         Ok(ImageFolder {
             root: root.to_path_buf(),
             class_names,
             samples,
+            ignored,
         })
+    }
+
+    /// One line on the files [`ImageFolder::ignored`] holds (see [`ignored_files_message`]),
+    /// or `None` when every file is read.
+    pub fn ignored_message(&self) -> Option<String> {
+        ignored_files_message(&format!("'{}'", self.root.display()), &self.ignored)
     }
 
     /// Keras' global shuffle of the file list with `np.random.RandomState(seed)`, then the
@@ -125,9 +135,45 @@ impl ImageFolder {
     }
 }
 
+/// One line on `files` found in `place` and not read, counted by extension ("Ignored 5 files
+/// in 'data' that are not .jpg, .jpeg, .png, .bmp or .gif images (txt 2, webp 3); …"), or `None`
+/// when there are none.
+pub fn ignored_files_message(place: &str, files: &[PathBuf]) -> Option<String> {
+    if files.is_empty() {
+        return None;
+    }
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for path in files {
+        let extension = path
+            .extension()
+            .map(|ext| ext.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_else(|| "no extension".into());
+        *counts.entry(extension).or_default() += 1;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(extension, n)| format!("{extension} {n}"))
+        .collect();
+    let (files, are_not, images, them) = match files.len() {
+        1 => ("1 file".to_string(), "is not a", "image", "it"),
+        n => (format!("{n} files"), "are not", "images", "them"),
+    };
+    Some(format!(
+        "Ignored {files} in {place} that {are_not} .jpg, .jpeg, .png, .bmp or .gif {images} ({}); \
+         convert {them} to read {them}",
+        counts.join(", ")
+    ))
+}
+
 /// Image files under `dir`, walked as Keras does: folders in sorted path order, files sorted
 /// by name within each folder.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    Ok(walk(dir)?.0)
+}
+
+/// The image files under `dir` in Keras' order (as [`image_files`]), and the other
+/// (non-hidden) files, which are not read.
+pub fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {
     let mut folders = vec![dir.to_path_buf()];
     let mut index = 0;
     while index < folders.len() {
@@ -141,15 +187,19 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     // Keras sorts the walk by the folder path as a string ("a b" before "a/x").
     folders.sort_by_key(|folder| folder.to_string_lossy().into_owned());
-    let mut files = Vec::new();
+    let (mut images, mut others) = (Vec::new(), Vec::new());
     for folder in folders {
         for entry in read_dir_sorted(&folder)? {
-            if entry.is_file() && !is_hidden(&entry) && has_image_extension(&entry) {
-                files.push(entry);
+            if !entry.is_file() || is_hidden(&entry) {
+                continue;
+            }
+            match has_image_extension(&entry) {
+                true => images.push(entry),
+                false => others.push(entry),
             }
         }
     }
-    Ok(files)
+    Ok((images, others))
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -180,4 +230,47 @@ pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .map(|ext| ext.to_string_lossy().to_ascii_lowercase())
         .is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_without_an_image_extension_are_ignored_and_counted_by_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, bytes) in [
+            ("cat/1.jpg", &b"x"[..]),
+            ("cat/2.webp", b"x"),
+            ("cat/deep/3.WEBP", b"x"),
+            ("cat/.DS_Store", b"x"),
+            ("dog/1.PNG", b"x"),
+            ("dog/notes", b"x"),
+        ] {
+            let path = dir.path().join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        }
+        let folder = ImageFolder::open(dir.path()).unwrap();
+        assert_eq!(folder.samples.len(), 2);
+        let names: Vec<String> = folder.ignored.iter().map(|p| file_name(p)).collect();
+        assert_eq!(names, ["2.webp", "3.WEBP", "notes"]);
+        let message = folder.ignored_message().unwrap();
+        assert!(
+            message.starts_with("Ignored 3 files in '")
+                && message.contains("are not .jpg, .jpeg, .png, .bmp or .gif images")
+                && message.contains("(no extension 1, webp 2)"),
+            "{message}"
+        );
+
+        fs::remove_file(dir.path().join("dog/notes")).unwrap();
+        fs::remove_dir_all(dir.path().join("cat/deep")).unwrap();
+        let one = ImageFolder::open(dir.path()).unwrap().ignored_message();
+        assert!(one.unwrap().contains("Ignored 1 file in"));
+        fs::remove_file(dir.path().join("cat/2.webp")).unwrap();
+        assert_eq!(
+            ImageFolder::open(dir.path()).unwrap().ignored_message(),
+            None
+        );
+    }
 }

@@ -76,6 +76,41 @@ pub struct SkippedFile {
     pub reason: String,
 }
 
+impl SkippedFile {
+    /// One message for the files a loader skipped among the `kind` images ("training",
+    /// "validation", or "" for any): how many, and the first few by path with their reasons
+    /// (and, with `strict_hint`, that `--strict` stops on them). `None` when there are none.
+    pub fn report(files: &[SkippedFile], kind: &str, strict_hint: bool) -> Option<String> {
+        const LISTED: usize = 10;
+        if files.is_empty() {
+            return None;
+        }
+        let mut files: Vec<&SkippedFile> = files.iter().collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut text = format!(
+            "Skipped {} {kind}{}image{} that cannot be decoded{}:",
+            files.len(),
+            if kind.is_empty() { "" } else { " " },
+            if files.len() == 1 { "" } else { "s" },
+            if strict_hint {
+                " (--strict stops on them instead)"
+            } else {
+                ""
+            }
+        );
+        for file in files.iter().take(LISTED) {
+            text.push_str(&format!("\n  {}: {}", file.path.display(), file.reason));
+        }
+        if files.len() > LISTED {
+            text.push_str(&format!(
+                "\n  and {} more (`lanner data FOLDER` lists them all)",
+                files.len() - LISTED
+            ));
+        }
+        Some(text)
+    }
+}
+
 /// A batch of images in `[batch, 3, height, width]` layout, `f32` values 0..255.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -221,6 +256,21 @@ impl Loader {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
+    }
+
+    /// The first label whose every sample has been found undecodable, with that count: a class
+    /// the model cannot learn. Samples not read yet count as usable.
+    pub fn label_without_usable_images(&self) -> Option<(usize, usize)> {
+        let samples = &self.shared.samples;
+        let labels = samples.iter().map(|s| s.label + 1).max().unwrap_or(0);
+        let (mut total, mut bad) = (vec![0; labels], vec![0; labels]);
+        for (sample, flag) in samples.iter().zip(&self.shared.bad) {
+            total[sample.label] += 1;
+            bad[sample.label] += usize::from(flag.load(Ordering::Relaxed));
+        }
+        (0..labels)
+            .find(|&l| total[l] > 0 && bad[l] == total[l])
+            .map(|l| (l, bad[l]))
     }
 
     /// The order in which `epoch` visits the samples.
@@ -394,7 +444,7 @@ impl Shared {
         {
             skipped.push(SkippedFile {
                 path: self.samples[sample].path.clone(),
-                reason: error.to_string(),
+                reason: error.reason(),
             });
         }
     }
@@ -455,5 +505,43 @@ impl Drop for EpochBatches {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skipped(n: usize) -> Vec<SkippedFile> {
+        (0..n)
+            .rev()
+            .map(|i| SkippedFile {
+                path: PathBuf::from(format!("data/cat/{i:02}.jpg")),
+                reason: "the file is empty".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_skip_report_lists_the_first_ten_files_by_path_and_counts_the_rest() {
+        assert_eq!(SkippedFile::report(&[], "training", true), None);
+        let one = SkippedFile::report(&skipped(1), "", false).unwrap();
+        assert_eq!(
+            one,
+            "Skipped 1 image that cannot be decoded:\n  data/cat/00.jpg: the file is empty"
+        );
+        let many = SkippedFile::report(&skipped(12), "training", true).unwrap();
+        let lines: Vec<&str> = many.lines().collect();
+        assert_eq!(
+            lines[0],
+            "Skipped 12 training images that cannot be decoded (--strict stops on them instead):"
+        );
+        assert_eq!(lines.len(), 12);
+        assert_eq!(lines[1], "  data/cat/00.jpg: the file is empty");
+        assert_eq!(lines[10], "  data/cat/09.jpg: the file is empty");
+        assert_eq!(
+            lines[11],
+            "  and 2 more (`lanner data FOLDER` lists them all)"
+        );
     }
 }

@@ -54,6 +54,8 @@ pub struct DatasetSummary {
     pub undecodable: Vec<Undecodable>,
     /// Images whose header claims more pixels than the limit (possible decompression bombs).
     pub over_limit: Vec<Undecodable>,
+    /// Files in the class folders that are not read (not a Keras image extension).
+    pub ignored: Vec<String>,
 }
 
 /// A file that cannot be used.
@@ -147,13 +149,16 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
                 heights.push(found.height);
             }
             Some(Err(error)) => {
-                let file = Undecodable {
-                    path: sample.path.display().to_string(),
-                    reason: error.to_string(),
-                };
+                let path = sample.path.display().to_string();
                 match error {
-                    DataError::TooLarge { .. } => over_limit.push(file),
-                    _ => undecodable.push(file),
+                    DataError::TooLarge { .. } => over_limit.push(Undecodable {
+                        path,
+                        reason: error.to_string(),
+                    }),
+                    _ => undecodable.push(Undecodable {
+                        path,
+                        reason: error.reason(),
+                    }),
                 }
             }
             None => {}
@@ -168,5 +173,10 @@ pub fn summarize(folder: &ImageFolder, workers: usize, max_pixels: u64) -> Datas
         height: Spread::of(heights),
         undecodable,
         over_limit,
+        ignored: folder
+            .ignored
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect(),
     }
 }

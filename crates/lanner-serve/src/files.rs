@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lanner_data::folder::image_files;
+use lanner_data::folder::walk;
 
 use crate::predictor::Predictor;
 use crate::preprocess::{ImageError, image_bytes_to_pixels};
@@ -25,27 +25,43 @@ pub enum InputError {
     NoImages(String),
 }
 
+/// What the command line names: the images to predict, and the files in its folders that are
+/// not read (their extension is not an image's).
+#[derive(Debug, Default)]
+pub struct Inputs {
+    /// Files as given, then each folder's image files.
+    pub images: Vec<PathBuf>,
+    /// Files inside the folders that are not images by their extension.
+    pub ignored: Vec<PathBuf>,
+}
+
 /// The images named by `inputs`: files as given (whatever their extension: the format is read
 /// from the bytes), folders expanded to the image files below them, sorted.
-pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
-    let mut images = Vec::new();
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Inputs, InputError> {
+    let mut found = Inputs::default();
     for input in inputs {
         if input.is_dir() {
-            images.extend(image_files(input).map_err(|e| InputError::Unreadable(e.to_string()))?);
+            let (images, others) =
+                walk(input).map_err(|e| InputError::Unreadable(e.to_string()))?;
+            found.images.extend(images);
+            found.ignored.extend(others);
         } else if input.exists() {
-            images.push(input.clone());
+            found.images.push(input.clone());
         } else {
             return Err(InputError::Missing(input.clone()));
         }
     }
-    if images.is_empty() {
+    if found.images.is_empty() {
         let names: Vec<String> = inputs
             .iter()
             .map(|p| format!("'{}'", p.display()))
             .collect();
         return Err(InputError::NoImages(names.join(", ")));
     }
-    Ok(images)
+    // A file named on the command line is read, whatever its extension.
+    let named: std::collections::HashSet<&PathBuf> = inputs.iter().collect();
+    found.ignored.retain(|path| !named.contains(path));
+    Ok(found)
 }
 
 /// Why one file got no prediction.
@@ -159,8 +175,10 @@ mod tests {
             std::fs::write(path, b"").unwrap();
         }
         let extra = root.join("b/notes.txt");
-        let images = collect_images(&[root.to_path_buf(), extra.clone()]).unwrap();
-        let names: Vec<String> = images
+        let found = collect_images(&[root.to_path_buf(), extra.clone()]).unwrap();
+        assert!(found.ignored.is_empty(), "named on the command line");
+        let names: Vec<String> = found
+            .images
             .iter()
             .map(|p| p.strip_prefix(root).unwrap().display().to_string())
             .collect();
@@ -174,6 +192,8 @@ mod tests {
                 .to_string()
                 .ends_with("missing.png' does not exist; pass image files or folders of images")
         );
+        let ignored = collect_images(&[root.join("b")]).unwrap().ignored;
+        assert_eq!(ignored, [root.join("b/notes.txt")]);
         let empty = root.join("empty");
         std::fs::create_dir(&empty).unwrap();
         let error = collect_images(&[empty]).unwrap_err();

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
-use lanner_data::{DataError, Loader};
+use lanner_data::{DataError, Loader, SkippedFile};
 use lanner_models::folded::TrainableUnits;
 use lanner_models::frozen::is_cpu;
 use lanner_models::precision::{Precision, cast_floats, in_dtype};
@@ -213,6 +213,7 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
     let mut best_model: Option<Vec<(String, TensorData)>> = None;
     let mut optimizer_state = None;
     let mut resumed = false;
+    let mut skipped_reported = (0, 0);
     if let Some(dir) = &checkpoint_dir
         && let Some(saved) = checkpoint::load(dir, &hyperparameters, &class_names)?
     {
@@ -372,6 +373,24 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
                 learning_rate: phase.optimizer.learning_rate(),
             };
             reporter.epoch_end(&record);
+            // Files found undecodable this epoch (each is reported once, then left out).
+            for (loader, kind, reported) in [
+                (&train, "training", &mut skipped_reported.0),
+                (&validation, "validation", &mut skipped_reported.1),
+            ] {
+                let skipped = loader.skipped();
+                if let Some(text) = SkippedFile::report(&skipped[*reported..], kind, true) {
+                    reporter.message(&text);
+                }
+                *reported = skipped.len();
+            }
+            if let Some((label, skipped)) = train.label_without_usable_images() {
+                return Err(DataError::NoUsableImages {
+                    class: class_names[label].clone(),
+                    skipped,
+                }
+                .into());
+            }
 
             // Without early stopping every epoch is the latest best; with it, the rule decides
             // (a phase without any qualifying epoch keeps the previous phase's best weights).

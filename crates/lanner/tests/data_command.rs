@@ -29,6 +29,8 @@ fn summary_lists_classes_counts_formats_sizes_and_bad_files() {
         b"\xff\xd8\xff garbage",
     )
     .unwrap();
+    fs::write(dir.path().join("circle/photo.webp"), b"RIFF").unwrap();
+    fs::write(dir.path().join("square/notes.txt"), b"hello").unwrap();
     image::RgbImage::new(80, 20)
         .save(dir.path().join("circle/wide.png"))
         .unwrap();
@@ -48,7 +50,14 @@ fn summary_lists_classes_counts_formats_sizes_and_bad_files() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("Undecodable files (1)") && stdout.contains("broken.jpg: cannot decode"),
+        stdout.contains("Undecodable files (1), skipped in training unless --strict:\n")
+            && stdout.contains("broken.jpg: Format error decoding Jpeg"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Ignored 2 files in '")
+            && stdout
+                .contains("that are not .jpg, .jpeg, .png, .bmp or .gif images (txt 1, webp 1)"),
         "{stdout}"
     );
 
@@ -61,6 +70,7 @@ fn summary_lists_classes_counts_formats_sizes_and_bad_files() {
     assert_eq!(value["images"], 14);
     assert_eq!(value["classes"][1]["usable"], 6);
     assert_eq!(value["undecodable"].as_array().unwrap().len(), 1);
+    assert_eq!(value["ignored"].as_array().unwrap().len(), 2);
 }
 
 #[test]

@@ -194,6 +194,23 @@ fn predict_prints_one_row_per_image_as_csv_and_jsonl() {
     let from_csv = predicted_square_probabilities(&model, &[&fx.jpeg()]);
     assert_eq!(from_csv[path_str(&fx.jpeg())], square);
 
+    // A folder's files that are not images by their extension are named, not silently dropped.
+    let mixed = fx.root.join("mixed");
+    fs::create_dir_all(&mixed).unwrap();
+    fs::copy(fx.jpeg(), mixed.join("photo.jpg")).unwrap();
+    fs::write(mixed.join("photo.webp"), b"RIFF").unwrap();
+    let with_other_files = lanner(&["predict", "--model", path_str(&model), path_str(&mixed)]);
+    assert!(with_other_files.status.success());
+    assert_eq!(text(&with_other_files.stdout).lines().count(), 2);
+    assert_eq!(
+        text(&with_other_files.stderr).trim_end(),
+        format!(
+            "Ignored 1 file in '{}' that is not a .jpg, .jpeg, .png, .bmp or .gif image (webp 1); \
+             convert it to read it",
+            mixed.display()
+        )
+    );
+
     let table = lanner(&[
         "predict",
         "--model",

@@ -216,6 +216,89 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
 }
 
 #[test]
+fn undecodable_and_unread_files_are_named_and_a_class_left_without_images_stops_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    stripes(&data.join("train"), 12, 1);
+    stripes(&data.join("validation"), 6, 2);
+    fs::write(
+        data.join("train/vertical/broken.jpg"),
+        b"\xff\xd8\xff garbage",
+    )
+    .unwrap();
+    fs::write(data.join("validation/horizontal/empty.png"), b"").unwrap();
+    fs::write(data.join("train/horizontal/photo.webp"), b"RIFF").unwrap();
+    let model = dir.path().join("model");
+    let mut args = scratch_args(&data, &model);
+    for (option, value) in [("--initial-epochs", "2"), ("--fine-tune-epochs", "0")] {
+        let position = args.iter().position(|a| a == option).unwrap();
+        args[position + 1] = value.into();
+    }
+    let result = run(&args);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{stdout}{}", text(&result.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "Ignored 1 file in '{}' that is not a .jpg, .jpeg, .png, .bmp or .gif image (webp 1)",
+            data.join("train").display()
+        )),
+        "{stdout}"
+    );
+    // Each bad file is named once, after the epoch that found it, and left out of the counts.
+    let train_skip = format!(
+        "Skipped 1 training image that cannot be decoded (--strict stops on them instead):\n  {}: ",
+        data.join("train/vertical/broken.jpg").display()
+    );
+    let validation_skip = format!(
+        "Skipped 1 validation image that cannot be decoded (--strict stops on them instead):\n  {}: the file is empty",
+        data.join("validation/horizontal/empty.png").display()
+    );
+    assert!(stdout.contains(&train_skip), "{stdout}");
+    assert!(stdout.contains(&validation_skip), "{stdout}");
+    assert_eq!(stdout.matches("Skipped ").count(), 2, "{stdout}");
+    let epoch_one = stdout.find("Epoch 1/2").unwrap();
+    assert!(
+        stdout.find("Skipped ").unwrap()
+            > stdout[epoch_one..].find(" samples - ").unwrap() + epoch_one
+    );
+    assert!(stdout.contains("\n24 samples - "), "{stdout}");
+
+    let evaluated = lanner(&[
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.join("validation").to_str().unwrap(),
+    ]);
+    assert!(evaluated.status.success());
+    assert!(text(&evaluated.stdout).starts_with("12 images - "));
+    assert!(
+        text(&evaluated.stderr).starts_with("Skipped 1 image that cannot be decoded:\n"),
+        "{}",
+        text(&evaluated.stderr)
+    );
+
+    // A class none of whose training images decodes cannot be learnt: the run stops after the
+    // epoch that found out, names the class, and writes no model.
+    for entry in fs::read_dir(data.join("train/vertical")).unwrap() {
+        fs::write(entry.unwrap().path(), b"not an image").unwrap();
+    }
+    let unlearnable = dir.path().join("unlearnable");
+    let mut args = scratch_args(&data, &unlearnable);
+    let position = args.iter().position(|a| a == "--fine-tune-epochs").unwrap();
+    args[position + 1] = "0".into();
+    let result = run(&args);
+    assert_eq!(result.status.code(), Some(1));
+    assert_eq!(
+        text(&result.stderr).trim_end(),
+        "error: no training image of class 'vertical' can be decoded (13 skipped, listed above); \
+         replace them, or remove the class folder to train without it"
+    );
+    assert!(text(&result.stdout).contains("Skipped 13 training images"));
+    assert!(!unlearnable.exists());
+}
+
+#[test]
 fn a_closed_stdout_does_not_stop_training() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

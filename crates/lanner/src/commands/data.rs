@@ -99,16 +99,19 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
         Some(epochs) => benchmark(&args, folder, workers, epochs),
         None => {
             let summary = summarize(&folder, workers, args.max_image_pixels);
-            report(&args, &summary)
+            report(&args, &folder, &summary)
         }
     }
 }
 
-fn report(args: &DataArgs, summary: &DatasetSummary) -> Result<ExitCode> {
+fn report(args: &DataArgs, folder: &ImageFolder, summary: &DatasetSummary) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(summary)?);
     } else {
         print_summary(summary);
+        if let Some(message) = folder.ignored_message() {
+            println!("{message}");
+        }
     }
     if let Some(problem) = summary.problem() {
         eprintln!("error: {problem}");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use lanner_data::loader::default_workers;
-use lanner_data::{ImageFolder, Loader, LoaderConfig};
+use lanner_data::{ImageFolder, Loader, LoaderConfig, SkippedFile};
 use lanner_train::artifact;
 use lanner_train::evaluate::evaluate;
 
@@ -59,6 +59,9 @@ pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
         workers: args.workers.unwrap_or_else(default_workers).max(1),
         ..LoaderConfig::new(args.batch_size.max(1), (size, size))
     };
+    if let Some(message) = folder.ignored_message() {
+        eprintln!("{message}");
+    }
     let loader = Loader::new(folder.samples, config)?;
     let metrics = evaluate(
         &model,
@@ -67,6 +70,9 @@ pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
         card.class_names.len(),
         &device,
     )?;
+    if let Some(message) = SkippedFile::report(&loader.skipped(), "", false) {
+        eprintln!("{message}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
         return Ok(ExitCode::SUCCESS);

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use lanner_data::decode::DEFAULT_MAX_PIXELS;
+use lanner_data::folder::ignored_files_message;
 use lanner_data::loader::default_workers;
 use lanner_serve::files::{collect_images, predict_files};
 use lanner_serve::{ModelInfo, Predictor};
@@ -85,7 +86,17 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     }
     let (model_dir, _download) = crate::model_source::open(&args.model, &args.s3)?;
     model_dir.card()?;
-    let images = collect_images(&args.inputs)?;
+    let inputs = collect_images(&args.inputs)?;
+    let folders: Vec<String> = args
+        .inputs
+        .iter()
+        .filter(|input| input.is_dir())
+        .map(|input| format!("'{}'", input.display()))
+        .collect();
+    if let Some(message) = ignored_files_message(&folders.join(", "), &inputs.ignored) {
+        eprintln!("{message}");
+    }
+    let images = inputs.images;
     let (device, device_name) = args.device.resolve()?;
     check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;

@@ -530,6 +530,16 @@ impl TrainArgs {
     }
 }
 
+/// What each data folder holds that is not read (once per folder: a validation split shares
+/// the training folder).
+fn ignored_files_messages(train: &ImageFolder, validation: &ImageFolder) -> Vec<String> {
+    let mut messages: Vec<String> = train.ignored_message().into_iter().collect();
+    if validation.root != train.root {
+        messages.extend(validation.ignored_message());
+    }
+    messages
+}
+
 /// The training and validation folders the arguments name.
 fn open_data(args: &TrainArgs) -> Result<(ImageFolder, ImageFolder)> {
     let Some(train_dir) = &args.train else {
@@ -679,6 +689,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         ..LoaderConfig::new(hyperparameters.batch_size, (size, size))
     };
     let class_names = train_folder.class_names.clone();
+    let ignored = ignored_files_messages(&train_folder, &validation_folder);
     let train_loader = Loader::new(train_folder.samples, loader_config(true))?;
     let validation_loader = Loader::new(validation_folder.samples, loader_config(false))?;
     log.message(&format!(
@@ -692,6 +703,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         device_name,
     ));
     if let Some(message) = &cache_message {
+        log.message(message);
+    }
+    for message in &ignored {
         log.message(message);
     }
 
