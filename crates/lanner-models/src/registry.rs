@@ -85,6 +85,22 @@ pub enum Architecture {
     Xception,
 }
 
+/// The memory a CPU training step takes per input pixel of each image in the batch, in bytes
+/// (activations kept for the backward pass, their gradients, the batch itself), for the three
+/// kinds of step the recipes run. Measured as the slope of `lanner bench`'s peak resident memory
+/// (`/usr/bin/time -f %M`, one step) between batch 4 and batch 20 at 224x224 (160x160 for
+/// Xception), f32, on the development machine (2026-11-29); other sizes scale with the pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepMemory {
+    /// The head on a frozen backbone (the seed's first phase).
+    pub frozen: u32,
+    /// Every layer trainable with BatchNorm in training mode (`--from-scratch`).
+    pub from_scratch: u32,
+    /// Every layer trainable with BatchNorm frozen (`--fine-tune-layer 0`): the most a
+    /// fine-tuning phase can take; later fine-tune layers take less.
+    pub fine_tune_all: u32,
+}
+
 /// One model Lanner can build and load weights for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ModelEntry {
@@ -96,6 +112,8 @@ pub struct ModelEntry {
     pub architecture: Architecture,
     /// Input size, interpolation, normalisation and hub id of the pretrained weights.
     pub pretrained: PretrainedConfig,
+    /// What a training step needs in memory on the CPU.
+    pub step_memory: StepMemory,
 }
 
 const fn mobilenet_v3(
@@ -104,6 +122,7 @@ const fn mobilenet_v3(
     size: MobileNetV3Size,
     width_multiplier: f64,
     hub_id: Option<&'static str>,
+    step_memory: StepMemory,
 ) -> ModelEntry {
     ModelEntry {
         name,
@@ -125,6 +144,15 @@ const fn mobilenet_v3(
             normalization: IMAGENET,
             hub_id,
         },
+        step_memory,
+    }
+}
+
+const fn step_memory(frozen: u32, from_scratch: u32, fine_tune_all: u32) -> StepMemory {
+    StepMemory {
+        frozen,
+        from_scratch,
+        fine_tune_all,
     }
 }
 
@@ -136,6 +164,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         1.0,
         Some("timm/mobilenetv3_large_100.ra_in1k"),
+        step_memory(50, 838, 961),
     ),
     mobilenet_v3(
         "mobilenet_v3_large_075",
@@ -143,6 +172,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         0.75,
         None,
+        step_memory(50, 817, 890),
     ),
     mobilenet_v3(
         "mobilenet_v3_small",
@@ -150,6 +180,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         1.0,
         Some("timm/mobilenetv3_small_100.lamb_in1k"),
+        step_memory(50, 289, 399),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_075",
@@ -157,6 +188,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.75,
         Some("timm/mobilenetv3_small_075.lamb_in1k"),
+        step_memory(50, 271, 365),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_050",
@@ -164,6 +196,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.5,
         Some("timm/mobilenetv3_small_050.lamb_in1k"),
+        step_memory(50, 211, 289),
     ),
     ModelEntry {
         name: "xception",
@@ -177,6 +210,7 @@ pub const MODELS: &[ModelEntry] = &[
             normalization: INCEPTION,
             hub_id: Some("timm/legacy_xception.tf_in1k"),
         },
+        step_memory: step_memory(70, 2676, 4639),
     },
 ];
 

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod recipe;
 pub mod report;
+pub mod step_memory;
 pub mod tensor_file;
 pub mod throughput;
 pub mod trainer;

@@ -556,6 +556,19 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         refused(&[("--batch-size", "0")]),
         "error: --batch-size must be at least 1\n"
     );
+    // A step no machine's memory holds (about 7 TB) is refused instead of being killed.
+    let too_big = refused(&[("--image-size", "50000")]);
+    assert!(
+        too_big.starts_with(
+            "error: a training step of mobilenet_v3_small_050 at --batch-size 16 and \
+             --image-size 50000 needs about "
+        ) && too_big.contains(" GB of memory in its from_scratch phase, more than the ")
+            && too_big.ends_with(
+                " available; lower --batch-size or --image-size (the need grows with the batch \
+                 times the image's pixels)\n"
+            ),
+        "{too_big}"
+    );
     assert!(
         refused(&[("--learning-rate", "-0.1")])
             .contains("--learning-rate must be a positive number, got -0.1")

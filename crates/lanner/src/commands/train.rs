@@ -29,6 +29,7 @@ use lanner_train::artifact::{self, ModelCard};
 use lanner_train::classifier::Classifier;
 use lanner_train::initialisation::Initialisation;
 use lanner_train::report::{KerasLog, Reporter};
+use lanner_train::step_memory::{self, StepShape, Verdict};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
 use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, check_precision};
@@ -667,6 +668,20 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         .unwrap_or_else(default_workers)
         .max(1);
     let size = hyperparameters.image_size;
+    if lanner_models::frozen::is_cpu(&device) {
+        let shape = StepShape {
+            entry,
+            batch_size: hyperparameters.batch_size,
+            image_size: size,
+            parameters: burn::module::Module::num_params(&model),
+            loader_batches: workers + LoaderConfig::new(1, (1, 1)).prefetch,
+        };
+        match step_memory::check(&shape, &recipe, memory::available_bytes()) {
+            Verdict::Fits => {}
+            Verdict::Warn(warning) => log.message(&warning),
+            Verdict::Refuse(sentence) => bail!(sentence),
+        }
+    }
     let images = train_folder.samples.len() + validation_folder.samples.len();
     let request = match (args.cache, args.no_cache) {
         (true, _) => CacheRequest::Always,
