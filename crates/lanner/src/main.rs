@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            let message = format!("{error:#}");
+            let message = one_sentence(&error);
             eprintln!("error: {message}");
             if training {
                 commands::train::record_failure(&message);
@@ -94,6 +94,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, joined with ": " as `{error:#}` does, leaving out a cause that
+/// the text before it already says (an error whose message quotes its own source).
+fn one_sentence(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 /// Run under the name `train` or `serve` (links on the PATH of a SageMaker container, which
@@ -124,4 +141,43 @@ fn arguments(mut args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::
         args.extend(kept);
     }
     Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_sentence;
+
+    /// An error that says its source in its own message, as `thiserror`'s `{source}` does.
+    #[derive(Debug)]
+    struct QuotesItsSource {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for QuotesItsSource {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot write '/m': {}", self.source)
+        }
+    }
+
+    impl std::error::Error for QuotesItsSource {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let quoted = anyhow::Error::new(QuotesItsSource { source: io() });
+        assert_eq!(
+            format!("{quoted:#}"),
+            "cannot write '/m': no such file: no such file"
+        );
+        assert_eq!(one_sentence(&quoted), "cannot write '/m': no such file");
+        let context = anyhow::Error::new(io()).context("cannot create the folder '/m'");
+        assert_eq!(
+            one_sentence(&context),
+            "cannot create the folder '/m': no such file"
+        );
+    }
 }

@@ -556,6 +556,34 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         refused(&[("--batch-size", "0")]),
         "error: --batch-size must be at least 1\n"
     );
+    // A model or checkpoint folder that cannot be written is found before training, not after.
+    let blocker = dir.path().join("a-file");
+    fs::write(&blocker, b"").unwrap();
+    for (option, what) in [
+        ("--model-dir", "the model"),
+        ("--checkpoint-dir", "checkpoints"),
+    ] {
+        let mut args = scratch_args(&data, &model);
+        let blocked = blocker.join("x").to_str().unwrap().to_string();
+        match args.iter().position(|a| a == option) {
+            Some(position) => args[position + 1] = blocked,
+            None => args.extend([option.into(), blocked]),
+        }
+        let result = run(&args);
+        assert_eq!(result.status.code(), Some(1));
+        assert!(
+            !text(&result.stdout).contains(" samples - "),
+            "nothing trained"
+        );
+        assert_eq!(
+            text(&result.stderr),
+            format!(
+                "error: cannot write {what} to '{}': Not a directory (os error 20); pass a \
+                 {option} in a folder you may write to\n",
+                blocker.join("x").display()
+            )
+        );
+    }
     // A step no machine's memory holds (about 7 TB) is refused instead of being killed.
     let too_big = refused(&[("--image-size", "50000")]);
     assert!(

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -531,6 +531,31 @@ impl TrainArgs {
     }
 }
 
+/// Fails before training, not after it, when `dir` cannot be written: creates it (with any
+/// missing parents), writes and removes a probe file, then removes the folders it created.
+fn check_writable(dir: &Path, what: &str, option: &str) -> Result<()> {
+    let mut created = Vec::new();
+    let mut missing = Some(dir);
+    while let Some(folder) = missing.filter(|f| !f.as_os_str().is_empty() && !f.exists()) {
+        created.push(folder.to_path_buf());
+        missing = folder.parent();
+    }
+    let probe = dir.join(".lanner-write-check");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b""))
+        .and_then(|()| std::fs::remove_file(&probe));
+    // Deepest first, so each is empty when its turn comes.
+    for folder in &created {
+        let _ = std::fs::remove_dir(folder);
+    }
+    written.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write {what} to '{}': {e}; pass a {option} in a folder you may write to",
+            dir.display()
+        )
+    })
+}
+
 /// What each data folder holds that is not read (once per folder: a validation split shares
 /// the training folder).
 fn ignored_files_messages(train: &ImageFolder, validation: &ImageFolder) -> Vec<String> {
@@ -736,6 +761,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     if let Some(dir) = &args.output_data_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the output data folder '{}'", dir.display()))?;
+    }
+    check_writable(&model_dir, "the model", "--model-dir")?;
+    if let Some(dir) = &args.checkpoint_dir {
+        check_writable(dir, "checkpoints", "--checkpoint-dir")?;
     }
     let mut card = ModelCard::new(
         entry,
