@@ -131,7 +131,10 @@ pub fn check(shape: &StepShape, recipe: &Recipe, available: Option<u64>) -> Verd
 }
 
 fn gigabytes(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
+    match bytes as f64 / 1e9 {
+        gb if gb >= 1000.0 => format!("{:.1} TB", gb / 1000.0),
+        gb => format!("{gb:.1} GB"),
+    }
 }
 
 #[cfg(test)]
@@ -204,5 +207,10 @@ mod tests {
         };
         assert!(warning.contains("may need up to 1.8 GB"), "{warning}");
         assert_eq!(check(&big, &seed, None), Verdict::Fits);
+        let Verdict::Refuse(huge) = check(&shape("xception", 32, 50_000), &seed, Some(24 * gb))
+        else {
+            panic!("50000x50000 cannot fit");
+        };
+        assert!(huge.contains(" TB of memory"), "{huge}");
     }
 }

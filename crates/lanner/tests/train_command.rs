@@ -590,7 +590,7 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         too_big.starts_with(
             "error: a training step of mobilenet_v3_small_050 at --batch-size 16 and \
              --image-size 50000 needs about "
-        ) && too_big.contains(" GB of memory in its from_scratch phase, more than the ")
+        ) && too_big.contains("B of memory in its from_scratch phase, more than the ")
             && too_big.ends_with(
                 " available; lower --batch-size or --image-size (the need grows with the batch \
                  times the image's pixels)\n"
