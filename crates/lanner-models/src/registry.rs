@@ -87,9 +87,11 @@ pub enum Architecture {
 
 /// The memory a CPU training step takes per input pixel of each image in the batch, in bytes
 /// (activations kept for the backward pass, their gradients, the batch itself), for the three
-/// kinds of step the recipes run. Measured as the slope of `lanner bench`'s peak resident memory
-/// (`/usr/bin/time -f %M`, one step) between batch 4 and batch 20 at 224x224 (160x160 for
-/// Xception), f32, on the development machine (2026-11-29); other sizes scale with the pixels.
+/// kinds of step the recipes run. Measured by `bench/step_memory.py`: the slope of `lanner
+/// bench`'s peak resident memory (`/usr/bin/time -f %M`, one step) between batch 4 and batch 20
+/// at 224x224 (160x160 for Xception), f32, on the development machine (2026-11-29), the lower
+/// of two runs (`train` refuses a step on this estimate, so it must not be high); other sizes
+/// scale with the pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepMemory {
     /// The head on a frozen backbone (the seed's first phase).
@@ -164,7 +166,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         1.0,
         Some("timm/mobilenetv3_large_100.ra_in1k"),
-        step_memory(50, 838, 961),
+        step_memory(30, 790, 961),
     ),
     mobilenet_v3(
         "mobilenet_v3_large_075",
@@ -172,7 +174,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         0.75,
         None,
-        step_memory(50, 817, 890),
+        step_memory(28, 817, 886),
     ),
     mobilenet_v3(
         "mobilenet_v3_small",
@@ -180,7 +182,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         1.0,
         Some("timm/mobilenetv3_small_100.lamb_in1k"),
-        step_memory(50, 289, 399),
+        step_memory(45, 289, 399),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_075",
@@ -188,7 +190,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.75,
         Some("timm/mobilenetv3_small_075.lamb_in1k"),
-        step_memory(50, 271, 365),
+        step_memory(28, 266, 360),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_050",
@@ -196,7 +198,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.5,
         Some("timm/mobilenetv3_small_050.lamb_in1k"),
-        step_memory(50, 211, 289),
+        step_memory(32, 211, 280),
     ),
     ModelEntry {
         name: "xception",
@@ -210,7 +212,7 @@ pub const MODELS: &[ModelEntry] = &[
             normalization: INCEPTION,
             hub_id: Some("timm/legacy_xception.tf_in1k"),
         },
-        step_memory: step_memory(70, 2676, 4639),
+        step_memory: step_memory(70, 2400, 4620),
     },
 ];
 
