@@ -165,14 +165,9 @@ pub fn ignored_files_message(place: &str, files: &[PathBuf]) -> Option<String> {
     ))
 }
 
-/// Image files under `dir`, walked as Keras does: folders in sorted path order, files sorted
-/// by name within each folder.
-pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    Ok(walk(dir)?.0)
-}
-
-/// The image files under `dir` in Keras' order (as [`image_files`]), and the other
-/// (non-hidden) files, which are not read.
+/// The image files under `dir`, walked as Keras does (folders in sorted path order, files
+/// sorted by name within each folder), and the other files, which are not read; hidden files
+/// and folders are neither.
 pub fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), DataError> {
     let mut folders = vec![dir.to_path_buf()];
     let mut index = 0;

@@ -45,6 +45,9 @@ pub struct LoaderConfig {
     pub max_pixels: u64,
 }
 
+/// Finished batches a loader keeps ready ahead of the consumer unless told otherwise.
+pub const DEFAULT_PREFETCH: usize = 2;
+
 impl LoaderConfig {
     pub fn new(batch_size: usize, image_size: (usize, usize)) -> Self {
         LoaderConfig {
@@ -54,7 +57,7 @@ impl LoaderConfig {
             seed: 0,
             augmentation: None,
             workers: default_workers(),
-            prefetch: 2,
+            prefetch: DEFAULT_PREFETCH,
             cache: false,
             strict: false,
             max_pixels: DEFAULT_MAX_PIXELS,

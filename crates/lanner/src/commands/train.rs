@@ -699,7 +699,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             batch_size: hyperparameters.batch_size,
             image_size: size,
             parameters: burn::module::Module::num_params(&model),
-            loader_batches: workers + LoaderConfig::new(1, (1, 1)).prefetch,
+            loader_batches: workers + lanner_data::loader::DEFAULT_PREFETCH,
         };
         match step_memory::check(&shape, &recipe, memory::available_bytes()) {
             Verdict::Fits => {}
