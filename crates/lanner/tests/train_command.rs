@@ -57,6 +57,19 @@ fn run(args: &[String]) -> std::process::Output {
     lanner(&args)
 }
 
+/// `lanner evaluate --model MODEL --data DATA EXTRA…`.
+fn evaluate(model: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    lanner(&args)
+}
+
 fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     fs::read_to_string(path)
         .unwrap()
@@ -152,14 +165,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     assert!(model.join("weights.safetensors").is_file());
 
     // Reloaded, the model gives the best epoch's validation metrics.
-    let evaluated = lanner(&[
-        "evaluate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.join("validation").to_str().unwrap(),
-        "--json",
-    ]);
+    let evaluated = evaluate(&model, &data.join("validation"), &["--json"]);
     assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
     let metrics: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
     assert_eq!(metrics["accuracy"].as_f64().unwrap(), best_accuracy);
@@ -263,13 +269,7 @@ fn undecodable_and_unread_files_are_named_and_a_class_left_without_images_stops_
     );
     assert!(stdout.contains("\n24 samples - "), "{stdout}");
 
-    let evaluated = lanner(&[
-        "evaluate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.join("validation").to_str().unwrap(),
-    ]);
+    let evaluated = evaluate(&model, &data.join("validation"), &[]);
     assert!(evaluated.status.success());
     assert!(text(&evaluated.stdout).starts_with("12 images - "));
     assert!(
