@@ -166,7 +166,7 @@ fn cgroup_headroom(limit: Option<String>, usage: Option<String>) -> Option<u64> 
 }
 
 /// `33.1 MB`, `12.3 GB`: decimal units, as `df -H` and the training log's other sizes.
-fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     let units = ["bytes", "kB", "MB", "GB", "TB"];
     let mut value = bytes as f64;
     let mut unit = 0;

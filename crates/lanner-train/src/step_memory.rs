@@ -9,6 +9,7 @@
 //! under the measured peak (6.3 GB measured, 5.7 GB estimated for MobileNetV3-Large from
 //! scratch at 640x640, batch 16), so a refusal is not a false alarm.
 
+use lanner_data::memory::human_bytes;
 use lanner_models::registry::{ModelEntry, StepMemory};
 
 use crate::recipe::{BatchNormMode, Phase, Recipe, Trainable};
@@ -111,9 +112,9 @@ pub fn check(shape: &StepShape, recipe: &Recipe, available: Option<u64>) -> Verd
         return Verdict::Refuse(format!(
             "a training step of {settings} needs about {} of memory in its {} phase, more than \
              the {} available; {fix}",
-            gigabytes(least),
+            human_bytes(least),
             phase.name.as_str(),
-            gigabytes(available)
+            human_bytes(available)
         ));
     }
     match largest(|need| need.most) {
@@ -121,19 +122,12 @@ pub fn check(shape: &StepShape, recipe: &Recipe, available: Option<u64>) -> Verd
             Verdict::Warn(format!(
                 "warning: a training step of {settings} may need up to {} of memory in its {} \
                  phase, and {} is available; if the run is killed (exit status 137), {fix}",
-                gigabytes(most),
+                human_bytes(most),
                 phase.name.as_str(),
-                gigabytes(available)
+                human_bytes(available)
             ))
         }
         _ => Verdict::Fits,
-    }
-}
-
-fn gigabytes(bytes: u64) -> String {
-    match bytes as f64 / 1e9 {
-        gb if gb >= 1000.0 => format!("{:.1} TB", gb / 1000.0),
-        gb => format!("{gb:.1} GB"),
     }
 }
 

@@ -800,22 +800,21 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
     let kept = dir.path().join("kept");
     // A long job that keeps its checkpoints in `kept`, outside its job folder.
     let checkpointed_fit = |job_name: &str| {
-        let mut command = lanner_command();
-        command.arg("fit").args([
-            "--train",
-            data.join("train").to_str().unwrap(),
-            "--validation",
-            data.join("validation").to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--job-name",
-            job_name,
-            "--checkpoint-dir",
-            kept.to_str().unwrap(),
-        ]);
-        for hyperparameter in HYPERPARAMETERS {
-            command.args(["-p", hyperparameter]);
-        }
+        let mut command = fit_command(
+            &[
+                "--train",
+                data.join("train").to_str().unwrap(),
+                "--validation",
+                data.join("validation").to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--job-name",
+                job_name,
+                "--checkpoint-dir",
+                kept.to_str().unwrap(),
+            ],
+            &[],
+        );
         command.args(["-p", "fine-tune-epochs=20"]);
         command
     };
