@@ -23,12 +23,19 @@ thread_local! {
 /// At most this many bytes of idle buffers stay with a thread.
 const KEEP_BYTES: usize = 1 << 30;
 
+/// A buffer is taken for a request when at most `1 / WASTE` of it would go unused.
+const WASTE: usize = 4;
+
 impl Pool {
-    /// The smallest idle buffer of at least `len` floats, else the largest (it grows once).
+    /// The smallest idle buffer of at least `len` floats that wastes little of itself, else
+    /// the largest smaller one (it grows once). A much larger buffer stays for a request of
+    /// its own size: a training step keeps hundreds of buffers until its backward pass, and
+    /// one taken for a tenth of its size holds the rest of it, touched and resident, as long.
     fn take(&mut self, len: usize) -> Option<Vec<f32>> {
-        let key = match self.by_len.range(len..).next() {
+        let fits = self.by_len.range(len..=len + len / WASTE).next();
+        let key = match fits {
             Some((&key, _)) => key,
-            None => *self.by_len.keys().next_back()?,
+            None => *self.by_len.range(..len).next_back()?.0,
         };
         let list = self.by_len.get_mut(&key).expect("present");
         let data = list.pop().expect("lists are never empty");
@@ -118,5 +125,27 @@ mod tests {
         let third = Buffer::from_slice(&[1.0, 2.0]);
         assert_eq!(&third[..], &[1.0, 2.0]);
         assert!(Buffer::zeros(3000).iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn a_much_larger_idle_buffer_is_left_for_a_request_of_its_size() {
+        // Run on a thread of its own: the pool is the thread's.
+        std::thread::spawn(|| {
+            let large = Buffer::new(10_000);
+            let address = large.as_ptr();
+            drop(large);
+            // A tenth of it would hold the rest resident for as long as the small one lives.
+            let small = Buffer::new(1_000);
+            assert_ne!(small.as_ptr(), address);
+            // A buffer a little larger than asked for is taken.
+            let close = Buffer::new(9_000);
+            assert_eq!(close.as_ptr(), address);
+            drop((small, close));
+            // With nothing large enough, the largest smaller one grows.
+            let grown = Buffer::new(12_000);
+            assert_eq!(grown.len(), 12_000);
+        })
+        .join()
+        .unwrap();
     }
 }
