@@ -347,3 +347,44 @@ fn frozen_layers_of_the_first_trained_block_change_no_other_gradient() {
         assert_eq!(gradient.values, same.values, "{:?}", gradient.id);
     }
 }
+
+#[test]
+fn the_backward_pass_keeps_one_tensor_per_convolution_and_each_units_input() {
+    // MobileNetV3-Large at 224 (the paper's table 1): per unit its input, and per expanding
+    // and depthwise convolution one tensor of its output's size (hard swish's input or
+    // ReLU's output); the stem and the last convolution keep their pre-activation. Nothing
+    // else: not hard swish's output, the gated values, or the projection's input.
+    let px = |side: usize, channels: usize| side * side * channels;
+    let mut want = px(224, 3) + px(112, 16); // stem
+    want += px(112, 16) + px(112, 16); // depthwise-separable block
+    // (input side, input channels, expanded channels, stride) of the inverted residuals.
+    let blocks = [
+        (112, 16, 64, 2),
+        (56, 24, 72, 1),
+        (56, 24, 72, 2),
+        (28, 40, 120, 1),
+        (28, 40, 120, 1),
+        (28, 40, 240, 2),
+        (14, 80, 200, 1),
+        (14, 80, 184, 1),
+        (14, 80, 184, 1),
+        (14, 80, 480, 1),
+        (14, 112, 672, 1),
+        (14, 112, 672, 2),
+        (7, 160, 960, 1),
+        (7, 160, 960, 1),
+    ];
+    for (side, cin, expanded, stride) in blocks {
+        want += px(side, cin) + px(side, expanded) + px(side / stride, expanded);
+    }
+    want += px(7, 160) + px(7, 960); // the last convolution
+    let backbone = Backbone::MobileNetV3(
+        MobileNetV3Config::new(MobileNetV3Size::Large)
+            .with_frozen_batch_norm(true)
+            .init(&Device::flex()),
+    );
+    let input = FoldedBackbone::new(&backbone, 0).forward(pixels(2, 224, 1), &IMAGENET);
+    let trainable = TrainableUnits::new(&backbone, 0..backbone.unit_count());
+    let (_, activations) = trainable.forward(&input);
+    assert_eq!(activations.bytes_per_image(), want * size_of::<f32>());
+}

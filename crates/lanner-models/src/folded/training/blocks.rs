@@ -5,7 +5,7 @@
 use super::super::buffers::Buffer;
 use super::super::kernels::{self, Act, backward};
 use super::super::units::Image;
-use super::conv_bn::{ConvBn, activated, shape};
+use super::conv_bn::{ConvBn, Kept, activated, shape};
 use super::gate::{Gate, GateTape};
 use super::{Layout, Sums};
 
@@ -32,28 +32,39 @@ pub(super) enum TrainUnit {
     Separable(ConvBn, ConvBn),
 }
 
-/// What one separable convolution kept.
+/// What one separable convolution kept: its depthwise half's output (the pointwise half's
+/// input) and the pointwise half's output. Xception's pointwise halves end in a ReLU or in
+/// nothing, so what [`ConvBn::forward_kept`] keeps of them is their output.
 pub(super) struct RepTape {
     depthwise: Image,
-    pre: Image,
-    /// After the activation; `None` when there is none (then it is `pre`).
-    output: Option<Image>,
+    /// `None` once the block took it as its own output (see [`RepTape::take_output`]).
+    pointwise: Option<Kept>,
 }
 
 impl RepTape {
     pub(super) fn output(&self) -> &Image {
-        self.output.as_ref().unwrap_or(&self.pre)
+        match &self.pointwise {
+            Some(Kept::Output(out) | Kept::Pre(out)) => out,
+            None => panic!("the block's output was taken"),
+        }
+    }
+
+    /// The output, no longer kept: a last separable convolution without an activation whose
+    /// output no pooling reads needs none of it for its backward pass.
+    fn take_output(&mut self) -> Image {
+        match self.pointwise.take() {
+            Some(Kept::Pre(out)) => out,
+            _ => panic!("only an output without an activation can be given away"),
+        }
     }
 }
 
 pub(super) fn separable_forward(depthwise: &ConvBn, pointwise: &ConvBn, x: &Image) -> RepTape {
     let dw = depthwise.forward(x, None);
-    let pre = pointwise.forward(&dw, None);
-    let output = (pointwise.act != Act::Identity).then(|| activated(&pre, pointwise.act));
+    let kept = pointwise.forward_kept(&dw);
     RepTape {
         depthwise: dw,
-        pre,
-        output,
+        pointwise: Some(kept),
     }
 }
 
@@ -67,9 +78,9 @@ pub(super) fn separable_backward(
     need_input: bool,
 ) -> Option<Buffer> {
     let mut d_dw = pointwise
-        .backward(&tape.depthwise, &tape.pre, d_out, sums, true)
+        .backward(&tape.depthwise, tape.pointwise.as_ref(), d_out, sums, true)
         .expect("asked for");
-    depthwise.backward(x, &tape.depthwise, &mut d_dw, sums, need_input)
+    depthwise.backward(x, None, &mut d_dw, sums, need_input)
 }
 
 /// The gradient of a 3x3 max-pool's input: each output's gradient goes to the first largest
@@ -127,37 +138,68 @@ pub(super) fn max_pool_backward(
     dx
 }
 
-/// What one unit kept of one image for its backward pass.
+/// What one unit kept of one image for its backward pass. Values the backward pass can
+/// compute again in one elementwise pass are not kept: hard swish's outputs, the gated
+/// depthwise output, outputs without an activation that only go on to the next unit.
 pub(super) struct Tape {
     input: Image,
-    expand_pre: Option<Image>,
-    expanded: Option<Image>,
-    depthwise_pre: Image,
-    depthwise: Image,
+    /// Inverted residuals: the expanding and the depthwise convolution's.
+    expand: Option<Kept>,
+    depthwise: Option<Kept>,
     gate: Option<GateTape>,
-    /// The projection's input: `depthwise` scaled by the gate (when there is one).
-    gated: Option<Image>,
-    /// The unit's output before its activation (stem, last unit).
-    pre: Option<Image>,
-    /// Xception: each separable convolution's values, and the projecting shortcut's output.
+    /// Stem, last unit: the convolution's.
+    kept: Option<Kept>,
+    /// Xception: each separable convolution's values.
     reps: Vec<RepTape>,
-    shortcut: Option<Image>,
 }
 
 impl Tape {
+    /// The floats of the feature maps this tape keeps (the gate's few values aside). Every
+    /// field is named, so that one added is counted.
+    pub(super) fn floats(&self) -> usize {
+        let Tape {
+            input,
+            expand,
+            depthwise,
+            gate: _,
+            kept,
+            reps,
+        } = self;
+        let kept: usize = [expand, depthwise, kept]
+            .into_iter()
+            .flatten()
+            .map(Kept::floats)
+            .sum();
+        let reps = reps.iter().map(
+            |RepTape {
+                 depthwise,
+                 pointwise,
+             }| { depthwise.data.len() + pointwise.as_ref().map_or(0, Kept::floats) },
+        );
+        input.data.len() + kept + reps.sum::<usize>()
+    }
+
     pub(super) fn of(input: Image) -> Self {
         Tape {
             input,
-            expand_pre: None,
-            expanded: None,
-            depthwise_pre: empty(),
-            depthwise: empty(),
+            expand: None,
+            depthwise: None,
             gate: None,
-            gated: None,
-            pre: None,
+            kept: None,
             reps: Vec::new(),
-            shortcut: None,
         }
+    }
+}
+
+/// `depthwise` scaled channel by channel by the squeeze-excitation gate.
+fn gated(depthwise: &Image, gate: &[f32]) -> Image {
+    let mut data = Buffer::new(depthwise.data.len());
+    kernels::scale_channels_into(&mut data, &depthwise.data, gate);
+    Image {
+        data,
+        height: depthwise.height,
+        width: depthwise.width,
+        channels: depthwise.channels,
     }
 }
 
@@ -165,10 +207,12 @@ impl TrainUnit {
     pub(super) fn forward(&self, x: Image) -> (Image, Tape) {
         match self {
             TrainUnit::Stem(conv) | TrainUnit::Last(conv) => {
+                // The output goes on to the next unit, which keeps it as its input: keeping
+                // the pre-activation here (not ReLU's output) keeps nothing twice.
                 let pre = conv.forward(&x, None);
                 let out = activated(&pre, conv.act);
                 let tape = Tape {
-                    pre: Some(pre),
+                    kept: Some(Kept::Pre(pre)),
                     ..Tape::of(x)
                 };
                 (out, tape)
@@ -185,8 +229,8 @@ impl TrainUnit {
                     let tape = separable_forward(depthwise, pointwise, input);
                     tapes.push(tape);
                 }
-                let last = tapes.last().expect("an Xception block has reps").output();
                 let mut out = if *pool_stride > 1 {
+                    let last = tapes.last().expect("an Xception block has reps").output();
                     let ho = kernels::output_size(last.height, 3, *pool_stride, 1);
                     let wo = kernels::output_size(last.width, 3, *pool_stride, 1);
                     let mut pooled = Buffer::new(ho * wo * last.channels);
@@ -198,12 +242,16 @@ impl TrainUnit {
                         channels: last.channels,
                     }
                 } else {
-                    activated(last, Act::Identity)
+                    tapes
+                        .last_mut()
+                        .expect("an Xception block has reps")
+                        .take_output()
                 };
+                // The shortcut's convolution has no activation: its backward pass needs only
+                // the block's input, kept anyway.
                 kernels::add_into(&mut out.data, &shortcut.as_ref().unwrap_or(&x).data);
                 let tape = Tape {
                     reps: tapes,
-                    shortcut,
                     ..Tape::of(x)
                 };
                 (out, tape)
@@ -224,37 +272,22 @@ impl TrainUnit {
                 project,
                 skip,
             } => {
-                let (expand_pre, expanded) = match expand {
-                    Some(conv) => {
-                        let pre = conv.forward(&x, None);
-                        let out = activated(&pre, conv.act);
-                        (Some(pre), Some(out))
-                    }
-                    None => (None, None),
+                let expand_kept = expand.as_ref().map(|conv| conv.forward_kept(&x));
+                let depthwise_kept = {
+                    let expanded = expand.as_ref().zip(expand_kept.as_ref());
+                    let expanded = expanded.map(|(conv, kept)| kept.output(conv.act));
+                    depthwise.forward_kept(expanded.as_deref().unwrap_or(&x))
                 };
-                let dw_input = expanded.as_ref().unwrap_or(&x);
-                let depthwise_pre = depthwise.forward(dw_input, None);
-                let dw = activated(&depthwise_pre, depthwise.act);
+                let dw = depthwise_kept.output(depthwise.act);
                 let gate_tape = gate.as_ref().map(|g| g.forward(&dw));
-                let gated = gate_tape.as_ref().map(|t| {
-                    let mut data = Buffer::new(dw.data.len());
-                    kernels::scale_channels_into(&mut data, &dw.data, &t.gate);
-                    Image {
-                        data,
-                        height: dw.height,
-                        width: dw.width,
-                        channels: dw.channels,
-                    }
-                });
+                let gated = gate_tape.as_ref().map(|t| gated(&dw, &t.gate));
                 let residual = skip.then_some(&x.data[..]);
                 let out = project.forward(gated.as_ref().unwrap_or(&dw), residual);
+                drop((gated, dw));
                 let tape = Tape {
-                    expand_pre,
-                    expanded,
-                    depthwise_pre,
-                    depthwise: dw,
+                    expand: expand_kept,
+                    depthwise: Some(depthwise_kept),
                     gate: gate_tape,
-                    gated,
                     ..Tape::of(x)
                 };
                 (out, tape)
@@ -271,18 +304,21 @@ impl TrainUnit {
         need_input: bool,
     ) -> Option<Buffer> {
         match self {
-            TrainUnit::Stem(conv) | TrainUnit::Last(conv) => {
-                let pre = tape.pre.as_ref().expect("kept");
-                conv.backward(&tape.input, pre, &mut d_out, sums, need_input)
-            }
+            TrainUnit::Stem(conv) | TrainUnit::Last(conv) => conv.backward(
+                &tape.input,
+                tape.kept.as_ref(),
+                &mut d_out,
+                sums,
+                need_input,
+            ),
             TrainUnit::XceptionBlock {
                 reps,
                 pool_stride,
                 skip,
             } => {
-                let last = tape.reps.last().expect("kept").output();
                 // The shortcut's gradient is `d_out`; the main path's is changed in place.
                 let (mut d, mut d_shortcut) = if *pool_stride > 1 {
+                    let last = tape.reps.last().expect("kept").output();
                     let ho = kernels::output_size(last.height, 3, *pool_stride, 1);
                     let wo = kernels::output_size(last.width, 3, *pool_stride, 1);
                     (
@@ -313,11 +349,11 @@ impl TrainUnit {
                         None => break,
                     }
                 }
-                let d_skip = match (skip, &tape.shortcut) {
-                    (Some(conv), Some(pre)) => {
-                        conv.backward(&tape.input, pre, &mut d_shortcut, sums, need_input)
+                let d_skip = match skip {
+                    Some(conv) => {
+                        conv.backward(&tape.input, None, &mut d_shortcut, sums, need_input)
                     }
-                    _ => Some(d_shortcut),
+                    None => Some(d_shortcut),
                 };
                 if !need_input {
                     return None;
@@ -342,42 +378,43 @@ impl TrainUnit {
                 project,
                 skip,
             } => {
-                // The projection has no activation: its pre-activation is its output.
-                let projected_input = tape.gated.as_ref().unwrap_or(&tape.depthwise);
+                let depthwise_kept = tape.depthwise.as_ref().expect("kept");
+                let dw = depthwise_kept.output(depthwise.act);
+                let gated = tape.gate.as_ref().map(|t| gated(&dw, &t.gate));
                 // With no activation the backward pass leaves `d_out` as it is: the residual's
                 // gradient.
-                debug_assert_eq!(project.act, Act::Identity);
                 let mut d_mid = project
-                    .backward(projected_input, projected_input, &mut d_out, sums, true)
+                    .backward(gated.as_ref().unwrap_or(&dw), None, &mut d_out, sums, true)
                     .expect("asked for");
+                drop(gated);
                 let residual_grad = skip.then_some(d_out);
                 if let (Some(gate), Some(gate_tape)) = (gate, &tape.gate) {
-                    let c = tape.depthwise.channels;
-                    let pixels = tape.depthwise.height * tape.depthwise.width;
+                    let c = dw.channels;
+                    let pixels = dw.height * dw.width;
                     let mut d_gate = vec![0.0f32; c];
-                    backward::add_column_dots(&mut d_gate, &d_mid, &tape.depthwise.data);
+                    backward::add_column_dots(&mut d_gate, &d_mid, &dw.data);
                     kernels::scale_channels(&mut d_mid, &gate_tape.gate);
                     let d_mean = gate.backward(gate_tape, &d_gate, sums);
                     let share: Vec<f32> = d_mean.iter().map(|d| d / pixels as f32).collect();
                     backward::add_to_rows(&mut d_mid, &share);
                 }
-                let dw_input = tape.expanded.as_ref().unwrap_or(&tape.input);
+                drop(dw);
                 let need_dw_input = expand.is_some() || need_input;
-                let d_dw_input = depthwise.backward(
-                    dw_input,
-                    &tape.depthwise_pre,
-                    &mut d_mid,
-                    sums,
-                    need_dw_input,
-                );
-                let mut d_input = match (expand, d_dw_input) {
-                    (Some(conv), Some(mut d)) => conv.backward(
-                        &tape.input,
-                        tape.expand_pre.as_ref().expect("kept"),
-                        &mut d,
+                let d_dw_input = {
+                    let expanded = expand.as_ref().zip(tape.expand.as_ref());
+                    let expanded = expanded.map(|(conv, kept)| kept.output(conv.act));
+                    depthwise.backward(
+                        expanded.as_deref().unwrap_or(&tape.input),
+                        Some(depthwise_kept),
+                        &mut d_mid,
                         sums,
-                        need_input,
-                    ),
+                        need_dw_input,
+                    )
+                };
+                let mut d_input = match (expand, d_dw_input) {
+                    (Some(conv), Some(mut d)) => {
+                        conv.backward(&tape.input, tape.expand.as_ref(), &mut d, sums, need_input)
+                    }
                     (None, d) => d,
                     (Some(_), None) => None,
                 };
@@ -422,14 +459,5 @@ impl TrainUnit {
                 project.gradients(sums, out);
             }
         }
-    }
-}
-
-fn empty() -> Image {
-    Image {
-        data: Buffer::new(0),
-        height: 0,
-        width: 0,
-        channels: 0,
     }
 }

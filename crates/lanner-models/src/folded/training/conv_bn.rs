@@ -271,18 +271,35 @@ impl ConvBn {
         })
     }
 
+    /// The forward pass and its activation, keeping what the backward pass needs: ReLU's
+    /// output, computed in place (its slope is read from it), else the pre-activation.
+    pub(super) fn forward_kept(&self, x: &Image) -> Kept {
+        let mut pre = self.forward(x, None);
+        match self.act {
+            Act::Relu => {
+                pre.data.iter_mut().for_each(|v| *v = v.max(0.0));
+                Kept::Output(pre)
+            }
+            Act::Identity | Act::HardSwish => Kept::Pre(pre),
+        }
+    }
+
     /// Turns `d_out` (the gradient of the activation's output) into that of the
     /// pre-activation, adds this image's `G` and `Σ ∂pre` to `sums`, and returns the gradient
-    /// of the input when `need_input`.
+    /// of the input when `need_input`. `kept` is what [`ConvBn::forward_kept`] kept; `None`
+    /// when there is no activation (its output need not have been kept).
     pub(super) fn backward(
         &self,
         x: &Image,
-        pre: &Image,
+        kept: Option<&Kept>,
         d_out: &mut [f32],
         sums: &mut Sums,
         need_input: bool,
     ) -> Option<Buffer> {
-        activation_backward(d_out, &pre.data, self.act);
+        match kept {
+            Some(kept) => kept.slope(d_out, self.act),
+            None => assert_eq!(self.act, Act::Identity, "the activation's input was kept"),
+        }
         let d_pre: &[f32] = d_out;
         let c = self.cols;
         let (ho, wo) = self.output_shape(x);
@@ -457,6 +474,60 @@ impl ConvBn {
 
 pub(super) fn shape(x: &Image) -> (usize, usize, usize) {
     (x.height, x.width, x.channels)
+}
+
+/// What a convolution's backward pass keeps of its forward values.
+pub(super) enum Kept {
+    /// The pre-activation: hard swish's slope needs it, and without an activation it is the
+    /// output. Hard swish's output is computed again when the backward pass needs it.
+    Pre(Image),
+    /// ReLU's output: its slope is 1 exactly where the output is positive, as where the input
+    /// is, so the input need not be kept too.
+    Output(Image),
+}
+
+impl Kept {
+    /// The floats kept.
+    pub(super) fn floats(&self) -> usize {
+        match self {
+            Kept::Pre(image) | Kept::Output(image) => image.data.len(),
+        }
+    }
+
+    /// The activation's output: the kept values, or hard swish computed again.
+    pub(super) fn output(&self, act: Act) -> Output<'_> {
+        match (self, act) {
+            (Kept::Output(out), _) | (Kept::Pre(out), Act::Identity) => Output::Kept(out),
+            (Kept::Pre(pre), act) => Output::Computed(activated(pre, act)),
+        }
+    }
+
+    /// `d ← d · act′`, from what was kept.
+    fn slope(&self, d: &mut [f32], act: Act) {
+        match self {
+            Kept::Pre(pre) => activation_backward(d, &pre.data, act),
+            Kept::Output(out) => {
+                assert_eq!(act, Act::Relu, "only ReLU keeps its output");
+                activation_backward(d, &out.data, Act::Relu)
+            }
+        }
+    }
+}
+
+/// An activation's output in the backward pass (see [`Kept::output`]).
+pub(super) enum Output<'a> {
+    Kept(&'a Image),
+    Computed(Image),
+}
+
+impl std::ops::Deref for Output<'_> {
+    type Target = Image;
+    fn deref(&self) -> &Image {
+        match self {
+            Output::Kept(image) => image,
+            Output::Computed(image) => image,
+        }
+    }
 }
 
 pub(super) fn activated(pre: &Image, act: Act) -> Image {

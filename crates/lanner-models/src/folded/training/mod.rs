@@ -143,9 +143,10 @@ impl Sums {
         (b, b_cols): (&[f32], usize),
     ) {
         let staged = self.staged.entry(acc).or_default();
+        let rows = a.len() / a_cols;
         staged.a.extend_from_slice(a);
         staged.b.extend_from_slice(b);
-        staged.rows += a.len() / a_cols;
+        staged.rows += rows;
         (staged.a_cols, staged.b_cols) = (a_cols, b_cols);
         if staged.rows >= STAGED_ROWS {
             self.flush(acc);
@@ -218,6 +219,15 @@ type ImageResult = (Vec<f32>, Vec<Tape>, (usize, usize));
 /// What [`TrainableUnits::forward`] kept for [`TrainableUnits::backward`].
 pub struct Activations {
     tapes: Vec<(Vec<Tape>, (usize, usize))>,
+}
+
+impl Activations {
+    /// The bytes of values kept for the backward pass, per image.
+    pub fn bytes_per_image(&self) -> usize {
+        let tapes = self.tapes.iter().flat_map(|(tapes, _)| tapes);
+        let floats: usize = tapes.map(Tape::floats).sum();
+        floats * size_of::<f32>() / self.tapes.len().max(1)
+    }
 }
 
 impl TrainableUnits {
