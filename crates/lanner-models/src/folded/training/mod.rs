@@ -144,6 +144,18 @@ impl Sums {
     ) {
         let staged = self.staged.entry(acc).or_default();
         let rows = a.len() / a_cols;
+        if staged.rows == 0 && rows >= STAGED_ROWS {
+            // Enough rows on their own: multiplied where they are, without a copy.
+            kernels::matmul_strided(
+                &mut self.values[acc],
+                true,
+                (a, 1, a_cols),
+                (b, b_cols, 1),
+                (a_cols, rows, b_cols),
+                Parallelism::None,
+            );
+            return;
+        }
         staged.a.extend_from_slice(a);
         staged.b.extend_from_slice(b);
         staged.rows += rows;
