@@ -174,7 +174,9 @@ mod tests {
         seed.phases[1].trainable = Trainable::FromKerasLayer(0);
         let from_layer_0 = phase_need(&shape("mobilenet_v3_large", 32, 224), &seed.phases[1]);
         assert_eq!(from_layer_0.least, fine_tune.most);
-        assert!(fine_tune.most > need.most);
+        // With BatchNorm frozen the backward pass keeps one tensor per convolution, less than
+        // training BatchNorm's statistics does.
+        assert!(fine_tune.most < need.most);
     }
 
     #[test]
@@ -193,13 +195,13 @@ mod tests {
                 && sentence.contains("more than the 24.0 GB available; lower --batch-size"),
             "{sentence}"
         );
-        // Fine-tuning from layer 0 would need ~1.8 GB here, the frozen phase 0.3 GB.
+        // Fine-tuning from layer 0 would need ~1.2 GB here, the frozen phase 0.3 GB.
         let usual = shape("mobilenet_v3_large", 32, 224);
         assert_eq!(check(&usual, &seed, Some(24 * gb)), Verdict::Fits);
         let Verdict::Warn(warning) = check(&usual, &seed, Some(gb)) else {
             panic!("fine-tuning may not fit in 1 GB");
         };
-        assert!(warning.contains("may need up to 1.8 GB"), "{warning}");
+        assert!(warning.contains("may need up to 1.2 GB"), "{warning}");
         assert_eq!(check(&big, &seed, None), Verdict::Fits);
         let Verdict::Refuse(huge) = check(&shape("xception", 32, 50_000), &seed, Some(24 * gb))
         else {
