@@ -166,7 +166,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         1.0,
         Some("timm/mobilenetv3_large_100.ra_in1k"),
-        step_memory(30, 790, 622),
+        step_memory(30, 790, 456),
     ),
     mobilenet_v3(
         "mobilenet_v3_large_075",
@@ -174,7 +174,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Large,
         0.75,
         None,
-        step_memory(28, 817, 544),
+        step_memory(28, 817, 439),
     ),
     mobilenet_v3(
         "mobilenet_v3_small",
@@ -182,7 +182,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         1.0,
         Some("timm/mobilenetv3_small_100.lamb_in1k"),
-        step_memory(45, 289, 272),
+        step_memory(45, 289, 186),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_075",
@@ -190,7 +190,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.75,
         Some("timm/mobilenetv3_small_075.lamb_in1k"),
-        step_memory(28, 266, 246),
+        step_memory(28, 266, 191),
     ),
     mobilenet_v3(
         "mobilenet_v3_small_050",
@@ -198,7 +198,7 @@ pub const MODELS: &[ModelEntry] = &[
         MobileNetV3Size::Small,
         0.5,
         Some("timm/mobilenetv3_small_050.lamb_in1k"),
-        step_memory(32, 211, 191),
+        step_memory(32, 211, 152),
     ),
     ModelEntry {
         name: "xception",
@@ -212,7 +212,7 @@ pub const MODELS: &[ModelEntry] = &[
             normalization: INCEPTION,
             hub_id: Some("timm/legacy_xception.tf_in1k"),
         },
-        step_memory: step_memory(70, 2400, 2991),
+        step_memory: step_memory(70, 2400, 2011),
     },
 ];
 

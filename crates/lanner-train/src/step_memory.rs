@@ -195,13 +195,13 @@ mod tests {
                 && sentence.contains("more than the 24.0 GB available; lower --batch-size"),
             "{sentence}"
         );
-        // Fine-tuning from layer 0 would need ~1.2 GB here, the frozen phase 0.3 GB.
+        // Fine-tuning from layer 0 would need ~1.0 GB here, the frozen phase 0.3 GB.
         let usual = shape("mobilenet_v3_large", 32, 224);
         assert_eq!(check(&usual, &seed, Some(24 * gb)), Verdict::Fits);
         let Verdict::Warn(warning) = check(&usual, &seed, Some(gb)) else {
             panic!("fine-tuning may not fit in 1 GB");
         };
-        assert!(warning.contains("may need up to 1.2 GB"), "{warning}");
+        assert!(warning.contains("may need up to 981.3 MB"), "{warning}");
         assert_eq!(check(&big, &seed, None), Verdict::Fits);
         let Verdict::Refuse(huge) = check(&shape("xception", 32, 50_000), &seed, Some(24 * gb))
         else {

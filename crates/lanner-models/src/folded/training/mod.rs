@@ -102,8 +102,17 @@ struct Staged {
     b_cols: usize,
 }
 
-/// Rows put aside before the product runs.
+/// Rows put aside before the product runs, at most.
 const STAGED_ROWS: usize = 1024;
+
+/// How many rows of `G += aᵀ · b` to put aside before the product runs: enough that the rows
+/// read are as large as `G` (`rows · (a_cols + b_cols) = a_cols · b_cols`), past which reading
+/// and writing `G` once more costs less than copying the rows aside, and at most
+/// [`STAGED_ROWS`]. What is put aside per product then stays under twice its weights, however
+/// many images a thread takes.
+fn rows_to_stage(a_cols: usize, b_cols: usize) -> usize {
+    (a_cols * b_cols / (a_cols + b_cols)).clamp(1, STAGED_ROWS)
+}
 
 /// Sums of finished steps, kept for the next step: as large as the trainable parameters, they
 /// would otherwise be fresh pages (page faults) every step.
@@ -144,7 +153,8 @@ impl Sums {
     ) {
         let staged = self.staged.entry(acc).or_default();
         let rows = a.len() / a_cols;
-        if staged.rows == 0 && rows >= STAGED_ROWS {
+        let enough = rows_to_stage(a_cols, b_cols);
+        if staged.rows == 0 && rows >= enough {
             // Enough rows on their own: multiplied where they are, without a copy.
             kernels::matmul_strided(
                 &mut self.values[acc],
@@ -160,7 +170,7 @@ impl Sums {
         staged.b.extend_from_slice(b);
         staged.rows += rows;
         (staged.a_cols, staged.b_cols) = (a_cols, b_cols);
-        if staged.rows >= STAGED_ROWS {
+        if staged.rows >= enough {
             self.flush(acc);
         }
     }
