@@ -22,6 +22,18 @@ impl Image {
     fn shape(&self) -> (usize, usize, usize) {
         (self.height, self.width, self.channels)
     }
+
+    /// A new image of this one's shape, whose values `write` writes from this one's.
+    pub(super) fn mapped(&self, write: impl FnOnce(&mut [f32], &[f32])) -> Image {
+        let mut data = Buffer::new(self.data.len());
+        write(&mut data, &self.data);
+        Image {
+            data,
+            height: self.height,
+            width: self.width,
+            channels: self.channels,
+        }
+    }
 }
 
 /// A dense `k × k` convolution with its BatchNorm folded in, as one matrix product over

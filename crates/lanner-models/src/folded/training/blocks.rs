@@ -193,14 +193,7 @@ impl Tape {
 
 /// `depthwise` scaled channel by channel by the squeeze-excitation gate.
 fn gated(depthwise: &Image, gate: &[f32]) -> Image {
-    let mut data = Buffer::new(depthwise.data.len());
-    kernels::scale_channels_into(&mut data, &depthwise.data, gate);
-    Image {
-        data,
-        height: depthwise.height,
-        width: depthwise.width,
-        channels: depthwise.channels,
-    }
+    depthwise.mapped(|out, values| kernels::scale_channels_into(out, values, gate))
 }
 
 impl TrainUnit {

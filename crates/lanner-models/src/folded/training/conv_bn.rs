@@ -531,12 +531,5 @@ impl std::ops::Deref for Output<'_> {
 }
 
 pub(super) fn activated(pre: &Image, act: Act) -> Image {
-    let mut data = Buffer::new(pre.data.len());
-    kernels::activate_into(&mut data, &pre.data, act);
-    Image {
-        data,
-        height: pre.height,
-        width: pre.width,
-        channels: pre.channels,
-    }
+    pre.mapped(|out, values| kernels::activate_into(out, values, act))
 }
