@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -35,13 +36,28 @@ fn dataset(root: &Path) {
     stripes(&root.join("validation"), 8, 2);
 }
 
-fn fit(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// The arguments of a local job on the channels that `dataset` wrote in `data`, with its job
+/// folder in `output`, then `more`.
+fn local_job(data: &Path, output: &Path, more: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--train".to_string(),
+        data.join("train").display().to_string(),
+        "--validation".to_string(),
+        data.join("validation").display().to_string(),
+        "--output".to_string(),
+        output.display().to_string(),
+    ];
+    args.extend(more.iter().map(|arg| arg.to_string()));
+    args
+}
+
+fn fit<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
     fit_command(args, env).output().unwrap()
 }
 
 /// `lanner fit ARGS… -p HYPERPARAMETERS…` with `env`, and no S3 endpoint from the test's own
 /// environment.
-fn fit_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+fn fit_command<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Command {
     let mut command = lanner_command();
     command.arg("fit").args(args);
     for name in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"] {
@@ -113,16 +129,7 @@ fn a_local_job_trains_records_and_packs_like_sagemaker() {
     let output = dir.path().join("jobs");
     let output_arg = output.to_str().unwrap();
     let result = fit(
-        &[
-            "--train",
-            data.join("train").to_str().unwrap(),
-            "--validation",
-            data.join("validation").to_str().unwrap(),
-            "--output",
-            output_arg,
-            "--job-name",
-            "stripes-1",
-        ],
+        &local_job(&data, &output, &["--job-name", "stripes-1"]),
         &[],
     );
     let stdout = text(&result.stdout);
@@ -308,23 +315,11 @@ fn a_closed_stdout_does_not_fail_the_job() {
     dataset(&data);
     let output = dir.path().join("jobs");
     // As `lanner fit … | head -1`: the reader goes away after the first line.
-    let mut child = fit_command(
-        &[
-            "--train",
-            data.join("train").to_str().unwrap(),
-            "--validation",
-            data.join("validation").to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--job-name",
-            "unread",
-        ],
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child = fit_command(&local_job(&data, &output, &["--job-name", "unread"]), &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let first = first_line_then_close(&mut child);
     assert!(first.starts_with("[unread] "), "{first}");
     let result = child.wait_with_output().unwrap();
@@ -342,18 +337,16 @@ fn a_failing_job_is_recorded_with_its_reason() {
     let output = dir.path().join("jobs");
     let output_arg = output.to_str().unwrap();
     let result = fit(
-        &[
-            "--train",
-            data.join("train").to_str().unwrap(),
-            "--validation",
-            data.join("validation").to_str().unwrap(),
-            "--output",
-            output_arg,
-            "--base-job-name",
-            "broken",
-            "-p",
-            "fine-tune-learning-rate=-1",
-        ],
+        &local_job(
+            &data,
+            &output,
+            &[
+                "--base-job-name",
+                "broken",
+                "-p",
+                "fine-tune-learning-rate=-1",
+            ],
+        ),
         &[],
     );
     assert!(!result.status.success());
@@ -801,18 +794,16 @@ fn sigterm_stops_the_job_and_keeps_its_checkpoint() {
     // A long job that keeps its checkpoints in `kept`, outside its job folder.
     let checkpointed_fit = |job_name: &str| {
         let mut command = fit_command(
-            &[
-                "--train",
-                data.join("train").to_str().unwrap(),
-                "--validation",
-                data.join("validation").to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-                "--job-name",
-                job_name,
-                "--checkpoint-dir",
-                kept.to_str().unwrap(),
-            ],
+            &local_job(
+                &data,
+                &output,
+                &[
+                    "--job-name",
+                    job_name,
+                    "--checkpoint-dir",
+                    kept.to_str().unwrap(),
+                ],
+            ),
             &[],
         );
         command.args(["-p", "fine-tune-epochs=20"]);
