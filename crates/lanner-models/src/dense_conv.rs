@@ -23,11 +23,16 @@
 //! thread timing. Tested against burn-flex's own convolution and gradients (within 1e-5 and
 //! 1e-4 of the largest value).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use burn::tensor::ops::ConvOptions;
 
-use crate::folded::kernels::{Parallelism, matmul_strided, padded_output_size};
+use crate::folded::kernels::{
+    Parallelism, matmul_strided, matmul_strided_into, padded_output_size,
+};
+use crate::written::{filled, filled_by_rows, written_by_chunks};
 
 /// The shape of one dense convolution: `[batch, in_channels, height, width]` in,
 /// `[out_channels, in_channels, kernel_height, kernel_width]` filters, no dilation.
@@ -121,6 +126,15 @@ impl Dense {
     /// product over every thread).
     fn images_in_parallel(&self) -> bool {
         self.batch >= rayon::current_num_threads()
+    }
+
+    /// How one image's product runs: on its own thread when images run in parallel, else
+    /// over every thread.
+    fn product_parallelism(images_in_parallel: bool) -> Parallelism {
+        match images_in_parallel {
+            true => Parallelism::None,
+            false => Parallelism::Rayon(0),
+        }
     }
 
     /// The input row of output row `oy` and filter row `ky`, if inside the input.
@@ -223,12 +237,11 @@ impl Dense {
         assert_eq!(weight.len(), self.out_channels * taps);
         assert!(bias.is_none_or(|bias| bias.len() == self.out_channels));
         let product = (self.out_channels, taps, out_pixels);
-        let one_image = |columns: &mut Vec<f32>, out: &mut [f32], image: &[f32], parallelism| {
-            if let Some(bias) = bias {
-                for (row, &b) in out.chunks_exact_mut(out_pixels).zip(bias) {
-                    row.fill(b);
-                }
-            }
+        let (image_len, out_image_len) = (self.image_len(), self.out_image_len());
+        let parallel = self.images_in_parallel();
+        let parallelism = Self::product_parallelism(parallel);
+        let one_image = |columns: &mut Vec<f32>, index: usize, out: &mut [MaybeUninit<f32>]| {
+            let image = &x[index * image_len..][..image_len];
             let columns: &[f32] = if self.pointwise() {
                 image
             } else {
@@ -238,23 +251,18 @@ impl Dense {
             };
             let filters = (weight, taps, 1);
             let columns = (columns, out_pixels, 1);
-            matmul_strided(out, bias.is_some(), filters, columns, product, parallelism);
-        };
-        let mut out = vec![0.0f32; self.batch * self.out_image_len()];
-        let (image_len, out_image_len) = (self.image_len(), self.out_image_len());
-        if self.images_in_parallel() {
-            out.par_chunks_mut(out_image_len)
-                .zip(x.par_chunks(image_len))
-                .for_each_init(Vec::new, |columns, (out, image)| {
-                    one_image(columns, out, image, Parallelism::None)
-                });
-        } else {
-            let mut columns = Vec::new();
-            for (out, image) in out.chunks_mut(out_image_len).zip(x.chunks(image_len)) {
-                one_image(&mut columns, out, image, Parallelism::Rayon(0));
+            match bias {
+                Some(bias) => {
+                    let out = filled_by_rows(out, bias);
+                    matmul_strided(out, true, filters, columns, product, parallelism);
+                }
+                None => matmul_strided_into(out, filters, columns, product, parallelism),
             }
-        }
-        out
+        };
+        let len = self.batch * out_image_len;
+        // SAFETY: each image's output is wholly set: by the product alone (which asserts that
+        // it is `out_channels × out_pixels` long), or first filled with the bias.
+        unsafe { written_by_chunks(len, out_image_len, parallel, Vec::new, one_image) }
     }
 
     /// The gradient of the input, `[batch, in_channels, height, width]`, for the output
@@ -267,31 +275,28 @@ impl Dense {
         // weightᵀ (taps × out_channels): `weight` is out_channels rows of `taps` values.
         let weight_t = (weight, 1, taps);
         let product = (taps, self.out_channels, out_pixels);
-        let one_image = |image_grad: &mut [f32], grad: &[f32], parallelism| {
+        let (image_len, out_image_len) = (self.image_len(), self.out_image_len());
+        let parallel = self.images_in_parallel();
+        let parallelism = Self::product_parallelism(parallel);
+        let one_image = |columns: &mut Vec<f32>, index, image_grad: &mut [MaybeUninit<f32>]| {
+            let grad = (
+                &grad[index * out_image_len..][..out_image_len],
+                out_pixels,
+                1,
+            );
             if self.pointwise() {
-                let grad = (grad, out_pixels, 1);
-                matmul_strided(image_grad, false, weight_t, grad, product, parallelism);
+                matmul_strided_into(image_grad, weight_t, grad, product, parallelism);
             } else {
-                let mut columns = vec![0.0f32; taps * out_pixels];
-                let grad = (grad, out_pixels, 1);
-                matmul_strided(&mut columns, false, weight_t, grad, product, parallelism);
-                image_grad.fill(0.0);
-                self.fold_back(&columns, image_grad);
+                columns.resize(taps * out_pixels, 0.0);
+                matmul_strided(columns, false, weight_t, grad, product, parallelism);
+                self.fold_back(columns, filled(image_grad, 0.0));
             }
         };
-        let mut x_grad = vec![0.0f32; self.batch * self.image_len()];
-        let (image_len, out_image_len) = (self.image_len(), self.out_image_len());
-        if self.images_in_parallel() {
-            let images = x_grad
-                .par_chunks_mut(image_len)
-                .zip(grad.par_chunks(out_image_len));
-            images.for_each(|(image_grad, grad)| one_image(image_grad, grad, Parallelism::None));
-        } else {
-            let images = x_grad.chunks_mut(image_len).zip(grad.chunks(out_image_len));
-            images
-                .for_each(|(image_grad, grad)| one_image(image_grad, grad, Parallelism::Rayon(0)));
-        }
-        x_grad
+        let len = self.batch * image_len;
+        // SAFETY: each image's gradient is wholly set: by the product alone (which asserts
+        // that it is `in_channels × pixels` long, a 1x1 filter at stride 1 reading every pixel
+        // once), or filled with zeros before the columns are added back.
+        unsafe { written_by_chunks(len, image_len, parallel, Vec::new, one_image) }
     }
 
     /// The gradient of the filters, `[out_channels, in_channels, kernel_height, kernel_width]`,

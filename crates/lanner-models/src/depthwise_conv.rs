@@ -26,11 +26,14 @@
 
 mod channels_last;
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use burn::tensor::ops::ConvOptions;
 
 use crate::folded::kernels::{dispatch, fma, padded_output_size};
+use crate::written::{filled, written_by_chunks};
 
 /// The shape of one depthwise convolution: `[batch, channels, height, width]` in,
 /// `[channels, 1, kernel_height, kernel_width]` filters, no dilation.
@@ -173,18 +176,16 @@ impl Depthwise {
     fn phased_forward(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
         let taps = self.kernel[0] * self.kernel[1];
-        let mut out = vec![0.0f32; self.batch * self.channels * out_plane];
-        out.par_chunks_mut(out_plane).enumerate().for_each_init(
-            Vec::new,
-            |scratch, (image_channel, out)| {
-                let channel = image_channel % self.channels;
-                let x = &x[image_channel * plane..][..plane];
-                let filter = &weight[channel * taps..][..taps];
-                let bias = bias.map_or(0.0, |bias| bias[channel]);
-                phased_forward_plane(out, scratch, x, filter, bias, self);
-            },
-        );
-        out
+        let len = self.batch * self.channels * out_plane;
+        let one_plane = |scratch: &mut Vec<f32>, image_channel, out: &mut [MaybeUninit<f32>]| {
+            let channel = image_channel % self.channels;
+            let x = &x[image_channel * plane..][..plane];
+            let filter = &weight[channel * taps..][..taps];
+            let bias = bias.map_or(0.0, |bias| bias[channel]);
+            phased_forward_plane(filled(out, 0.0), scratch, x, filter, bias, self);
+        };
+        // SAFETY: `filled` sets every value of each plane.
+        unsafe { written_by_chunks(len, out_plane, true, Vec::new, one_plane) }
     }
 
     /// The gradient of the input, `[batch, channels, height, width]`, for the output gradient
@@ -204,17 +205,15 @@ impl Depthwise {
     fn phased_input_gradient(&self, grad: &[f32], weight: &[f32]) -> Vec<f32> {
         let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
         let taps = self.kernel[0] * self.kernel[1];
-        let mut x_grad = vec![0.0f32; self.batch * self.channels * plane];
-        x_grad
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(image_channel, x_grad)| {
-                let channel = image_channel % self.channels;
-                let grad = &grad[image_channel * out_plane..][..out_plane];
-                let filter = &weight[channel * taps..][..taps];
-                phased_input_gradient_plane(x_grad, grad, filter, self);
-            });
-        x_grad
+        let len = self.batch * self.channels * plane;
+        let one_plane = |(): &mut (), image_channel, x_grad: &mut [MaybeUninit<f32>]| {
+            let channel = image_channel % self.channels;
+            let grad = &grad[image_channel * out_plane..][..out_plane];
+            let filter = &weight[channel * taps..][..taps];
+            phased_input_gradient_plane(filled(x_grad, 0.0), grad, filter, self);
+        };
+        // SAFETY: `filled` sets every value of each plane.
+        unsafe { written_by_chunks(len, plane, true, || (), one_plane) }
     }
 
     /// The gradient of the filters, `[channels, 1, kernel_height, kernel_width]`, for the

@@ -36,6 +36,7 @@ use crate::depthwise_conv::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
 use crate::fused::{FusedBackward, FusedOps};
 use crate::max_pool::MaxPool;
+use crate::written::written_by_chunks;
 
 /// Values per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -205,11 +206,21 @@ fn batch_norm_training(
         .collect();
     let (scale, shift) =
         scale_and_shift_of(values(&weight), values(&bias), &batch_mean, &inverse_std);
-    let output = written_by_planes(xs.len(), planes.plane, |index, out| {
-        let x = &xs[index * planes.plane..][..planes.plane];
-        let channel = index % planes.channels;
-        normalise(out, x, scale[channel], shift[channel], activation);
-    });
+    // SAFETY: `normalise` sets every value of the plane it is given (it asserts that `x` is
+    // as long).
+    let output = unsafe {
+        written_by_chunks(
+            xs.len(),
+            planes.plane,
+            true,
+            || (),
+            |(), index, out| {
+                let x = &xs[index * planes.plane..][..planes.plane];
+                let channel = index % planes.channels;
+                normalise(out, x, scale[channel], shift[channel], activation);
+            },
+        )
+    };
     let (running_mean, running_var) = (values(&mean), values(&var));
     let moved = |running: &[f32], batch: &dyn Fn(&Moments) -> f64| -> Vec<f32> {
         running
@@ -339,12 +350,22 @@ fn batch_norm_training_backward(
                 [a as f32, b as f32, offset as f32]
             })
             .collect();
-        let x_grad = written_by_planes(xs.len(), planes.plane, |index, out| {
-            let at = index * planes.plane..(index + 1) * planes.plane;
-            let channel = index % planes.channels;
-            let slope = activation.map(|a| (a, scale[channel], shift[channel]));
-            input_gradient(out, &grads[at.clone()], &xs[at], terms[channel], slope);
-        });
+        // SAFETY: `input_gradient` sets every value of the plane it is given (it asserts that
+        // `grad` and `x` are as long).
+        let x_grad = unsafe {
+            written_by_chunks(
+                xs.len(),
+                planes.plane,
+                true,
+                || (),
+                |(), index, out| {
+                    let at = index * planes.plane..(index + 1) * planes.plane;
+                    let channel = index % planes.channels;
+                    let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+                    input_gradient(out, &grads[at.clone()], &xs[at], terms[channel], slope);
+                },
+            )
+        };
         tensor(x_grad, x.shape())
     });
     let vector = |values: Vec<f32>| tensor(values, Shape::new([planes.channels]));
@@ -533,26 +554,6 @@ fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
 /// The values of a contiguous f32 tensor.
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
-}
-
-/// `len` values that `write(index, plane)` sets, plane by plane (`plane` values each) in
-/// parallel, without zeroing them first: `vec![0.0; len]` would cost a pass over memory as
-/// long as the writing pass itself. `write` must set every value of its plane; the kernels it
-/// calls ([`normalise`], [`input_gradient`]) assert that their inputs are as long.
-fn written_by_planes(
-    len: usize,
-    plane: usize,
-    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
-) -> Vec<f32> {
-    let mut values = Vec::with_capacity(len);
-    values.spare_capacity_mut()[..len]
-        .par_chunks_mut(plane)
-        .enumerate()
-        .for_each(|(index, plane)| write(index, plane));
-    // SAFETY: the first `len` values were each written by `write`, which sets every value of
-    // every plane it is given (the kernels assert the lengths that guarantee it).
-    unsafe { values.set_len(len) };
-    values
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {

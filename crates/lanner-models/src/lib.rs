@@ -53,6 +53,7 @@ pub mod sync_batch_norm;
 mod test_values;
 pub mod weights;
 pub mod worker_threads;
+mod written;
 pub mod xception;
 
 pub use backbone::Backbone;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
+use crate::written::{filled, written_by_chunks};
 
 /// `to[j · rows + i] = from[i · columns + j]`: `from` as `rows x columns`, transposed.
 fn transpose(from: &[f32], rows: usize, columns: usize, to: &mut [f32]) {
@@ -69,18 +70,15 @@ impl Depthwise {
         let by_tap = self.filters_by_tap(weight);
         let zeros = vec![0.0; c];
         let bias = bias.unwrap_or(&zeros);
-        let mut out = vec![0.0f32; self.batch * c * out_plane];
-        out.par_chunks_mut(c * out_plane)
-            .zip(x.par_chunks(c * plane))
-            .for_each_init(
-                || (vec![0.0; plane * c], vec![0.0; out_plane * c]),
-                |(x_last, out_last), (out, x)| {
-                    transpose(x, c, plane, x_last);
-                    forward_image(self, x_last, &by_tap, bias, out_last);
-                    transpose(out_last, out_plane, c, out);
-                },
-            );
-        out
+        let scratch = || (vec![0.0; plane * c], vec![0.0; out_plane * c]);
+        let one_image = |(x_last, out_last): &mut (Vec<f32>, Vec<f32>), image, out: &mut _| {
+            transpose(&x[image * c * plane..][..c * plane], c, plane, x_last);
+            forward_image(self, x_last, &by_tap, bias, out_last);
+            transpose(out_last, out_plane, c, filled(out, 0.0));
+        };
+        let len = self.batch * c * out_plane;
+        // SAFETY: `filled` sets every value of each image.
+        unsafe { written_by_chunks(len, c * out_plane, true, scratch, one_image) }
     }
 
     /// [`Depthwise::input_gradient`] one image at a time, channels-last.
@@ -88,20 +86,22 @@ impl Depthwise {
         let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
         let c = self.channels;
         let by_tap = self.filters_by_tap(weight);
-        let mut x_grad = vec![0.0f32; self.batch * c * plane];
-        x_grad
-            .par_chunks_mut(c * plane)
-            .zip(grad.par_chunks(c * out_plane))
-            .for_each_init(
-                || (vec![0.0; out_plane * c], vec![0.0; plane * c]),
-                |(grad_last, x_grad_last), (x_grad, grad)| {
-                    transpose(grad, c, out_plane, grad_last);
-                    x_grad_last.fill(0.0);
-                    input_gradient_image(self, grad_last, &by_tap, x_grad_last);
-                    transpose(x_grad_last, plane, c, x_grad);
-                },
-            );
-        x_grad
+        let scratch = || (vec![0.0; out_plane * c], vec![0.0; plane * c]);
+        let one_image =
+            |(grad_last, x_grad_last): &mut (Vec<f32>, Vec<f32>), image, x_grad: &mut _| {
+                transpose(
+                    &grad[image * c * out_plane..][..c * out_plane],
+                    c,
+                    out_plane,
+                    grad_last,
+                );
+                x_grad_last.fill(0.0);
+                input_gradient_image(self, grad_last, &by_tap, x_grad_last);
+                transpose(x_grad_last, plane, c, filled(x_grad, 0.0));
+            };
+        let len = self.batch * c * plane;
+        // SAFETY: `filled` sets every value of each image.
+        unsafe { written_by_chunks(len, c * plane, true, scratch, one_image) }
     }
 
     /// [`Depthwise::weight_gradient`] one image at a time, channels-last: each image's sums in

@@ -5,6 +5,8 @@
 //! The loops are written once, generically, and compiled for AVX-512, AVX2+FMA and the
 //! baseline; the fastest the CPU has is picked at run time.
 
+use std::mem::MaybeUninit;
+
 pub use gemm::Parallelism;
 
 /// The non-linearity applied after a (folded) convolution.
@@ -145,6 +147,38 @@ pub fn matmul(
 pub fn matmul_strided(
     dst: &mut [f32],
     accumulate: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, k, n): (usize, usize, usize),
+    parallelism: Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    // SAFETY: `dst` holds the `m × n` values the product writes (checked above), all set.
+    unsafe { product(dst.as_mut_ptr(), accumulate, a, b, (m, k, n), parallelism) }
+}
+
+/// `dst = A · B` as [`matmul_strided`] computes it, into memory not yet set: the product
+/// writes each of the `m × n` values of `dst` (its whole length) and reads none of them.
+pub fn matmul_strided_into(
+    dst: &mut [MaybeUninit<f32>],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, k, n): (usize, usize, usize),
+    parallelism: Parallelism,
+) {
+    assert_eq!(dst.len(), m * n, "the product sets the whole destination");
+    // SAFETY: `dst` holds the `m × n` values; without `accumulate` gemm only writes them
+    // (`read_dst` false: the old values are never read, so they need not be set).
+    unsafe { product(dst.as_mut_ptr().cast(), false, a, b, (m, k, n), parallelism) }
+}
+
+/// `gemm::gemm` on row-major `dst` and strided operands.
+///
+/// # Safety
+/// `dst` points to `m × n` writable values, set when `accumulate`.
+unsafe fn product(
+    dst: *mut f32,
+    accumulate: bool,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
     (m, k, n): (usize, usize, usize),
@@ -157,15 +191,15 @@ pub fn matmul_strided(
             (rows - 1) * rs + (cols - 1) * cs + 1
         }
     };
-    assert!(dst.len() >= m * n);
     assert!(a.len() >= last(m, k, a_rs, a_cs) && b.len() >= last(k, n, b_rs, b_cs));
-    // SAFETY: every element the strides address is inside the slices (checked above).
+    // SAFETY: every element the strides address is inside the slices (checked above), and
+    // `dst` is as the caller promises.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
