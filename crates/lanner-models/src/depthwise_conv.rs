@@ -182,9 +182,10 @@ impl Depthwise {
             let x = &x[image_channel * plane..][..plane];
             let filter = &weight[channel * taps..][..taps];
             let bias = bias.map_or(0.0, |bias| bias[channel]);
-            phased_forward_plane(filled(out, 0.0), scratch, x, filter, bias, self);
+            phased_forward_plane(out, scratch, x, filter, bias, self);
         };
-        // SAFETY: `filled` sets every value of each plane.
+        // SAFETY: `phased_forward_plane` sets every value of the plane it is given (it asserts
+        // that the plane is `out_height × out_width` long and that it has as many rows).
         unsafe { written_by_chunks(len, out_plane, true, Vec::new, one_plane) }
     }
 
@@ -312,14 +313,14 @@ fn blocks(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
         .map(move |start| start..len.min(start + BLOCK))
 }
 
-dispatch!(phased_forward_plane(out: &mut [f32], scratch: &mut Vec<f32>, x: &[f32], filter: &[f32], bias: f32, shape: &Depthwise) => phased_forward_plane_generic);
+dispatch!(phased_forward_plane(out: &mut [MaybeUninit<f32>], scratch: &mut Vec<f32>, x: &[f32], filter: &[f32], bias: f32, shape: &Depthwise) => phased_forward_plane_generic);
 
 /// One image's channel of [`Depthwise::forward`]: the input split into its phases, the output
 /// rows at the phases' width start at `bias` and gain, per tap, the tap times its phase shifted
 /// to it; then the output's columns are copied out.
 #[inline(always)]
 fn phased_forward_plane_generic<const FMA: bool>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     scratch: &mut Vec<f32>,
     x: &[f32],
     filter: &[f32],
@@ -342,11 +343,16 @@ fn phased_forward_plane_generic<const FMA: bool>(
             }
         }
     }
+    // Every output row is set: one row of sums per output row.
+    assert_eq!(out.len(), shape.out_height * shape.out_width);
+    assert!(sums.len() >= shape.out_height * shape.phase_width());
     for (row, wide_row) in out
         .chunks_exact_mut(shape.out_width)
         .zip(sums.chunks_exact(shape.phase_width()))
     {
-        row.copy_from_slice(&wide_row[..shape.out_width]);
+        for (out, sum) in row.iter_mut().zip(&wide_row[..shape.out_width]) {
+            out.write(*sum);
+        }
     }
 }
 

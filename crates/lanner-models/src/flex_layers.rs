@@ -209,17 +209,11 @@ fn batch_norm_training(
     // SAFETY: `normalise` sets every value of the plane it is given (it asserts that `x` is
     // as long).
     let output = unsafe {
-        written_by_chunks(
-            xs.len(),
-            planes.plane,
-            true,
-            || (),
-            |(), index, out| {
-                let x = &xs[index * planes.plane..][..planes.plane];
-                let channel = index % planes.channels;
-                normalise(out, x, scale[channel], shift[channel], activation);
-            },
-        )
+        written_by_planes(xs.len(), planes.plane, |index, out| {
+            let x = &xs[index * planes.plane..][..planes.plane];
+            let channel = index % planes.channels;
+            normalise(out, x, scale[channel], shift[channel], activation);
+        })
     };
     let (running_mean, running_var) = (values(&mean), values(&var));
     let moved = |running: &[f32], batch: &dyn Fn(&Moments) -> f64| -> Vec<f32> {
@@ -353,18 +347,12 @@ fn batch_norm_training_backward(
         // SAFETY: `input_gradient` sets every value of the plane it is given (it asserts that
         // `grad` and `x` are as long).
         let x_grad = unsafe {
-            written_by_chunks(
-                xs.len(),
-                planes.plane,
-                true,
-                || (),
-                |(), index, out| {
-                    let at = index * planes.plane..(index + 1) * planes.plane;
-                    let channel = index % planes.channels;
-                    let slope = activation.map(|a| (a, scale[channel], shift[channel]));
-                    input_gradient(out, &grads[at.clone()], &xs[at], terms[channel], slope);
-                },
-            )
+            written_by_planes(xs.len(), planes.plane, |index, out| {
+                let at = index * planes.plane..(index + 1) * planes.plane;
+                let channel = index % planes.channels;
+                let slope = activation.map(|a| (a, scale[channel], shift[channel]));
+                input_gradient(out, &grads[at.clone()], &xs[at], terms[channel], slope);
+            })
         };
         tensor(x_grad, x.shape())
     });
@@ -554,6 +542,19 @@ fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
 /// The values of a contiguous f32 tensor.
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
+}
+
+/// [`written_by_chunks`] plane by plane (`plane` values each) in parallel, with no scratch.
+///
+/// # Safety
+/// `write` must set every value of every plane it is given.
+unsafe fn written_by_planes(
+    len: usize,
+    plane: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    // SAFETY: `write` sets every value of its plane (the caller's promise).
+    unsafe { written_by_chunks(len, plane, true, || (), |(), index, out| write(index, out)) }
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {

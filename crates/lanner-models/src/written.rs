@@ -31,6 +31,9 @@ pub(crate) unsafe fn written_by_chunks<S>(
     scratch: impl Fn() -> S + Sync + Send,
     write: impl Fn(&mut S, usize, &mut [MaybeUninit<f32>]) + Sync + Send,
 ) -> Vec<f32> {
+    if len == 0 {
+        return Vec::new();
+    }
     let mut values = Vec::with_capacity(len);
     let unset = &mut values.spare_capacity_mut()[..len];
     if parallel {
