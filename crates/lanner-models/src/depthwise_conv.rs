@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
 use crate::folded::kernels::{dispatch, fma, padded_output_size};
-use crate::written::{filled, written_by_chunks};
+use crate::written::{filled, written_by_chunks, written_by_planes};
 
 /// The shape of one depthwise convolution: `[batch, channels, height, width]` in,
 /// `[channels, 1, kernel_height, kernel_width]` filters, no dilation.
@@ -207,14 +207,14 @@ impl Depthwise {
         let (plane, out_plane) = (self.height * self.width, self.out_height * self.out_width);
         let taps = self.kernel[0] * self.kernel[1];
         let len = self.batch * self.channels * plane;
-        let one_plane = |(): &mut (), image_channel, x_grad: &mut [MaybeUninit<f32>]| {
+        let one_plane = |image_channel, x_grad: &mut [MaybeUninit<f32>]| {
             let channel = image_channel % self.channels;
             let grad = &grad[image_channel * out_plane..][..out_plane];
             let filter = &weight[channel * taps..][..taps];
             phased_input_gradient_plane(filled(x_grad, 0.0), grad, filter, self);
         };
         // SAFETY: `filled` sets every value of each plane.
-        unsafe { written_by_chunks(len, plane, true, || (), one_plane) }
+        unsafe { written_by_planes(len, plane, one_plane) }
     }
 
     /// The gradient of the filters, `[channels, 1, kernel_height, kernel_width]`, for the

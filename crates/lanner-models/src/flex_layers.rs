@@ -36,7 +36,7 @@ use crate::depthwise_conv::Depthwise;
 use crate::folded::kernels::{dispatch, fma};
 use crate::fused::{FusedBackward, FusedOps};
 use crate::max_pool::MaxPool;
-use crate::written::written_by_chunks;
+use crate::written::written_by_planes;
 
 /// Values per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -542,19 +542,6 @@ fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
 /// The values of a contiguous f32 tensor.
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
-}
-
-/// [`written_by_chunks`] plane by plane (`plane` values each) in parallel, with no scratch.
-///
-/// # Safety
-/// `write` must set every value of every plane it is given.
-unsafe fn written_by_planes(
-    len: usize,
-    plane: usize,
-    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
-) -> Vec<f32> {
-    // SAFETY: `write` sets every value of its plane (the caller's promise).
-    unsafe { written_by_chunks(len, plane, true, || (), |(), index, out| write(index, out)) }
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {

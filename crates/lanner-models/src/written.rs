@@ -54,6 +54,19 @@ pub(crate) unsafe fn written_by_chunks<S>(
     values
 }
 
+/// [`written_by_chunks`] plane by plane (`plane` values each) in parallel, with no scratch.
+///
+/// # Safety
+/// `write` must set every value of every plane it is given.
+pub(crate) unsafe fn written_by_planes(
+    len: usize,
+    plane: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    // SAFETY: `write` sets every value of its plane (the caller's promise).
+    unsafe { written_by_chunks(len, plane, true, || (), |(), index, out| write(index, out)) }
+}
+
 /// `values`, each set to `value`, as the set values they now are.
 pub(crate) fn filled(values: &mut [MaybeUninit<f32>], value: f32) -> &mut [f32] {
     values.fill(MaybeUninit::new(value));
