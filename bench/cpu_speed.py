@@ -4,7 +4,7 @@ batch 32:
 
     python3 bench/cpu_speed.py [--threads 2] [--models mobilenet_v3_large xception]
         [--steps 5] [--warmup 2] [--xception-steps 2] [--lanner target/release/lanner]
-        [--rows frozen fine-tune full inference from-scratch]
+        [--rows frozen fine-tune full inference from-scratch inference-bf16]
 
 Rows (the seed's recipe):
 - frozen: phase 1, only the head trains (Adam 1e-4), the backbone frozen;
@@ -14,6 +14,9 @@ Rows (the seed's recipe):
 - full: every backbone parameter trains (RMSprop 1e-5), BatchNorm still on its running
   statistics (Lanner: `--step fine-tune --fine-tune-layer 0`);
 - inference: the forward pass only;
+- inference-bf16 (not in the default rows): the forward pass in bf16 with f32 sums, where the
+  CPU has the instructions for it (Intel AMX): Keras under the `mixed_bfloat16` policy,
+  PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)`, Lanner with `--precision bf16`;
 - from-scratch (not in the default rows: `--rows from-scratch`): `--from-scratch` training,
   every parameter trains (Adam 1e-4) and BatchNorm normalises with the batch's statistics and
   updates its running ones (Keras: the backbone called without `training=False`; PyTorch: the
@@ -48,10 +51,11 @@ from train_throughput import thread_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANNER = os.path.join(ROOT, "target", "release", "lanner")
 BATCH = 32
-ROWS = ("frozen", "fine-tune", "full", "inference", "from-scratch")
+ROWS = ("frozen", "fine-tune", "full", "inference", "from-scratch", "inference-bf16")
 DEFAULT_ROWS = ROWS[:4]
 LABELS = {"frozen": "backbone frozen", "fine-tune": "fine-tune-layer 100", "full": "fully trainable",
-          "inference": "inference", "from-scratch": "from scratch (BatchNorm training)"}
+          "inference": "inference", "from-scratch": "from scratch (BatchNorm training)",
+          "inference-bf16": "inference in bf16"}
 MODELS = {
     # name: (image size, timm name, first trainable timm parameter at fine-tune-layer 100)
     "mobilenet_v3_large": (224, "mobilenetv3_large_100", "blocks.3.3."),
@@ -76,6 +80,8 @@ def keras_child(args):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
     keras.utils.set_random_seed(1)
+    if args.row == "inference-bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     size = MODELS[args.model][0]
     rng = np.random.default_rng(1)
     if args.model == "mobilenet_v3_large":
@@ -92,7 +98,7 @@ def keras_child(args):
     features = keras.layers.GlobalAveragePooling2D()(base_out)
     model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dropout(0.1)(features)))
     x, y = tf.constant(x), tf.constant(y)
-    if args.row == "inference":
+    if args.row in ("inference", "inference-bf16"):
         rate = timed(lambda: model.predict_on_batch(x), args.warmup, args.steps)
     else:
         base.trainable = args.row != "frozen"
@@ -122,9 +128,11 @@ def torch_child(args):
     backbone = backbone.to(memory_format=fmt)
     x = torch.rand(BATCH, 3, size, size).mul(2).sub(1).contiguous(memory_format=fmt)
     y = (torch.arange(BATCH) % 2).float()
-    if args.row == "inference":
+    if args.row in ("inference", "inference-bf16"):
+        bf16 = args.row == "inference-bf16"
+
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 head(backbone.forward_features(x).mean((2, 3)))
         rate = timed(step, args.warmup, args.steps)
     else:
@@ -179,10 +187,12 @@ def lanner(args, model, row, steps):
     # "full" as the peers run it: every layer trains, BatchNorm on its running statistics (the
     # seed's phase 2 with --fine-tune-layer 0). `lanner bench --step full` is --from-scratch,
     # BatchNorm in training mode: the from-scratch row.
-    step, layer = {"full": ("fine-tune", "0"), "from-scratch": ("full", "100")}.get(row, (row, "100"))
+    step, layer = {"full": ("fine-tune", "0"), "from-scratch": ("full", "100"),
+                   "inference-bf16": ("inference", "100")}.get(row, (row, "100"))
+    precision = "bf16" if row == "inference-bf16" else "f32"
     cmd = [os.path.abspath(args.lanner), "bench", "--arch", model, "--image-size", str(size),
            "--batch-size", str(BATCH), "--step", step, "--fine-tune-layer", layer, "--steps", str(steps),
-           "--warmup", str(args.warmup), "--device", "cpu", "--json"]
+           "--warmup", str(args.warmup), "--device", "cpu", "--precision", precision, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(args.threads))
     if proc.returncode != 0:
         print(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)

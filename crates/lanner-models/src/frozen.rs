@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::backbone::Backbone;
-use crate::folded::{FeatureMap, FoldedBackbone};
+use crate::folded::{FeatureMap, FoldedBackbone, TileUnit};
 use crate::head::global_average_pool;
 use crate::precision::{Precision, cast_floats, in_dtype};
 use crate::registry::Normalization;
@@ -25,6 +25,12 @@ enum Runner {
     Folded(FoldedBackbone),
     /// The modules, with their float type (inputs are normalised in f32, then cast to it).
     Modules(Box<Backbone>, DType),
+}
+
+/// What computes bf16 products on this CPU: AMX tiles (Intel Xeon from Sapphire Rapids on),
+/// or `None` where the CPU has none and bf16 would be slower than f32.
+pub fn cpu_bf16() -> Option<TileUnit> {
+    TileUnit::detect()
 }
 
 /// Whether `device` is the CPU, where the folded network runs.
@@ -68,6 +74,17 @@ impl FrozenPrefix {
     /// The whole backbone, for inference.
     pub fn whole(backbone: &Backbone, device: &Device) -> Self {
         Self::new(backbone, backbone.unit_count(), device)
+    }
+
+    /// The whole backbone folded for inference on the CPU, its dense and 1x1 convolutions
+    /// computing in bf16 on `unit` ([`cpu_bf16`] says whether this CPU can).
+    pub fn whole_in_bf16(backbone: &Backbone, unit: TileUnit) -> Self {
+        let total = backbone.unit_count();
+        Self {
+            units: total,
+            total,
+            runner: Runner::Folded(FoldedBackbone::whole(backbone).in_bf16(unit)),
+        }
     }
 
     /// How many units run here; the trainable rest starts at this unit.

@@ -95,11 +95,20 @@ impl Classifier {
     }
 
     /// This model and its backbone prepared for inference in `precision`: in f32 as
-    /// [`Classifier::inference_backbone`]; below it, the backbone as burn modules and the model
-    /// (the head) cast to it, as a GPU runs them.
+    /// [`Classifier::inference_backbone`]; bf16 on a CPU with AMX tiles
+    /// ([`lanner_models::frozen::cpu_bf16`]), the folded backbone's convolutions on them and
+    /// the head in f32; below f32 elsewhere (a CPU without AMX too, slowly), the backbone as
+    /// burn modules and the model (the head) cast to it, as a GPU runs them.
     pub fn for_inference(self, device: &Device, precision: Precision) -> (Self, FrozenPrefix) {
         if precision.is_f32() {
             let backbone = self.inference_backbone(device);
+            return (self, backbone);
+        }
+        let amx = lanner_models::frozen::cpu_bf16();
+        if let (Precision::Bf16, Some(unit)) = (precision, amx)
+            && lanner_models::frozen::is_cpu(device)
+        {
+            let backbone = FrozenPrefix::whole_in_bf16(&self.backbone, unit);
             return (self, backbone);
         }
         let units = self.backbone.unit_count();

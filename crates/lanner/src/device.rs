@@ -203,16 +203,46 @@ fn replicas() -> Result<usize> {
     }
 }
 
-/// Refuse a precision below f32 on the CPU, whose folded kernels compute in f32 (bf16 and f16
-/// are for GPUs), in one sentence naming the device.
-pub fn check_precision(precision: Precision, device: &Device, device_name: &str) -> Result<()> {
-    if !precision.is_f32() && lanner_models::frozen::is_cpu(device) {
-        bail!(
-            "--precision {precision} runs on GPUs; this runs on the {device_name}, where Lanner \
-             computes in f32: leave --precision out or use a GPU"
-        );
+/// What a command does with the model, for [`check_precision`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// `train`.
+    Training,
+    /// `predict`, `serve`.
+    Inference,
+}
+
+/// Refuse a precision the device cannot compute in, in one sentence naming the device: on the
+/// CPU, f32, and bf16 for inference where the CPU has AMX tiles (bf16 and f16 are otherwise
+/// for GPUs).
+pub fn check_precision(
+    precision: Precision,
+    device: &Device,
+    device_name: &str,
+    work: Work,
+) -> Result<()> {
+    if precision.is_f32() || !lanner_models::frozen::is_cpu(device) {
+        return Ok(());
     }
-    Ok(())
+    let amx = lanner_models::frozen::cpu_bf16().is_some();
+    match (precision, work) {
+        (Precision::Bf16, Work::Inference) if amx => Ok(()),
+        (Precision::Bf16, Work::Inference) => bail!(
+            "--precision bf16 on the {device_name} needs Intel AMX (Xeon Sapphire Rapids or \
+             later, as in SageMaker's ml.c7i and ml.m7i), which this CPU lacks: leave \
+             --precision out to compute in f32, or use a GPU"
+        ),
+        (Precision::Bf16, Work::Training) => bail!(
+            "--precision bf16 trains on GPUs; this runs on the {device_name}, where training \
+             computes in f32 (bf16 on a CPU is for predict and serve, with AMX): leave \
+             --precision out or use a GPU"
+        ),
+        _ => bail!(
+            "--precision {precision} runs on GPUs; this runs on the {device_name}, where Lanner \
+             computes in f32 (or in bf16 for predict and serve, with AMX): leave --precision \
+             out or use a GPU"
+        ),
+    }
 }
 
 /// In the `torch` build, choose the memory order of convolution inputs for `device` and

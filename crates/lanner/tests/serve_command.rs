@@ -104,7 +104,13 @@ fn path_str(path: &Path) -> &str {
 /// `lanner predict --format csv`: the probability of `square` (the second class, which is
 /// what TF Serving returns for a binary model) per file.
 fn predicted_square_probabilities(model: &Path, inputs: &[&Path]) -> BTreeMap<String, f32> {
+    predicted_in(model, inputs, &[])
+}
+
+/// [`predicted_square_probabilities`] with more arguments.
+fn predicted_in(model: &Path, inputs: &[&Path], more: &[&str]) -> BTreeMap<String, f32> {
     let mut args = vec!["predict", "--model", path_str(model), "--format", "csv"];
+    args.extend(more);
     args.extend(inputs.iter().map(|p| path_str(p)));
     let result = lanner(&args);
     assert!(result.status.success(), "{}", text(&result.stderr));
@@ -116,6 +122,42 @@ fn predicted_square_probabilities(model: &Path, inputs: &[&Path]) -> BTreeMap<St
             (fields[0].to_string(), fields[3].parse().unwrap())
         })
         .collect()
+}
+
+/// `--precision bf16` on the CPU: on one with AMX, the convolutions run on its tiles and the
+/// probabilities stay within bf16's rounding of f32's; on one without, one sentence says so.
+#[test]
+fn predict_in_bf16_runs_on_amx_or_says_the_cpu_lacks_it() {
+    let fx = fixture();
+    let (model, images) = (fx.model(), fx.images());
+    let bf16 = ["--device", "cpu", "--precision", "bf16"];
+    if lanner_models::frozen::cpu_bf16().is_none() {
+        let mut args = vec!["predict", "--model", path_str(&model), path_str(&images)];
+        args.extend(bf16);
+        let result = lanner(&args);
+        assert!(!result.status.success());
+        let stderr = text(&result.stderr);
+        assert!(
+            stderr.contains(
+                "--precision bf16 on the cpu needs Intel AMX (Xeon Sapphire Rapids or later"
+            ),
+            "{stderr}"
+        );
+        eprintln!("this CPU has no AMX: checked the refusal only");
+        return;
+    }
+    let full = predicted_in(&model, &[&images], &["--device", "cpu"]);
+    let low = predicted_in(&model, &[&images], &bf16);
+    assert_eq!(full.len(), 12);
+    assert_eq!(
+        full.keys().collect::<Vec<_>>(),
+        low.keys().collect::<Vec<_>>()
+    );
+    let worst = full
+        .values()
+        .zip(low.values())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst > 0.0 && worst < 0.02, "bf16 off f32 by {worst}");
 }
 
 #[test]

@@ -637,7 +637,7 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
     );
     refused_with(
         &["--precision", "bf16"],
-        "--precision bf16 runs on GPUs; this runs on the cpu",
+        "--precision bf16 trains on GPUs; this runs on the cpu",
     );
     refused_with(
         &["--init", "glorot"],

@@ -114,6 +114,7 @@ fn pointwise(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> Pointwise {
         weights,
         bias: f.bias,
         act,
+        bf16: None,
     }
 }
 
@@ -148,6 +149,7 @@ fn dense(conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> DenseConv {
         weights,
         bias: f.bias,
         act,
+        bf16: None,
     }
 }
 

@@ -27,7 +27,7 @@ pub(crate) fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 #[inline(always)]
-fn activate_impl(values: &mut [f32], act: Act) {
+pub(crate) fn activate_impl(values: &mut [f32], act: Act) {
     match act {
         Act::Identity => {}
         Act::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
@@ -768,7 +768,7 @@ fn add_outer_generic<const FMA: bool>(g: &mut [f32], a: &[f32], b: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A direct, unoptimised depthwise convolution to check the kernel against.
@@ -803,7 +803,7 @@ mod tests {
         out
     }
 
-    pub(super) fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
             .collect()

@@ -15,6 +15,7 @@
 //!
 //! Its outputs equal the burn modules' to float rounding (tested, relative error ≤ 1e-4).
 
+pub(crate) mod bf16;
 mod buffers;
 mod from_burn;
 pub(crate) mod kernels;
@@ -26,6 +27,7 @@ use rayon::prelude::*;
 
 use crate::Normalization;
 use crate::backbone::Backbone;
+pub use bf16::TileUnit;
 use buffers::Buffer;
 pub use training::{Activations, ParamGradient, TrainableUnits};
 use units::{Image, Unit};
@@ -76,6 +78,14 @@ impl FoldedBackbone {
             Backbone::Xception(model) => from_burn::xception(model, units),
         };
         Self { units }
+    }
+
+    /// The same network with its dense and 1x1 convolutions computing in bf16 (f32 sums) on
+    /// `unit`; depthwise convolutions, pooling and activations stay f32. The products round both operands to bf16 and sum in f32, as PyTorch's CPU
+    /// autocast does.
+    pub fn in_bf16(mut self, unit: TileUnit) -> Self {
+        self.units.iter_mut().for_each(|u| u.use_bf16(unit));
+        self
     }
 
     /// Every unit of `backbone`, folded: the whole feature extractor.

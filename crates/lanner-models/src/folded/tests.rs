@@ -4,7 +4,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::{FoldedBackbone, TrainableUnits};
+use super::{FoldedBackbone, TileUnit, TrainableUnits};
 use crate::backbone::Backbone;
 use crate::registry::{IMAGENET, INCEPTION, Normalization};
 use crate::{MobileNetV3Config, MobileNetV3Size, Xception, XceptionConfig};
@@ -121,6 +121,44 @@ fn folded_xception_matches_the_burn_modules() {
     let device = Device::flex();
     let backbone = Backbone::Xception(XceptionConfig::new().init(&device).map(&mut Perturb(SEED)));
     check_prefixes(&backbone, 71, &INCEPTION, &[1, 3, 4, 6, 14, 16]);
+}
+
+/// The whole network with its convolutions in bf16 against f32: as close as bf16's 8 bits
+/// of mantissa allow, on the emulated tiles (any CPU) and on AMX where there is one. (The
+/// two differ by more than f32 rounding: a sum in another order rounds to another bf16 input
+/// for the next layer now and then, and the network carries that on.)
+#[test]
+fn bf16_products_stay_close_to_f32() {
+    let device = Device::flex();
+    let mobilenet = MobileNetV3Config::new(MobileNetV3Size::Small)
+        .with_width_multiplier(0.5)
+        .init(&device)
+        .map(&mut Perturb(SEED));
+    let xception = XceptionConfig::new().init(&device).map(&mut Perturb(SEED));
+    let cases = [
+        (Backbone::MobileNetV3(mobilenet), 64, &IMAGENET),
+        (Backbone::Xception(xception), 71, &INCEPTION),
+    ];
+    let units = [Some(TileUnit::Emulated), TileUnit::detect()];
+    for (backbone, size, normalization) in &cases {
+        // One image runs its products on the thread pool, two one image per thread.
+        for batch in [1, 2] {
+            let images = pixels(batch, *size, 9);
+            let f32_map = FoldedBackbone::whole(backbone).forward(images.clone(), normalization);
+            let want = f32_map.to_tensor(&device);
+            for unit in units.into_iter().flatten() {
+                let folded = FoldedBackbone::whole(backbone).in_bf16(unit);
+                let got = folded
+                    .forward(images.clone(), normalization)
+                    .to_tensor(&device);
+                let error = relative_error(got, want.clone());
+                assert!(
+                    error > 0.0 && error <= 0.03,
+                    "{unit:?}, batch {batch}: relative error {error}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -3,8 +3,32 @@
 //! trainable rest: MobileNetV3's stem and each of its blocks, Xception's stem convolutions,
 //! blocks and exit convolutions.
 
+use super::bf16::{self, PackedWeights, TileUnit};
 use super::buffers::Buffer;
 use super::kernels::{self, Act, DepthwiseShape};
+
+/// A convolution's weights rounded to bf16 and packed for AMX tiles (`--precision bf16`),
+/// and what computes with them.
+pub struct Bf16Weights {
+    pub(crate) packed: PackedWeights,
+    pub(crate) unit: TileUnit,
+}
+
+impl Bf16Weights {
+    /// Products with fewer inputs than one tile row (32) waste most of each tile: they stay
+    /// in f32.
+    const MIN_INPUTS: usize = 32;
+
+    /// `weights` (`k × n`) packed, or `None` for a product too small to gain.
+    fn new(weights: &[f32], (k, n): (usize, usize), unit: TileUnit) -> Option<Box<Self>> {
+        (k >= Self::MIN_INPUTS).then(|| {
+            Box::new(Self {
+                packed: PackedWeights::new(weights, k, n),
+                unit,
+            })
+        })
+    }
+}
 
 /// One image's activations, `[height][width][channels]`.
 pub struct Image {
@@ -48,9 +72,17 @@ pub struct DenseConv {
     pub(crate) weights: Vec<f32>,
     pub(crate) bias: Vec<f32>,
     pub(crate) act: Act,
+    /// The weights for bf16 products, when the network computes in bf16.
+    pub(crate) bf16: Option<Box<Bf16Weights>>,
 }
 
 impl DenseConv {
+    /// Compute the product in bf16 on `unit` from now on (where it is large enough to gain).
+    pub(crate) fn use_bf16(&mut self, unit: TileUnit) {
+        let k = self.kernel * self.kernel * self.in_channels;
+        self.bf16 = Bf16Weights::new(&self.weights, (k, self.out_channels), unit);
+    }
+
     fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
         let size = |x| kernels::output_size(x, self.kernel, self.stride, self.pad);
         (size(h), size(w), self.out_channels)
@@ -69,18 +101,32 @@ impl DenseConv {
             &mut patches,
         );
         let mut out = Buffer::new(ho * wo * cout);
-        kernels::fill_rows(&mut out, &self.bias, None);
-        kernels::matmul(
-            &mut out,
-            true,
-            &patches,
-            &self.weights,
-            ho * wo,
-            patch,
-            cout,
-            threads,
-        );
-        kernels::activate(&mut out, self.act);
+        match &self.bf16 {
+            Some(w) => {
+                let epilogue = bf16::Epilogue {
+                    bias: &self.bias,
+                    residual: None,
+                    act: self.act,
+                };
+                bf16::matmul(
+                    &mut out, &patches, None, &w.packed, &epilogue, w.unit, threads,
+                );
+            }
+            None => {
+                kernels::fill_rows(&mut out, &self.bias, None);
+                kernels::matmul(
+                    &mut out,
+                    true,
+                    &patches,
+                    &self.weights,
+                    ho * wo,
+                    patch,
+                    cout,
+                    threads,
+                );
+                kernels::activate(&mut out, self.act);
+            }
+        }
         Image {
             data: out,
             height: ho,
@@ -99,9 +145,17 @@ pub struct Pointwise {
     pub(crate) weights: Vec<f32>,
     pub(crate) bias: Vec<f32>,
     pub(crate) act: Act,
+    /// The weights for bf16 products, when the network computes in bf16.
+    pub(crate) bf16: Option<Box<Bf16Weights>>,
 }
 
 impl Pointwise {
+    /// Compute the product in bf16 on `unit` from now on (where it is large enough to gain).
+    pub(crate) fn use_bf16(&mut self, unit: TileUnit) {
+        let shape = (self.in_channels, self.out_channels);
+        self.bf16 = Bf16Weights::new(&self.weights, shape, unit);
+    }
+
     fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
         (
             h.div_ceil(self.stride),
@@ -130,6 +184,22 @@ impl Pointwise {
         } else {
             &x.data
         };
+        let mut out = Buffer::new(m * cout);
+        if let Some(w) = &self.bf16 {
+            let epilogue = bf16::Epilogue {
+                bias: &self.bias,
+                residual,
+                act: self.act,
+            };
+            // The gate scales the activations' columns as they are rounded.
+            bf16::matmul(&mut out, input, gate, &w.packed, &epilogue, w.unit, threads);
+            return Image {
+                data: out,
+                height: ho,
+                width: wo,
+                channels: cout,
+            };
+        }
         let gated;
         let weights: &[f32] = match gate {
             Some(gate) => {
@@ -142,7 +212,6 @@ impl Pointwise {
             }
             None => &self.weights,
         };
-        let mut out = Buffer::new(m * cout);
         kernels::fill_rows(&mut out, &self.bias, residual);
         kernels::matmul(&mut out, true, input, weights, m, k, cout, threads);
         kernels::activate(&mut out, self.act);
@@ -263,6 +332,29 @@ pub enum Unit {
 }
 
 impl Unit {
+    /// Compute this unit's convolutions (dense and 1x1) in bf16 on `unit` from now on.
+    pub(crate) fn use_bf16(&mut self, unit: TileUnit) {
+        match self {
+            Unit::Conv(conv) => conv.use_bf16(unit),
+            Unit::Pointwise(pw) => pw.use_bf16(unit),
+            Unit::InvertedResidual {
+                expand, project, ..
+            } => {
+                if let Some(expand) = expand {
+                    expand.use_bf16(unit);
+                }
+                project.use_bf16(unit);
+            }
+            Unit::XceptionBlock { reps, skip, .. } => {
+                reps.iter_mut().for_each(|rep| rep.pointwise.use_bf16(unit));
+                if let Some(skip) = skip {
+                    skip.use_bf16(unit);
+                }
+            }
+            Unit::Separable(sep) => sep.pointwise.use_bf16(unit),
+        }
+    }
+
     /// Output height, width and channels for an input of `(h, w)`.
     pub fn output_shape(&self, (h, w): (usize, usize)) -> (usize, usize, usize) {
         match self {

@@ -14,7 +14,7 @@ use lanner_serve::files::{collect_images, predict_files};
 use lanner_serve::{ModelInfo, Predictor};
 use serde::Serialize;
 
-use crate::device::{DeviceChoice, check_precision};
+use crate::device::{DeviceChoice, Work, check_precision};
 use lanner_models::precision::Precision;
 
 #[derive(Args, Debug)]
@@ -53,7 +53,8 @@ pub struct PredictArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// Compute in f32, or in bf16 / f16 on a GPU (the weights stay f32; logits are read in f32).
+    /// Compute in f32, or in bf16 / f16 on a GPU, or in bf16 on a CPU with Intel AMX (the
+    /// weights stay f32; logits are read in f32).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
 
@@ -98,7 +99,7 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     }
     let images = inputs.images;
     let (device, device_name) = args.device.resolve()?;
-    check_precision(args.precision, &device, &device_name)?;
+    check_precision(args.precision, &device, &device_name, Work::Inference)?;
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;

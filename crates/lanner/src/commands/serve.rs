@@ -12,7 +12,7 @@ use clap::Args;
 use lanner_serve::ServeConfig;
 use lanner_serve::batcher::BatchingConfig;
 
-use crate::device::{DeviceChoice, check_precision};
+use crate::device::{DeviceChoice, Work, check_precision};
 use lanner_models::precision::Precision;
 
 /// Where SageMaker puts the model in a hosting container.
@@ -81,8 +81,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// Compute in f32, or in bf16 / f16 on a GPU (the weights stay f32; logits are read in f32).
-    #[arg(long, default_value = "f32")]
+    /// Compute in f32, or in bf16 / f16 on a GPU, or in bf16 on a CPU with Intel AMX (the
+    /// weights stay f32; logits are read in f32). In a container: `LANNER_PRECISION`.
+    #[arg(long, env = "LANNER_PRECISION", default_value = "f32")]
     pub precision: Precision,
 }
 
@@ -110,7 +111,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     // Refuse a bad card now, with the model's path, rather than after binding.
     model.card()?;
     let (device, device_name) = args.device.resolve()?;
-    check_precision(args.precision, &device, &device_name)?;
+    check_precision(args.precision, &device, &device_name, Work::Inference)?;
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;

@@ -32,7 +32,7 @@ use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::step_memory::{self, StepShape, Verdict};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
-use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, check_precision};
+use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, Work, check_precision};
 
 /// The seed's hyperparameters keep its names (`--fine-tune-layer`, `--drop-out-percentage`,
 /// …). Unknown `--name value` pairs are reported and ignored, as the seed's
@@ -636,7 +636,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         name: device_name,
     } = device_choice.resolve_for_training(gpus)?;
     let device = devices.remove(0);
-    check_precision(args.precision, &device, &device_name)?;
+    check_precision(args.precision, &device, &device_name, Work::Training)?;
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     let readback_every = crate::device::readback_every(&device)?;
