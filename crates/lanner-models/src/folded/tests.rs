@@ -130,13 +130,9 @@ fn folded_xception_matches_the_burn_modules() {
 #[test]
 fn bf16_products_stay_close_to_f32() {
     let device = Device::flex();
-    let mobilenet = MobileNetV3Config::new(MobileNetV3Size::Small)
-        .with_width_multiplier(0.5)
-        .init(&device)
-        .map(&mut Perturb(SEED));
     let xception = XceptionConfig::new().init(&device).map(&mut Perturb(SEED));
     let cases = [
-        (Backbone::MobileNetV3(mobilenet), 64, &IMAGENET),
+        (perturbed_small_mobilenet(), 64, &IMAGENET),
         (Backbone::Xception(xception), 71, &INCEPTION),
     ];
     let units = [Some(TileUnit::Emulated), TileUnit::detect()];
@@ -161,14 +157,18 @@ fn bf16_products_stay_close_to_f32() {
     }
 }
 
-#[test]
-fn pooled_features_are_the_mean_of_the_feature_map() {
-    let device = Device::flex();
+/// MobileNetV3-Small 0.5 on the CPU, every tensor perturbed.
+fn perturbed_small_mobilenet() -> Backbone {
     let model = MobileNetV3Config::new(MobileNetV3Size::Small)
         .with_width_multiplier(0.5)
-        .init(&device)
+        .init(&Device::flex())
         .map(&mut Perturb(SEED));
-    let backbone = Backbone::MobileNetV3(model);
+    Backbone::MobileNetV3(model)
+}
+
+#[test]
+fn pooled_features_are_the_mean_of_the_feature_map() {
+    let backbone = perturbed_small_mobilenet();
     let folded = FoldedBackbone::whole(&backbone);
     // One image: fewer images than threads, so the products use the thread pool.
     for batch in [1, 3] {
