@@ -226,6 +226,8 @@ pub fn matmul(
     if n == 0 {
         return;
     }
+    // The epilogue runs after the last pass over k: there must be one.
+    assert!(k > 0, "a product over at least one input");
     let m = dst.len() / n;
     assert_eq!(dst.len(), m * n, "dst has n columns");
     assert_eq!(a.len(), m * k, "a is m × k");
