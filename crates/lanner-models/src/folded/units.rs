@@ -185,36 +185,34 @@ impl Pointwise {
             &x.data
         };
         let mut out = Buffer::new(m * cout);
-        if let Some(w) = &self.bf16 {
-            let epilogue = bf16::Epilogue {
-                bias: &self.bias,
-                residual,
-                act: self.act,
-            };
-            // The gate scales the activations' columns as they are rounded.
-            bf16::matmul(&mut out, input, gate, &w.packed, &epilogue, w.unit, threads);
-            return Image {
-                data: out,
-                height: ho,
-                width: wo,
-                channels: cout,
-            };
-        }
-        let gated;
-        let weights: &[f32] = match gate {
-            Some(gate) => {
-                let mut buffer = Buffer::from_slice(&self.weights);
-                for (row, g) in buffer.chunks_exact_mut(cout).zip(gate) {
-                    row.iter_mut().for_each(|w| *w *= *g);
-                }
-                gated = buffer;
-                &gated
+        match &self.bf16 {
+            Some(w) => {
+                let epilogue = bf16::Epilogue {
+                    bias: &self.bias,
+                    residual,
+                    act: self.act,
+                };
+                // The gate scales the activations' columns as they are rounded.
+                bf16::matmul(&mut out, input, gate, &w.packed, &epilogue, w.unit, threads);
             }
-            None => &self.weights,
-        };
-        kernels::fill_rows(&mut out, &self.bias, residual);
-        kernels::matmul(&mut out, true, input, weights, m, k, cout, threads);
-        kernels::activate(&mut out, self.act);
+            None => {
+                let gated;
+                let weights: &[f32] = match gate {
+                    Some(gate) => {
+                        let mut buffer = Buffer::from_slice(&self.weights);
+                        for (row, g) in buffer.chunks_exact_mut(cout).zip(gate) {
+                            row.iter_mut().for_each(|w| *w *= *g);
+                        }
+                        gated = buffer;
+                        &gated
+                    }
+                    None => &self.weights,
+                };
+                kernels::fill_rows(&mut out, &self.bias, residual);
+                kernels::matmul(&mut out, true, input, weights, m, k, cout, threads);
+                kernels::activate(&mut out, self.act);
+            }
+        }
         Image {
             data: out,
             height: ho,
