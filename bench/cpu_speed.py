@@ -4,7 +4,8 @@ batch 32:
 
     python3 bench/cpu_speed.py [--threads 2] [--models mobilenet_v3_large xception]
         [--steps 5] [--warmup 2] [--xception-steps 2] [--lanner target/release/lanner]
-        [--rows frozen fine-tune full inference from-scratch inference-bf16]
+        [--rows frozen fine-tune full inference from-scratch frozen-bf16 fine-tune-bf16
+                inference-bf16]
 
 Rows (the seed's recipe):
 - frozen: phase 1, only the head trains (Adam 1e-4), the backbone frozen;
@@ -14,9 +15,12 @@ Rows (the seed's recipe):
 - full: every backbone parameter trains (RMSprop 1e-5), BatchNorm still on its running
   statistics (Lanner: `--step fine-tune --fine-tune-layer 0`);
 - inference: the forward pass only;
-- inference-bf16 (not in the default rows): the forward pass in bf16 with f32 sums, where the
-  CPU has the instructions for it (Intel AMX): Keras under the `mixed_bfloat16` policy,
-  PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)`, Lanner with `--precision bf16`;
+- frozen-bf16, fine-tune-bf16, inference-bf16 (not in the default rows): those rows in bf16
+  with f32 sums and f32 master weights, where the CPU has the instructions for it (Intel AMX):
+  Keras under the `mixed_bfloat16` policy (every layer computes in bf16, the Dense head's
+  output in f32), PyTorch with the forward pass under `torch.autocast("cpu",
+  dtype=torch.bfloat16)`, Lanner with `--precision bf16` (the frozen layers' products on the
+  AMX tiles; the trained layers and the head in f32);
 - from-scratch (not in the default rows: `--rows from-scratch`): `--from-scratch` training,
   every parameter trains (Adam 1e-4) and BatchNorm normalises with the batch's statistics and
   updates its running ones (Keras: the backbone called without `training=False`; PyTorch: the
@@ -51,16 +55,23 @@ from train_throughput import thread_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANNER = os.path.join(ROOT, "target", "release", "lanner")
 BATCH = 32
-ROWS = ("frozen", "fine-tune", "full", "inference", "from-scratch", "inference-bf16")
+ROWS = ("frozen", "fine-tune", "full", "inference", "from-scratch", "frozen-bf16", "fine-tune-bf16",
+        "inference-bf16")
 DEFAULT_ROWS = ROWS[:4]
 LABELS = {"frozen": "backbone frozen", "fine-tune": "fine-tune-layer 100", "full": "fully trainable",
           "inference": "inference", "from-scratch": "from scratch (BatchNorm training)",
+          "frozen-bf16": "backbone frozen, bf16", "fine-tune-bf16": "fine-tune-layer 100, bf16",
           "inference-bf16": "inference in bf16"}
 MODELS = {
     # name: (image size, timm name, first trainable timm parameter at fine-tune-layer 100)
     "mobilenet_v3_large": (224, "mobilenetv3_large_100", "blocks.3.3."),
     "xception": (299, "legacy_xception", "block11.rep.4."),
 }
+
+
+def base_row(row):
+    """The row without its precision, and whether it runs in bf16."""
+    return row.removesuffix("-bf16"), row.endswith("-bf16")
 
 
 def timed(step, warmup, steps):
@@ -80,7 +91,8 @@ def keras_child(args):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
     keras.utils.set_random_seed(1)
-    if args.row == "inference-bf16":
+    row, bf16 = base_row(args.row)
+    if bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     size = MODELS[args.model][0]
     rng = np.random.default_rng(1)
@@ -94,18 +106,20 @@ def keras_child(args):
     y = (np.arange(BATCH) % 2).astype("float32")[:, None]
     inputs = keras.Input((size, size, 3))
     # From scratch, BatchNorm trains: Keras' default call, in training mode within train_on_batch.
-    base_out = base(inputs) if args.row == "from-scratch" else base(inputs, training=False)
+    base_out = base(inputs) if row == "from-scratch" else base(inputs, training=False)
     features = keras.layers.GlobalAveragePooling2D()(base_out)
-    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dropout(0.1)(features)))
+    # The logit in f32 under mixed precision too, as Keras' guide advises for the last layer.
+    logit = keras.layers.Dense(1, dtype="float32")(keras.layers.Dropout(0.1)(features))
+    model = keras.Model(inputs, logit)
     x, y = tf.constant(x), tf.constant(y)
-    if args.row in ("inference", "inference-bf16"):
+    if row == "inference":
         rate = timed(lambda: model.predict_on_batch(x), args.warmup, args.steps)
     else:
-        base.trainable = args.row != "frozen"
-        if args.row == "fine-tune":
+        base.trainable = row != "frozen"
+        if row == "fine-tune":
             for layer in base.layers[:100]:
                 layer.trainable = False
-        optimizer = (keras.optimizers.Adam(learning_rate=1e-4) if args.row in ("frozen", "from-scratch")
+        optimizer = (keras.optimizers.Adam(learning_rate=1e-4) if row in ("frozen", "from-scratch")
                      else keras.optimizers.RMSprop(learning_rate=1e-5))
         model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
         rate = timed(lambda: model.train_on_batch(x, y), args.warmup, args.steps)
@@ -122,15 +136,14 @@ def torch_child(args):
     backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="")
     channels = backbone.num_features
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(channels, 1))
-    backbone.train(args.row == "from-scratch")
+    row, bf16 = base_row(args.row)
+    backbone.train(row == "from-scratch")
     head.train()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     backbone = backbone.to(memory_format=fmt)
     x = torch.rand(BATCH, 3, size, size).mul(2).sub(1).contiguous(memory_format=fmt)
     y = (torch.arange(BATCH) % 2).float()
-    if args.row in ("inference", "inference-bf16"):
-        bf16 = args.row == "inference-bf16"
-
+    if row == "inference":
         def step():
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 head(backbone.forward_features(x).mean((2, 3)))
@@ -139,9 +152,9 @@ def torch_child(args):
         # Parameters of forward_features, in registration (= forward) order.
         names = [n for n, _ in backbone.named_parameters()
                  if not n.startswith(("conv_head", "norm_head", "classifier", "fc"))]
-        if args.row == "frozen":
+        if row == "frozen":
             trainable = set()
-        elif args.row in ("full", "from-scratch"):
+        elif row in ("full", "from-scratch"):
             trainable = set(names)
         else:
             start = next(i for i, n in enumerate(names) if n.startswith(first_trainable))
@@ -152,17 +165,19 @@ def torch_child(args):
             if n in trainable:
                 params.append(p)
         params += list(head.parameters())
-        optimizer = (torch.optim.Adam(params, lr=1e-4, eps=1e-7) if args.row in ("frozen", "from-scratch")
+        optimizer = (torch.optim.Adam(params, lr=1e-4, eps=1e-7) if row in ("frozen", "from-scratch")
                      else torch.optim.RMSprop(params, lr=1e-5, alpha=0.9, eps=1e-7))
         loss_fn = torch.nn.BCEWithLogitsLoss()
 
         def step():
-            if args.row == "frozen":
-                with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if row == "frozen":
+                    with torch.no_grad():
+                        f = backbone.forward_features(x)
+                else:
                     f = backbone.forward_features(x)
-            else:
-                f = backbone.forward_features(x)
-            loss = loss_fn(head(f.mean((2, 3))).squeeze(1), y)
+                logit = head(f.mean((2, 3))).squeeze(1)
+            loss = loss_fn(logit.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -187,9 +202,9 @@ def lanner(args, model, row, steps):
     # "full" as the peers run it: every layer trains, BatchNorm on its running statistics (the
     # seed's phase 2 with --fine-tune-layer 0). `lanner bench --step full` is --from-scratch,
     # BatchNorm in training mode: the from-scratch row.
-    step, layer = {"full": ("fine-tune", "0"), "from-scratch": ("full", "100"),
-                   "inference-bf16": ("inference", "100")}.get(row, (row, "100"))
-    precision = "bf16" if row == "inference-bf16" else "f32"
+    row, bf16 = base_row(row)
+    step, layer = {"full": ("fine-tune", "0"), "from-scratch": ("full", "100")}.get(row, (row, "100"))
+    precision = "bf16" if bf16 else "f32"
     cmd = [os.path.abspath(args.lanner), "bench", "--arch", model, "--image-size", str(size),
            "--batch-size", str(BATCH), "--step", step, "--fine-tune-layer", layer, "--steps", str(steps),
            "--warmup", str(args.warmup), "--device", "cpu", "--precision", precision, "--json"]

@@ -76,15 +76,22 @@ impl FrozenPrefix {
         Self::new(backbone, backbone.unit_count(), device)
     }
 
-    /// The whole backbone folded for inference on the CPU, its dense and 1x1 convolutions
-    /// computing in bf16 on `unit` ([`cpu_bf16`] says whether this CPU can).
-    pub fn whole_in_bf16(backbone: &Backbone, unit: TileUnit) -> Self {
+    /// The first `units` units of `backbone` folded for the CPU, their dense and 1x1
+    /// convolutions computing in bf16 on `unit` ([`cpu_bf16`] says whether this CPU can).
+    pub fn in_bf16(backbone: &Backbone, units: usize, unit: TileUnit) -> Self {
         let total = backbone.unit_count();
+        let units = units.min(total);
         Self {
-            units: total,
+            units,
             total,
-            runner: Runner::Folded(FoldedBackbone::whole(backbone).in_bf16(unit)),
+            runner: Runner::Folded(FoldedBackbone::new(backbone, units).in_bf16(unit)),
         }
+    }
+
+    /// The whole backbone folded for inference on the CPU, computing in bf16 on `unit` (see
+    /// [`Self::in_bf16`]).
+    pub fn whole_in_bf16(backbone: &Backbone, unit: TileUnit) -> Self {
+        Self::in_bf16(backbone, backbone.unit_count(), unit)
     }
 
     /// How many units run here; the trainable rest starts at this unit.

@@ -4,22 +4,24 @@
 use burn::tensor::Device;
 use lanner_data::{DataError, Loader};
 use lanner_models::Normalization;
+use lanner_models::precision::Precision;
 
 use crate::classifier::Classifier;
 use crate::metrics::{EpochMetrics, MetricsAccumulator};
 use crate::trainer::{StepLogits, default_readback_every};
 
-/// Run `model` (an inference copy) over every batch of `loader` and return its metrics,
-/// ROC AUC included for binary models.
+/// Run `model` (an inference copy) in `precision` (see [`Classifier::for_inference`]) over
+/// every batch of `loader` and return its metrics, ROC AUC included for binary models.
 pub fn evaluate(
-    model: &Classifier,
+    model: Classifier,
     loader: &Loader,
     normalization: &Normalization,
     classes: usize,
     device: &Device,
+    precision: Precision,
 ) -> Result<EpochMetrics, DataError> {
     let mut metrics = MetricsAccumulator::new(classes, true);
-    let backbone = model.inference_backbone(device);
+    let (model, backbone) = model.for_inference(device, precision);
     // Batches are read back in groups, as training steps are (see `default_readback_every`):
     // on a GPU the next batches are queued while the host waits for none of them.
     let every = default_readback_every(device);

@@ -13,8 +13,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use lanner_data::{DataError, Loader, SkippedFile};
-use lanner_models::folded::TrainableUnits;
-use lanner_models::frozen::is_cpu;
+use lanner_models::folded::{TileUnit, TrainableUnits};
+use lanner_models::frozen::{cpu_bf16, is_cpu};
 use lanner_models::precision::{Precision, cast_floats, in_dtype};
 use lanner_models::{FrozenPrefix, ModelEntry, Normalization, global_average_pool};
 
@@ -353,11 +353,12 @@ pub fn train(job: TrainingJob, reporter: &mut dyn Reporter) -> Result<TrainingOu
             }
 
             let validation_metrics = evaluate(
-                &model.valid(),
+                model.valid(),
                 &validation,
                 &normalization,
                 classes,
                 &device,
+                precision,
             )?;
             let train_metrics = metrics.finish();
             let record = EpochRecord {
@@ -531,12 +532,15 @@ pub struct StepInput<'a> {
 pub struct BackbonePlan {
     frozen: FrozenPrefix,
     folded_training: bool,
+    /// The float type of the trained units and the head (the frozen prefix has its own).
     precision: Precision,
 }
 
 impl BackbonePlan {
     /// The plan for `phase` of `model` (its current weights) on `device`, computing in
-    /// `precision` (the CPU's folded kernels only in f32).
+    /// `precision`. On the CPU, bf16 applies to the frozen units' products where the CPU has
+    /// AMX tiles (the trained units and the head stay f32); without AMX it runs burn's bf16
+    /// modules.
     pub fn for_phase(
         model: &Classifier,
         entry: &ModelEntry,
@@ -544,11 +548,29 @@ impl BackbonePlan {
         device: &Device,
         precision: Precision,
     ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
-        if !precision.is_f32() {
-            return Self::with_burn_modules(model, entry, phase, precision);
+        match precision {
+            Precision::F32 => Self::folded(model, entry, phase, device, None),
+            Precision::Bf16 if is_cpu(device) && cpu_bf16().is_some() => {
+                Self::folded(model, entry, phase, device, cpu_bf16())
+            }
+            _ => Self::with_burn_modules(model, entry, phase, precision),
         }
+    }
+
+    /// The frozen units folded on the CPU (their products in bf16 on `tiles` when given), the
+    /// rest in f32; on other devices the frozen units as modules in f32.
+    fn folded(
+        model: &Classifier,
+        entry: &ModelEntry,
+        phase: &Phase,
+        device: &Device,
+        tiles: Option<TileUnit>,
+    ) -> Result<Self, lanner_models::keras_layers::KerasLayerError> {
         let units = frozen_units(model, entry, phase.trainable)?;
-        let frozen = FrozenPrefix::new(&model.backbone, units, device);
+        let frozen = match tiles {
+            Some(unit) => FrozenPrefix::in_bf16(&model.backbone, units, unit),
+            None => FrozenPrefix::new(&model.backbone, units, device),
+        };
         let folded_training = !frozen.is_whole()
             && is_cpu(device)
             && phase.batch_norm == BatchNormMode::Frozen
@@ -556,7 +578,7 @@ impl BackbonePlan {
         Ok(Self {
             frozen,
             folded_training,
-            precision,
+            precision: Precision::F32,
         })
     }
 
@@ -768,10 +790,43 @@ mod tests {
     use lanner_data::rng::SplitMix64;
     use lanner_models::find;
 
-    /// The gradients of one step in `precision` and in f32, by parameter, on the burn-module
-    /// plan GPUs run (every label the same: a batch whose per-sample gradients cancel would
-    /// measure cancellation, not the pass).
-    fn gradients_in(precision: Precision, trainable: Trainable) -> Vec<(Vec<f32>, Vec<f32>)> {
+    /// The plans a test compares, each in low precision and in f32.
+    #[derive(Clone, Copy, Debug)]
+    enum Plans {
+        /// The burn modules GPUs run, in this precision.
+        Modules(Precision),
+        /// The CPU's folded plan, its frozen units' products on emulated bf16 tiles.
+        FoldedTiles,
+    }
+
+    impl Plans {
+        fn plan(
+            self,
+            model: &Classifier,
+            entry: &ModelEntry,
+            phase: &Phase,
+            low: bool,
+        ) -> BackbonePlan {
+            match (self, low) {
+                (Self::Modules(precision), true) => {
+                    BackbonePlan::with_burn_modules(model, entry, phase, precision)
+                }
+                (Self::Modules(_), false) => {
+                    BackbonePlan::with_burn_modules(model, entry, phase, Precision::F32)
+                }
+                (Self::FoldedTiles, low) => {
+                    let tiles = low.then_some(TileUnit::Emulated);
+                    BackbonePlan::folded(model, entry, phase, &Device::flex(), tiles)
+                }
+            }
+            .unwrap()
+        }
+    }
+
+    /// The gradients of one step in low precision and in f32 by `plans`, by parameter (every
+    /// label the same: a batch whose per-sample gradients cancel would measure cancellation,
+    /// not the pass).
+    fn gradients_in(plans: Plans, trainable: Trainable) -> Vec<(Vec<f32>, Vec<f32>)> {
         let entry = find("mobilenet_v3_small_050").unwrap();
         let device = Device::flex();
         let autodiff = device.clone().autodiff();
@@ -793,8 +848,8 @@ mod tests {
         let pixels: Vec<f32> = (0..4 * 3 * 64 * 64)
             .map(|_| (rng.next_f32() * 255.0).floor())
             .collect();
-        let step = |precision: Precision| {
-            let plan = BackbonePlan::with_burn_modules(&model, entry, &phase, precision).unwrap();
+        let step = |low: bool| {
+            let plan = plans.plan(&model, entry, &phase, low);
             let input = StepInput {
                 pixels: Tensor::from_data(TensorData::new(pixels.clone(), [4, 3, 64, 64]), &device),
                 labels: &[1, 1, 1, 1],
@@ -817,8 +872,8 @@ mod tests {
             model.visit(&mut pull);
             pull.values
         };
-        let low = step(precision);
-        let full = step(Precision::F32);
+        let low = step(true);
+        let full = step(false);
         assert_eq!(low.len(), full.len());
         low.into_iter().zip(full).collect()
     }
@@ -849,36 +904,53 @@ mod tests {
                     (_, Precision::F16) => 0.05,
                     _ => 0.1,
                 };
-                let pairs = gradients_in(precision, trainable);
-                assert!(pairs.len() >= 2, "{trainable:?}");
-                let largest = |values: &[f32]| values.iter().fold(0f32, |m, v| m.max(v.abs()));
-                // Tensors whose gradients are a thousandth of the step's largest sit below
-                // bf16's resolution of the activations they come from: their rounding noise
-                // (which varies with the summation order of the run) is all they carry.
-                let step_scale = pairs
-                    .iter()
-                    .map(|(_, full)| largest(full))
-                    .fold(0f32, f32::max);
-                let (mut compared, mut differ) = (0, false);
-                for (low, full) in pairs {
-                    let scale = largest(&full);
-                    if scale < 1e-3 * step_scale {
-                        continue;
-                    }
-                    let worst = low
-                        .iter()
-                        .zip(&full)
-                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                    assert!(
-                        worst <= tolerance * scale,
-                        "{precision} {trainable:?}: off by {worst} of {scale}"
-                    );
-                    differ |= worst > 0.0;
-                    compared += 1;
-                }
-                assert!(compared >= 2, "{precision} {trainable:?}");
-                assert!(differ, "{precision} {trainable:?} computed in f32");
+                compare_gradients(Plans::Modules(precision), trainable, tolerance);
             }
         }
+    }
+
+    #[test]
+    fn frozen_units_on_bf16_tiles_give_gradients_close_to_f32_ones() {
+        // Only the frozen units' products round to bf16; the trained units and the head are f32.
+        for (trainable, tolerance) in [
+            (Trainable::Head, 0.02),
+            (Trainable::FromKerasLayer(100), 0.05),
+        ] {
+            compare_gradients(Plans::FoldedTiles, trainable, tolerance);
+        }
+    }
+
+    /// Every gradient that `plans` computes in low precision is within `tolerance` of its f32
+    /// one (relative to the tensor's largest), and some differ.
+    fn compare_gradients(plans: Plans, trainable: Trainable, tolerance: f32) {
+        let pairs = gradients_in(plans, trainable);
+        assert!(pairs.len() >= 2, "{trainable:?}");
+        let largest = |values: &[f32]| values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Tensors whose gradients are a thousandth of the step's largest sit below
+        // bf16's resolution of the activations they come from: their rounding noise
+        // (which varies with the summation order of the run) is all they carry.
+        let step_scale = pairs
+            .iter()
+            .map(|(_, full)| largest(full))
+            .fold(0f32, f32::max);
+        let (mut compared, mut differ) = (0, false);
+        for (low, full) in pairs {
+            let scale = largest(&full);
+            if scale < 1e-3 * step_scale {
+                continue;
+            }
+            let worst = low
+                .iter()
+                .zip(&full)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= tolerance * scale,
+                "{plans:?} {trainable:?}: off by {worst} of {scale}"
+            );
+            differ |= worst > 0.0;
+            compared += 1;
+        }
+        assert!(compared >= 2, "{plans:?} {trainable:?}");
+        assert!(differ, "{plans:?} {trainable:?} computed in f32");
     }
 }

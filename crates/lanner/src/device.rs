@@ -203,44 +203,22 @@ fn replicas() -> Result<usize> {
     }
 }
 
-/// What a command does with the model, for [`check_precision`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// `train`.
-    Training,
-    /// `predict`, `serve`.
-    Inference,
-}
-
 /// Refuse a precision the device cannot compute in, in one sentence naming the device: on the
-/// CPU, f32, and bf16 for inference where the CPU has AMX tiles (bf16 and f16 are otherwise
-/// for GPUs).
-pub fn check_precision(
-    precision: Precision,
-    device: &Device,
-    device_name: &str,
-    work: Work,
-) -> Result<()> {
+/// CPU, f32, and bf16 where the CPU has AMX tiles (f16 is for GPUs).
+pub fn check_precision(precision: Precision, device: &Device, device_name: &str) -> Result<()> {
     if precision.is_f32() || !lanner_models::frozen::is_cpu(device) {
         return Ok(());
     }
-    let amx = lanner_models::frozen::cpu_bf16().is_some();
-    match (precision, work) {
-        (Precision::Bf16, Work::Inference) if amx => Ok(()),
-        (Precision::Bf16, Work::Inference) => bail!(
+    match precision {
+        Precision::Bf16 if lanner_models::frozen::cpu_bf16().is_some() => Ok(()),
+        Precision::Bf16 => bail!(
             "--precision bf16 on the {device_name} needs Intel AMX (Xeon Sapphire Rapids or \
              later, as in SageMaker's ml.c7i and ml.m7i), which this CPU lacks: leave \
              --precision out to compute in f32, or use a GPU"
         ),
-        (Precision::Bf16, Work::Training) => bail!(
-            "--precision bf16 trains on GPUs; this runs on the {device_name}, where training \
-             computes in f32 (bf16 on a CPU is for predict and serve, with AMX): leave \
-             --precision out or use a GPU"
-        ),
         _ => bail!(
             "--precision {precision} runs on GPUs; this runs on the {device_name}, where Lanner \
-             computes in f32 (or in bf16 for predict and serve, with AMX): leave --precision \
-             out or use a GPU"
+             computes in f32 (or in bf16, with AMX): leave --precision out or use a GPU"
         ),
     }
 }

@@ -219,6 +219,41 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         stdout.contains("Epoch 1/3") && stdout.contains("Epoch 3/3"),
         "{stdout}"
     );
+
+    // The recipe in bf16: on a CPU with AMX, the frozen layers and validation run on its
+    // tiles, and `evaluate --precision bf16` reproduces the best epoch; elsewhere one sentence
+    // says what the CPU lacks.
+    let tuned_bf16 = dir.path().join("tuned-bf16");
+    let position = args
+        .iter()
+        .position(|a| a == tuned.to_str().unwrap())
+        .unwrap();
+    args[position] = tuned_bf16.to_str().unwrap().to_string();
+    args.extend(["--device", "cpu", "--precision", "bf16"].map(String::from));
+    let result = run(&args);
+    if lanner_models::frozen::cpu_bf16().is_none() {
+        assert!(!result.status.success() && !tuned_bf16.exists());
+        let stderr = text(&result.stderr);
+        assert!(
+            stderr.contains("--precision bf16 on the cpu needs Intel AMX"),
+            "{stderr}"
+        );
+        eprintln!("this CPU has no AMX: checked the refusal only");
+        return;
+    }
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let card: serde_json::Value =
+        serde_json::from_slice(&fs::read(tuned_bf16.join("lanner.json")).unwrap()).unwrap();
+    let best = &card["best_epoch"]["validation"];
+    let evaluated = evaluate(
+        &tuned_bf16,
+        &data.join("validation"),
+        &["--json", "--device", "cpu", "--precision", "bf16"],
+    );
+    assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+    let metrics: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    assert_eq!(metrics["accuracy"], best["accuracy"]);
+    assert_eq!(metrics["confusion"], best["confusion"]);
 }
 
 #[test]
@@ -636,8 +671,13 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
         "--gpus 2 needs GPUs, but training runs on the cpu",
     );
     refused_with(
-        &["--precision", "bf16"],
-        "--precision bf16 trains on GPUs; this runs on the cpu",
+        &["--device", "cpu", "--precision", "bf16"],
+        if lanner_models::frozen::cpu_bf16().is_some() {
+            "--precision bf16 on the cpu computes the layers a phase does not train in bf16, \
+             and --from-scratch trains them all: leave --precision out, or train on a GPU"
+        } else {
+            "--precision bf16 on the cpu needs Intel AMX (Xeon Sapphire Rapids or later"
+        },
     );
     refused_with(
         &["--init", "glorot"],

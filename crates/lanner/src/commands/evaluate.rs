@@ -11,7 +11,8 @@ use lanner_data::{ImageFolder, Loader, LoaderConfig, SkippedFile};
 use lanner_train::artifact;
 use lanner_train::evaluate::evaluate;
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, check_precision};
+use lanner_models::precision::Precision;
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
@@ -31,6 +32,11 @@ pub struct EvaluateArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
+    /// The float type of the pass: f32, or bf16 (on a GPU, or a CPU with Intel AMX) as a
+    /// model trained with `--precision bf16` was validated.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+
     /// Image decoding threads (default: all cores).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -41,7 +47,8 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
-    let (device, _) = args.device.resolve()?;
+    let (device, device_name) = args.device.resolve()?;
+    check_precision(args.precision, &device, &device_name)?;
     let (card, model) = artifact::load(&args.model, &device)?;
     let folder = ImageFolder::open(&args.data)?;
     if folder.class_names != card.class_names {
@@ -64,11 +71,12 @@ pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
     }
     let loader = Loader::new(folder.samples, config)?;
     let metrics = evaluate(
-        &model,
+        model,
         &loader,
         &card.preprocessing.normalization(),
         card.class_names.len(),
         &device,
+        args.precision,
     )?;
     if let Some(message) = SkippedFile::report(&loader.skipped(), "", false) {
         eprintln!("{message}");

@@ -14,7 +14,7 @@ use lanner_serve::files::{collect_images, predict_files};
 use lanner_serve::{ModelInfo, Predictor};
 use serde::Serialize;
 
-use crate::device::{DeviceChoice, Work, check_precision};
+use crate::device::{DeviceChoice, check_precision};
 use lanner_models::precision::Precision;
 
 #[derive(Args, Debug)]
@@ -99,7 +99,7 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     }
     let images = inputs.images;
     let (device, device_name) = args.device.resolve()?;
-    check_precision(args.precision, &device, &device_name, Work::Inference)?;
+    check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;

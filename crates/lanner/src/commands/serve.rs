@@ -12,7 +12,7 @@ use clap::Args;
 use lanner_serve::ServeConfig;
 use lanner_serve::batcher::BatchingConfig;
 
-use crate::device::{DeviceChoice, Work, check_precision};
+use crate::device::{DeviceChoice, check_precision};
 use lanner_models::precision::Precision;
 
 /// Where SageMaker puts the model in a hosting container.
@@ -111,7 +111,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     // Refuse a bad card now, with the model's path, rather than after binding.
     model.card()?;
     let (device, device_name) = args.device.resolve()?;
-    check_precision(args.precision, &device, &device_name, Work::Inference)?;
+    check_precision(args.precision, &device, &device_name)?;
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     crate::device::choose_memory_format(&device, args.precision)?;

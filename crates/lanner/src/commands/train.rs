@@ -32,7 +32,7 @@ use lanner_train::report::{KerasLog, Reporter};
 use lanner_train::step_memory::{self, StepShape, Verdict};
 use lanner_train::{Hyperparameters, Recipe, TrainingJob, train};
 
-use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, Work, check_precision};
+use crate::device::{DeviceChoice, GPU_BUILD, TrainingDevices, check_precision};
 
 /// The seed's hyperparameters keep its names (`--fine-tune-layer`, `--drop-out-percentage`,
 /// …). Unknown `--name value` pairs are reported and ignored, as the seed's
@@ -161,7 +161,8 @@ pub struct TrainArgs {
     pub gpus: Option<usize>,
 
     /// The float type of the training passes: f32, or bf16 / f16 on a GPU (master weights,
-    /// optimizer state and loss stay f32).
+    /// optimizer state and loss stay f32). On a CPU with Intel AMX, bf16 computes the layers a
+    /// phase does not train (the whole backbone in the first phase) on its bf16 tiles.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
 
@@ -636,7 +637,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         name: device_name,
     } = device_choice.resolve_for_training(gpus)?;
     let device = devices.remove(0);
-    check_precision(args.precision, &device, &device_name, Work::Training)?;
+    check_precision(args.precision, &device, &device_name)?;
+    if hyperparameters.from_scratch
+        && args.precision == Precision::Bf16
+        && lanner_models::frozen::is_cpu(&device)
+    {
+        bail!(
+            "--precision bf16 on the {device_name} computes the layers a phase does not train in \
+             bf16, and --from-scratch trains them all: leave --precision out, or train on a GPU"
+        );
+    }
     crate::device::choose_fused_layers()?;
     crate::device::choose_copy_stream()?;
     let readback_every = crate::device::readback_every(&device)?;
