@@ -26,6 +26,11 @@ use rayon::prelude::*;
 
 use super::kernels::{self, Act};
 
+mod packed;
+mod transposed;
+pub use packed::PackedWeights;
+pub use transposed::add_transposed_product;
+
 /// Rows of an `a` (and output) tile.
 const ROWS: usize = 16;
 /// bf16 values along k in one tile row: 64 bytes.
@@ -69,47 +74,6 @@ impl TileUnit {
     /// AMX, when this CPU has it and the kernel lets this process use it.
     pub fn detect() -> Option<Self> {
         amx::usable().then_some(Self::Amx)
-    }
-}
-
-/// A convolution's weights `[k][n]`, rounded to bf16 and packed in AMX's tile order: for each
-/// 16-column tile (an even number of them), for each 32-row step of k, 16 lines of 16
-/// columns × 2 rows. Rows past `k` and columns past `n` are zeros.
-pub struct PackedWeights {
-    k: usize,
-    n: usize,
-    steps: usize,
-    lines: Vec<Line>,
-}
-
-impl PackedWeights {
-    /// Packs row-major `weights` (`k × n`).
-    pub fn new(weights: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(weights.len(), k * n, "weights are k × n");
-        let steps = k.div_ceil(DEPTH);
-        let tiles = n.div_ceil(BLOCK) * 2;
-        let mut lines = Vec::with_capacity(tiles * steps * ROWS);
-        for tile in 0..tiles {
-            for step in 0..steps {
-                for pair in 0..DEPTH / 2 {
-                    let mut line = [0u16; DEPTH];
-                    for (i, value) in line.iter_mut().enumerate() {
-                        let row = step * DEPTH + 2 * pair + i % 2;
-                        let column = tile * COLS + i / 2;
-                        if row < k && column < n {
-                            *value = bf16(weights[row * n + column]);
-                        }
-                    }
-                    lines.push(Line(line));
-                }
-            }
-        }
-        Self { k, n, steps, lines }
-    }
-
-    /// The lines of column tile `tile`, over all its k steps.
-    fn tile(&self, tile: usize) -> &[Line] {
-        &self.lines[tile * self.steps * ROWS..][..self.steps * ROWS]
     }
 }
 
@@ -209,6 +173,26 @@ pub struct Epilogue<'a> {
     pub act: Act,
 }
 
+impl<'a> Epilogue<'a> {
+    /// The product plus `bias`, nothing else.
+    pub fn bias(bias: &'a [f32]) -> Self {
+        Self {
+            bias,
+            residual: None,
+            act: Act::Identity,
+        }
+    }
+}
+
+/// Where a block's finished sums go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// Written over the output.
+    Set,
+    /// Added to what the output holds (its epilogue only a bias).
+    Add,
+}
+
 /// `dst[m × n] = act(a · w + bias + residual)` with the product in bf16 and f32 sums (see the
 /// module docs): `a` is `m × k` (row-major), column `c` scaled by `gate[c]` first when given;
 /// `dst` is row-major with `n` columns (`w`'s `k × n`); the rest is `epilogue`'s. Every value
@@ -247,7 +231,7 @@ pub fn matmul(
             .map(|r| &r[index * BLOCK * n..][..block.len()]);
         PANEL.with_borrow_mut(|panel| {
             round_panel(panel, rows, k, gate);
-            block_row(block, panel, w, (epilogue, residual), unit);
+            block_row(block, panel, w, (epilogue, residual, Store::Set), unit);
         });
     };
     if threads {
@@ -277,13 +261,13 @@ thread_local! {
 /// memory between passes.
 const STEPS_PER_PASS: usize = 8;
 
-/// Up to 32 output rows (`dst`, `n` columns) from their 32 rows of `a`, the epilogue with
-/// `residual` being these rows' own.
+/// Up to 32 output rows (`dst`, `n` columns) from their 32 rows of `a` (`w.steps` lines
+/// each), the epilogue with `residual` being these rows' own, stored in `dst` as `store` says.
 fn block_row(
     dst: &mut [f32],
     a: &[Line],
     w: &PackedWeights,
-    (epilogue, residual): (&Epilogue<'_>, Option<&[f32]>),
+    (epilogue, residual, store): (&Epilogue<'_>, Option<&[f32]>, Store),
     unit: TileUnit,
 ) {
     let n = w.n;
@@ -323,7 +307,7 @@ fn block_row(
                         (sums, ldc),
                         epilogue.bias,
                         residual,
-                        epilogue.act,
+                        (epilogue.act, store == Store::Add),
                     );
                 }
             }
@@ -345,12 +329,12 @@ kernels::dispatch!(
         sums: (&[f32], usize),
         bias: &[f32],
         residual: Option<&[f32]>,
-        act: Act
+        act: (Act, bool)
     ) => finish_generic
 );
 
-/// `columns` of `dst`'s rows (`n` columns each) set to `act(sums + bias + residual)`,
-/// `sums`' rows `ldc` apart.
+/// `columns` of `dst`'s rows (`n` columns each) set to `act(sums + bias + residual)`, or with
+/// `add`, `sums + bias` added to them; `sums`' rows `ldc` apart.
 #[inline(always)]
 fn finish_generic<const FMA: bool>(
     dst: &mut [f32],
@@ -359,13 +343,19 @@ fn finish_generic<const FMA: bool>(
     (sums, ldc): (&[f32], usize),
     bias: &[f32],
     residual: Option<&[f32]>,
-    act: Act,
+    (act, add): (Act, bool),
 ) {
     let bias = &bias[columns.clone()];
     for (r, out) in dst.chunks_exact_mut(n).enumerate() {
         let out = &mut out[columns.clone()];
         let sums = &sums[r * ldc + columns.start..][..out.len()];
         match residual {
+            _ if add => {
+                for ((o, s), b) in out.iter_mut().zip(sums).zip(bias) {
+                    *o += s + b;
+                }
+                continue;
+            }
             Some(residual) => {
                 let residual = &residual[r * n..][columns.clone()];
                 for (((o, s), b), x) in out.iter_mut().zip(sums).zip(bias).zip(residual) {

@@ -5,11 +5,13 @@ use std::sync::OnceLock;
 
 use burn::nn::conv::Conv2d;
 
+use super::super::bf16;
 use super::super::buffers::Buffer;
 use super::super::from_burn::{channels_last, values};
 use super::super::kernels::backward::{self, activation_backward};
 use super::super::kernels::{self, Act, Parallelism};
 use super::super::units::Image;
+use super::tiles::TiledWeights;
 use super::{Layout, Plan, Sums};
 use crate::batch_norm::BatchNorm2d;
 
@@ -47,6 +49,8 @@ pub(super) struct ConvBn {
     /// The gradient's product reads the weights column by column; the matrix library packs
     /// a transposed copy far faster than it transposes a row-major one itself.
     transposed: OnceLock<Vec<f32>>,
+    /// 1x1 and dense, in a phase trained in bf16: the weights packed for the tiles.
+    tiles: Option<TiledWeights>,
     bias: Vec<f32>,
     scale: Vec<f32>,
     mean: Vec<f32>,
@@ -129,6 +133,10 @@ impl ConvBn {
             Kind::Depthwise { .. } => folded.chunks_exact(cout).rev().flatten().copied().collect(),
             _ => Vec::new(),
         };
+        let tiles = match (kind, plan.tiles) {
+            (Kind::Depthwise { .. }, _) | (_, None) => None,
+            (_, Some(unit)) => Some(TiledWeights::new(unit, &folded, rows, cout)),
+        };
         let weight = plan.slot(&conv.weight);
         let gamma = bn.map(|bn| plan.slot(&bn.weight));
         let beta = bn.map(|bn| plan.slot(&bn.bias));
@@ -144,6 +152,7 @@ impl ConvBn {
             folded,
             turned,
             transposed: OnceLock::new(),
+            tiles,
             bias,
             scale,
             mean,
@@ -221,10 +230,8 @@ impl ConvBn {
         let mut out = Buffer::new(h * w * c);
         match self.kind {
             Kind::Pointwise { stride } => {
-                kernels::fill_rows(&mut out, &self.bias, residual);
-                let (m, k) = (h * w, self.rows);
                 self.with_pointwise_input(x, stride, |input| {
-                    kernels::matmul(&mut out, true, input, &self.folded, m, k, c, false)
+                    self.product(&mut out, input, residual)
                 });
             }
             Kind::Dense {
@@ -235,9 +242,7 @@ impl ConvBn {
             } => {
                 let mut patches = Buffer::new(h * w * self.rows);
                 kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
-                kernels::fill_rows(&mut out, &self.bias, residual);
-                let (m, k) = (h * w, self.rows);
-                kernels::matmul(&mut out, true, &patches, &self.folded, m, k, c, false);
+                self.product(&mut out, &patches, residual);
             }
             Kind::Depthwise {
                 kernel,
@@ -255,6 +260,38 @@ impl ConvBn {
             width: w,
             channels: c,
         }
+    }
+
+    /// `out = input · folded + bias + residual` for a 1x1 or dense convolution (`input` is
+    /// `m × rows`): on the tiles in a phase trained in bf16, else in f32.
+    fn product(&self, out: &mut [f32], input: &[f32], residual: Option<&[f32]>) {
+        if let Some(tiles) = &self.tiles
+            && tiles.forward(out, input, &self.bias, residual)
+        {
+            return;
+        }
+        kernels::fill_rows(out, &self.bias, residual);
+        let (m, k, c) = (input.len() / self.rows, self.rows, self.cols);
+        kernels::matmul(out, true, input, &self.folded, m, k, c, false);
+    }
+
+    /// `d_input = d_pre · foldedᵀ` for a 1x1 or dense convolution (`d_pre` is `m × cols`): on
+    /// the tiles in a phase trained in bf16, else in f32.
+    fn input_product(&self, d_input: &mut [f32], d_pre: &[f32]) {
+        if let Some(tiles) = &self.tiles
+            && tiles.input_gradient(d_input, d_pre, &self.folded)
+        {
+            return;
+        }
+        let (m, c, k) = (d_pre.len() / self.cols, self.cols, self.rows);
+        kernels::matmul_strided(
+            d_input,
+            false,
+            (d_pre, c, 1),
+            (self.transposed(), k, 1),
+            (m, c, k),
+            Parallelism::None,
+        );
     }
 
     /// `folded` as `[cols][rows]`.
@@ -313,20 +350,13 @@ impl ConvBn {
                 // G[k × c] += inputᵀ · ∂pre.
                 if self.trainable {
                     self.with_pointwise_input(x, stride, |input| {
-                        sums.add_product(self.g, (input, k), (d_pre, c))
+                        sums.add_product(self.g, (input, k), (d_pre, c), self.tile_unit())
                     });
                 }
                 need_input.then(|| {
                     // ∂input[p × k] = ∂pre · foldedᵀ, then back to the strided positions.
                     let mut d_input = Buffer::new(pixels * k);
-                    kernels::matmul_strided(
-                        &mut d_input,
-                        false,
-                        (d_pre, c, 1),
-                        (self.transposed(), k, 1),
-                        (pixels, c, k),
-                        Parallelism::None,
-                    );
+                    self.input_product(&mut d_input, d_pre);
                     if stride == 1 {
                         return d_input;
                     }
@@ -349,18 +379,11 @@ impl ConvBn {
                 let mut patches = Buffer::new(pixels * self.rows);
                 kernels::im2col(&x.data, shape(x), kernel, stride, pad, &mut patches);
                 if self.trainable {
-                    sums.add_product(self.g, (&patches, self.rows), (d_pre, c));
+                    sums.add_product(self.g, (&patches, self.rows), (d_pre, c), self.tile_unit());
                 }
                 need_input.then(|| {
                     // ∂patches = ∂pre · foldedᵀ, each patch element added back to its pixel.
-                    kernels::matmul_strided(
-                        &mut patches,
-                        false,
-                        (d_pre, c, 1),
-                        (self.transposed(), self.rows, 1),
-                        (pixels, c, self.rows),
-                        Parallelism::None,
-                    );
+                    self.input_product(&mut patches, d_pre);
                     let mut dx = Buffer::zeros(x.data.len());
                     for oy in 0..ho {
                         for ox in 0..wo {
@@ -434,6 +457,11 @@ impl ConvBn {
                 dx
             }
         }
+    }
+
+    /// The tiles this convolution's weight-gradient products run on, if any.
+    fn tile_unit(&self) -> Option<bf16::TileUnit> {
+        self.tiles.as_ref().map(|t| t.unit)
     }
 
     /// The gradients from the summed `G` and `Σ ∂pre`.

@@ -20,12 +20,14 @@ use rayon::prelude::*;
 mod blocks;
 mod conv_bn;
 mod gate;
+mod tiles;
 
 use blocks::{Tape, TrainUnit};
 use conv_bn::ConvBn;
 use gate::Gate;
 
 use super::FeatureMap;
+use super::bf16::{self, TileUnit};
 use super::buffers::Buffer;
 use super::from_burn::{act, relu_if, xception_rep};
 use super::kernels::{self, Act, Parallelism};
@@ -58,11 +60,13 @@ struct Slot {
     trainable: bool,
 }
 
-/// Sizes of the per-thread accumulators, and the parameters they feed.
+/// Sizes of the per-thread accumulators, the parameters they feed, and the tiles the 1x1
+/// and dense convolutions' products run on (in bf16) if any.
 #[derive(Default)]
 struct Plan {
     sizes: Vec<usize>,
     slots: Vec<Slot>,
+    tiles: Option<TileUnit>,
 }
 
 impl Plan {
@@ -100,6 +104,7 @@ struct Staged {
     rows: usize,
     a_cols: usize,
     b_cols: usize,
+    tiles: Option<TileUnit>,
 }
 
 /// Rows put aside before the product runs, at most.
@@ -144,32 +149,26 @@ impl Sums {
     }
 
     /// Adds `aᵀ · b` to accumulator `acc` (`a` is `[rows][a_cols]`, `b` `[rows][b_cols]`),
-    /// now or with the next rows.
+    /// now or with the next rows, in bf16 on `tiles` when given.
     fn add_product(
         &mut self,
         acc: usize,
         (a, a_cols): (&[f32], usize),
         (b, b_cols): (&[f32], usize),
+        tiles: Option<TileUnit>,
     ) {
         let staged = self.staged.entry(acc).or_default();
         let rows = a.len() / a_cols;
         let enough = rows_to_stage(a_cols, b_cols);
         if staged.rows == 0 && rows >= enough {
             // Enough rows on their own: multiplied where they are, without a copy.
-            kernels::matmul_strided(
-                &mut self.values[acc],
-                true,
-                (a, 1, a_cols),
-                (b, b_cols, 1),
-                (a_cols, rows, b_cols),
-                Parallelism::None,
-            );
+            add_transposed_product(&mut self.values[acc], (a, a_cols), (b, b_cols), tiles);
             return;
         }
         staged.a.extend_from_slice(a);
         staged.b.extend_from_slice(b);
         staged.rows += rows;
-        (staged.a_cols, staged.b_cols) = (a_cols, b_cols);
+        (staged.a_cols, staged.b_cols, staged.tiles) = (a_cols, b_cols, tiles);
         if staged.rows >= enough {
             self.flush(acc);
         }
@@ -181,13 +180,11 @@ impl Sums {
         let Some(s) = staged.get_mut(&acc).filter(|s| s.rows > 0) else {
             return;
         };
-        kernels::matmul_strided(
+        add_transposed_product(
             &mut values[acc],
-            true,
-            (&s.a, 1, s.a_cols),
-            (&s.b, s.b_cols, 1),
-            (s.a_cols, s.rows, s.b_cols),
-            Parallelism::None,
+            (&s.a, s.a_cols),
+            (&s.b, s.b_cols),
+            s.tiles,
         );
         s.a.clear();
         s.b.clear();
@@ -216,6 +213,28 @@ impl Sums {
             spares.push(self);
         }
     }
+}
+
+/// `g += aᵀ · b` (`a` is `[rows][a_cols]`, `b` `[rows][b_cols]`), in bf16 on `tiles` when
+/// given, else in f32.
+fn add_transposed_product(
+    g: &mut [f32],
+    (a, a_cols): (&[f32], usize),
+    (b, b_cols): (&[f32], usize),
+    tiles: Option<TileUnit>,
+) {
+    if let Some(unit) = tiles {
+        return bf16::add_transposed_product(g, (a, a_cols), (b, b_cols), unit);
+    }
+    let rows = a.len() / a_cols;
+    kernels::matmul_strided(
+        g,
+        true,
+        (a, 1, a_cols),
+        (b, b_cols, 1),
+        (a_cols, rows, b_cols),
+        Parallelism::None,
+    );
 }
 
 /// The gradient of one parameter.
@@ -260,11 +279,25 @@ impl TrainableUnits {
 
     /// Units `units` of `backbone` (see [`Backbone::unit_count`]).
     pub fn new(backbone: &Backbone, units: Range<usize>) -> Self {
+        Self::build(backbone, units, None)
+    }
+
+    /// Units `units` of `backbone`, the products of their 1x1 and dense convolutions (forward,
+    /// input gradient and weight gradient) in bf16 with f32 sums on `unit`; depthwise
+    /// convolutions, activations and the rest stay f32.
+    pub fn in_bf16(backbone: &Backbone, units: Range<usize>, unit: TileUnit) -> Self {
+        Self::build(backbone, units, Some(unit))
+    }
+
+    fn build(backbone: &Backbone, units: Range<usize>, tiles: Option<TileUnit>) -> Self {
+        let mut plan = Plan {
+            tiles,
+            ..Plan::default()
+        };
         let model = match backbone {
             Backbone::MobileNetV3(model) => model,
-            Backbone::Xception(model) => return Self::xception(model, units),
+            Backbone::Xception(model) => return Self::xception(model, units, plan),
         };
-        let mut plan = Plan::default();
         let mut out = Vec::new();
         if units.contains(&0) {
             out.push(TrainUnit::Stem(ConvBn::new(
@@ -312,8 +345,7 @@ impl TrainableUnits {
         }
     }
 
-    fn xception(model: &Xception, units: Range<usize>) -> Self {
-        let mut plan = Plan::default();
+    fn xception(model: &Xception, units: Range<usize>, mut plan: Plan) -> Self {
         let mut out = Vec::new();
         let start = units.start;
         for unit in units {
