@@ -4,6 +4,7 @@ with the same settings, on the same data and the same cores, in one invocation.
     python3 bench/recipe.py --data DIR [--arch mobilenet_v3_large|mobilenet_v3_small_050|xception]
         [--initial-epochs N] [--fine-tune-epochs M] [--fine-tune-layer 100] [--threads 2]
         [--from-scratch] [--image-size S] [--patience 2] [--batch-size 32] [--learning-rate 1e-4]
+        [--precision f32|bf16]
         [--lanner target/release/lanner] [--skip-keras | --skip-lanner] [--json OUT]
 
 The README's main job against the same job written in Keras:
@@ -50,6 +51,10 @@ out (Lanner skips the rotation then too). --keras-batch-norm-momentum M sets eve
 BatchNorm layer's momentum to M: 0.9 is Lanner's (timm's and PyTorch's `momentum=0.1`); with
 Keras' 0.999 a short run's running statistics are still mostly their initial values when
 validation uses them.
+
+--precision bf16 (a CPU with Intel AMX): Keras under the `mixed_bfloat16` policy (every layer
+computes in bf16 with f32 variables; the Dense logit in f32, as Keras' guide advises), Lanner
+with `--precision bf16`.
 
 Lanner: `lanner train ... --weights none --seed SEED --overwrite` with the same settings, and
 RAYON_NUM_THREADS = OMP_NUM_THREADS = --threads. Its per-epoch rows come from
@@ -109,6 +114,8 @@ def keras_child(args):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
     keras.utils.set_random_seed(args.seed)
+    if args.precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     size = args.image_size
 
     def load(folder):
@@ -145,7 +152,7 @@ def keras_child(args):
     x = base(x) if args.from_scratch else base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(args.drop_out_percentage)(x)
-    model = keras.Model(inputs, keras.layers.Dense(1)(x))
+    model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(x))
 
     class EpochLog(keras.callbacks.Callback):
         """Per-epoch wall time (training + validation) and metrics, logged to stderr."""
@@ -239,7 +246,8 @@ def keras(args):
            "--fine-tune-layer", str(args.fine_tune_layer), "--learning-rate", repr(args.learning_rate),
            "--fine-tune-learning-rate", repr(args.fine_tune_learning_rate),
            "--drop-out-percentage", repr(args.drop_out_percentage), "--random-rotation", repr(args.random_rotation),
-           "--image-size", str(args.image_size), "--patience", str(args.patience), "--seed", str(args.seed)]
+           "--image-size", str(args.image_size), "--patience", str(args.patience), "--seed", str(args.seed),
+           "--precision", args.precision]
     if args.from_scratch:
         cmd.append("--from-scratch")
     if args.keras_batch_norm_momentum is not None:
@@ -296,7 +304,8 @@ def lanner(args):
            "--fine-tune-epochs", str(args.fine_tune_epochs), "--fine-tune-layer", str(args.fine_tune_layer),
            "--learning-rate", repr(args.learning_rate), "--fine-tune-learning-rate", repr(args.fine_tune_learning_rate),
            "--drop-out-percentage", repr(args.drop_out_percentage), "--random-rotation", repr(args.random_rotation),
-           "--patience", str(args.patience), "--seed", str(args.seed), "--overwrite"]
+           "--patience", str(args.patience), "--seed", str(args.seed), "--precision", args.precision,
+           "--overwrite"]
     if args.from_scratch:
         cmd.append("--from-scratch")
     cmd.extend(args.lanner_arg)
@@ -384,6 +393,8 @@ def main():
     parser.add_argument("--keras-batch-norm-momentum", type=float,
                         help="every Keras BatchNorm layer's momentum (default: Keras' own; 0.9 is Lanner's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                        help="bf16: Keras' mixed_bfloat16 policy and `lanner train --precision bf16`")
     parser.add_argument("--lanner", default=LANNER, help="path of the lanner binary")
     parser.add_argument("--lanner-arg", action="append", default=[],
                         help="one more argument for `lanner train` (repeat it), e.g. --lanner-arg=--no-cache")
@@ -415,7 +426,7 @@ def main():
                 f"phase 2 {args.fine_tune_epochs} epochs (RMSprop {args.fine_tune_learning_rate:g}, layers "
                 f"{args.fine_tune_layer}+, early stopping patience {args.patience})")
     print(f"{args.arch}, image {args.image_size}, batch {args.batch_size}, weights none, seed {args.seed}, "
-          f"{args.threads} threads; {plan}; dropout {args.drop_out_percentage:g}, "
+          f"{args.threads} threads, {args.precision}; {plan}; dropout {args.drop_out_percentage:g}, "
           f"rotation {args.random_rotation:g}; data {args.data}", flush=True)
     if args.keras_batch_norm_momentum is not None:
         print(f"Keras BatchNorm momentum {args.keras_batch_norm_momentum:g}", flush=True)
