@@ -220,9 +220,9 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         "{stdout}"
     );
 
-    // The recipe in bf16: on a CPU with AMX, the frozen layers and validation run on its
-    // tiles, and `evaluate --precision bf16` reproduces the best epoch; elsewhere one sentence
-    // says what the CPU lacks.
+    // The recipe in bf16: on a CPU with AMX, the convolutions' products and validation run on
+    // its tiles, and `evaluate --precision bf16` reproduces the best epoch; elsewhere one
+    // sentence says what the CPU lacks.
     let tuned_bf16 = dir.path().join("tuned-bf16");
     let position = args
         .iter()
@@ -673,8 +673,9 @@ fn bad_hyperparameters_and_data_are_refused_before_training() {
     refused_with(
         &["--device", "cpu", "--precision", "bf16"],
         if lanner_models::frozen::cpu_bf16().is_some() {
-            "--precision bf16 on the cpu computes the layers a phase does not train in bf16, \
-             and --from-scratch trains them all: leave --precision out, or train on a GPU"
+            "--precision bf16 on the cpu runs the folded kernels, which keep BatchNorm's \
+             statistics frozen, and --from-scratch updates them: leave --precision out, or train \
+             on a GPU"
         } else {
             "--precision bf16 on the cpu needs Intel AMX (Xeon Sapphire Rapids or later"
         },

@@ -161,8 +161,8 @@ pub struct TrainArgs {
     pub gpus: Option<usize>,
 
     /// The float type of the training passes: f32, or bf16 / f16 on a GPU (master weights,
-    /// optimizer state and loss stay f32). On a CPU with Intel AMX, bf16 computes the layers a
-    /// phase does not train (the whole backbone in the first phase) on its bf16 tiles.
+    /// optimizer state and loss stay f32). On a CPU with Intel AMX, bf16 runs the dense and 1x1
+    /// convolutions' products on its tiles (not with --from-scratch).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
 
@@ -643,8 +643,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         && lanner_models::frozen::is_cpu(&device)
     {
         bail!(
-            "--precision bf16 on the {device_name} computes the layers a phase does not train in \
-             bf16, and --from-scratch trains them all: leave --precision out, or train on a GPU"
+            "--precision bf16 on the {device_name} runs the folded kernels, which keep BatchNorm's \
+             statistics frozen, and --from-scratch updates them: leave --precision out, or train \
+             on a GPU"
         );
     }
     crate::device::choose_fused_layers()?;
