@@ -1,6 +1,8 @@
 //! bf16 matrix products on Intel AMX tiles: the folded network's convolutions under
 //! `--precision bf16` on a CPU that has AMX (Xeon Sapphire Rapids and later, SageMaker's
-//! `ml.c7i`/`ml.m7i`/`ml.r7i`).
+//! `ml.c7i`/`ml.m7i`/`ml.r7i`), at inference and in training (the trained units' forward and
+//! input-gradient products through [`matmul`], their weight gradients through
+//! [`add_transposed_product`]).
 //!
 //! A folded convolution is `dst[m × n] = act(a[m × k] · w[k × n] + bias + residual)`. Here
 //! both operands of the product are rounded to bf16 (to nearest, ties to even) and the
@@ -16,7 +18,8 @@
 //!   which the tests run on CPUs without AMX; k goes by in passes of 256 so that the panel
 //!   stays in the core's L1 cache;
 //! - after the last pass over a block, its sums get the bias, residual and activation
-//!   ([`Epilogue`]) on their way to `dst`, which is written once and never read.
+//!   ([`Epilogue`]) on their way to `dst`, which is written once and never read (a weight
+//!   gradient's sums are added to it instead).
 
 use std::cell::RefCell;
 use std::ops::Range;
