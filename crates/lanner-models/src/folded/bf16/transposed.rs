@@ -3,9 +3,9 @@
 //!
 //! The sum runs along the rows, so both operands are laid out anew: `b` packed as weights
 //! are ([`PackedWeights`], its rows as k), and 32 columns of `a` at a time turned into the
-//! 32 rows of a panel (a 32 × 32 block of values at a time, so that both the reads and the
-//! writes stay in a few cache lines). The products then run as [`super::matmul`]'s do, the
-//! finished sums added to `g`.
+//! 32 rows of a panel (with AVX-512, each line gathered down its column; otherwise a 32 × 32
+//! block of values at a time). The products then run as [`super::matmul`]'s do, the finished
+//! sums added to `g`.
 
 use std::cell::Cell;
 use std::ops::Range;
