@@ -10,8 +10,9 @@ use std::str::FromStr;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Tensor};
 
-/// The float type of a training or inference pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The float type of a training or inference pass (`"f32"`, `"bf16"`, `"f16"` in JSON).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// 32-bit floats everywhere (the default, and the only type of the CPU's folded kernels).
     #[default]

@@ -2,6 +2,7 @@
 //! checks that refuse a bad value before any training starts.
 
 use crate::initialisation::Initialisation;
+use lanner_models::precision::Precision;
 use lanner_models::{Architecture, ModelEntry};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,10 @@ pub struct Hyperparameters {
     pub init: Initialisation,
     /// Seed of the shuffles, augmentations, dropout and initialisation.
     pub seed: u64,
+    /// The float type the training passes computed in (cards written before it was recorded:
+    /// f32, the only one then on the CPU). `lanner evaluate` validates in it by default.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Hyperparameters {
@@ -69,6 +74,7 @@ impl Hyperparameters {
             from_scratch: false,
             init: Initialisation::Keras,
             seed: 1,
+            precision: Precision::F32,
         }
     }
 

@@ -155,6 +155,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     assert_eq!(card["head"]["outputs"], 1);
     assert_eq!(card["hyperparameters"]["batch_size"], 16);
     assert_eq!(card["hyperparameters"]["init"], "keras");
+    assert_eq!(card["hyperparameters"]["precision"], "f32");
     assert_eq!(card["batch_norm_epsilon"], 1e-3, "Keras' start");
     let best = &card["best_epoch"];
     let best_accuracy = best["validation"]["accuracy"].as_f64().unwrap();
@@ -173,6 +174,35 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     let loss_difference =
         (metrics["loss"].as_f64().unwrap() - best["validation"]["loss"].as_f64().unwrap()).abs();
     assert!(loss_difference < 1e-9, "{metrics} vs {best}");
+
+    // A card whose precision this device does not compute in (f16 runs on GPUs only) is
+    // evaluated in f32, saying so.
+    let copy = dir.path().join("card-in-f16");
+    fs::create_dir(&copy).unwrap();
+    fs::copy(
+        model.join("weights.safetensors"),
+        copy.join("weights.safetensors"),
+    )
+    .unwrap();
+    let mut f16_card = card.clone();
+    f16_card["hyperparameters"]["precision"] = "f16".into();
+    fs::write(copy.join("lanner.json"), f16_card.to_string()).unwrap();
+    let evaluated = evaluate(
+        &copy,
+        &data.join("validation"),
+        &["--json", "--device", "cpu"],
+    );
+    let stderr = text(&evaluated.stderr);
+    assert!(evaluated.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "note: the model was trained in f16, which the cpu does not compute in; evaluating \
+             in f32"
+        ),
+        "{stderr}"
+    );
+    let in_f32: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+    assert_eq!(in_f32, metrics);
 
     // A second run into the same folder is refused, and the model is left as it was.
     let weights_before = fs::read(model.join("weights.safetensors")).unwrap();
@@ -221,8 +251,8 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     );
 
     // The recipe in bf16: on a CPU with AMX, the convolutions' products and validation run on
-    // its tiles, and `evaluate --precision bf16` reproduces the best epoch; elsewhere one
-    // sentence says what the CPU lacks.
+    // its tiles, the card says so, and `evaluate` (in the card's precision unless told
+    // otherwise) reproduces the best epoch; elsewhere one sentence says what the CPU lacks.
     let tuned_bf16 = dir.path().join("tuned-bf16");
     let position = args
         .iter()
@@ -244,16 +274,35 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     assert!(result.status.success(), "{}", text(&result.stderr));
     let card: serde_json::Value =
         serde_json::from_slice(&fs::read(tuned_bf16.join("lanner.json")).unwrap()).unwrap();
+    assert_eq!(card["hyperparameters"]["precision"], "bf16");
     let best = &card["best_epoch"]["validation"];
+    let mut losses = Vec::new();
+    for options in [
+        &["--json", "--device", "cpu"][..],
+        &["--json", "--device", "cpu", "--precision", "bf16"],
+    ] {
+        let evaluated = evaluate(&tuned_bf16, &data.join("validation"), options);
+        assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
+        let metrics: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
+        assert_eq!(metrics["accuracy"], best["accuracy"], "{options:?}");
+        assert_eq!(metrics["confusion"], best["confusion"], "{options:?}");
+        losses.push(metrics["loss"].as_f64().unwrap());
+    }
+    assert_eq!(losses[0], losses[1], "the card's precision is the default");
+    // In f32 the same weights give a loss that differs in the last digits: not bf16's.
     let evaluated = evaluate(
         &tuned_bf16,
         &data.join("validation"),
-        &["--json", "--device", "cpu", "--precision", "bf16"],
+        &["--json", "--device", "cpu", "--precision", "f32"],
     );
     assert!(evaluated.status.success(), "{}", text(&evaluated.stderr));
     let metrics: serde_json::Value = serde_json::from_slice(&evaluated.stdout).unwrap();
-    assert_eq!(metrics["accuracy"], best["accuracy"]);
-    assert_eq!(metrics["confusion"], best["confusion"]);
+    let f32_loss = metrics["loss"].as_f64().unwrap();
+    assert!(
+        f32_loss != losses[0] && (f32_loss - losses[0]).abs() < 0.05,
+        "f32 {f32_loss}, bf16 {}",
+        losses[0]
+    );
 }
 
 #[test]

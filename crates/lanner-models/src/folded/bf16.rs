@@ -505,11 +505,13 @@ mod amx {
 
     impl Drop for TileConfig {
         fn drop(&mut self) {
+            let loaded = self.0;
             #[cfg(target_arch = "x86_64")]
-            if self.0 {
+            if loaded {
                 // SAFETY: the configuration was loaded on this thread (the value is not `Send`).
                 unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
             }
+            let _ = loaded;
         }
     }
 

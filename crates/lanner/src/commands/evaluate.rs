@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use burn::tensor::Device;
 use clap::Args;
 use lanner_data::loader::default_workers;
 use lanner_data::{ImageFolder, Loader, LoaderConfig, SkippedFile};
-use lanner_train::artifact;
+use lanner_train::artifact::{self, ModelCard};
 use lanner_train::evaluate::evaluate;
 
 use crate::device::{DeviceChoice, check_precision};
@@ -32,10 +33,10 @@ pub struct EvaluateArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// The float type of the pass: f32, or bf16 (on a GPU, or a CPU with Intel AMX) as a
-    /// model trained with `--precision bf16` was validated.
-    #[arg(long, default_value = "f32")]
-    pub precision: Precision,
+    /// The float type of the pass: f32, or bf16 (on a GPU, or a CPU with Intel AMX). Default:
+    /// the one the model was trained and validated in, where this device computes in it.
+    #[arg(long)]
+    pub precision: Option<Precision>,
 
     /// Image decoding threads (default: all cores).
     #[arg(long)]
@@ -48,8 +49,14 @@ pub struct EvaluateArgs {
 
 pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
     let (device, device_name) = args.device.resolve()?;
-    check_precision(args.precision, &device, &device_name)?;
+    if let Some(precision) = args.precision {
+        check_precision(precision, &device, &device_name)?;
+    }
     let (card, model) = artifact::load(&args.model, &device)?;
+    let precision = match args.precision {
+        Some(precision) => precision,
+        None => training_precision(&card, &device, &device_name),
+    };
     let folder = ImageFolder::open(&args.data)?;
     if folder.class_names != card.class_names {
         anyhow::bail!(
@@ -76,7 +83,7 @@ pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
         &card.preprocessing.normalization(),
         card.class_names.len(),
         &device,
-        args.precision,
+        precision,
     )?;
     if let Some(message) = SkippedFile::report(&loader.skipped(), "", false) {
         eprintln!("{message}");
@@ -101,4 +108,18 @@ pub fn run(args: EvaluateArgs) -> Result<ExitCode> {
     println!("{line}");
     println!("{}", metrics.confusion.render(&card.class_names));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The precision `card`'s model was trained (and validated) in, where `device` computes in it;
+/// f32 otherwise, saying so, as the metrics may then differ from training's in the last digits.
+fn training_precision(card: &ModelCard, device: &Device, device_name: &str) -> Precision {
+    let trained = card.hyperparameters.precision;
+    if check_precision(trained, device, device_name).is_ok() {
+        return trained;
+    }
+    eprintln!(
+        "note: the model was trained in {trained}, which the {device_name} does not compute in; \
+         evaluating in f32, so the metrics may differ from training's in the last digits"
+    );
+    Precision::F32
 }

@@ -528,6 +528,7 @@ impl TrainArgs {
             from_scratch: self.from_scratch.unwrap_or(false),
             init: self.init,
             seed: self.seed,
+            precision: self.precision,
         }
     }
 }
