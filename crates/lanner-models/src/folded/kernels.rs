@@ -255,6 +255,10 @@ pub fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         check_depthwise(shape, input, out);
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA; the slices' lengths were checked.
+            return unsafe { x86::depthwise_avx512(shape, input, out) };
+        }
         // SAFETY: the CPU has AVX2 and FMA; the slices' lengths were checked.
         return unsafe { x86::depthwise(shape, input, out) };
     }
@@ -348,40 +352,145 @@ fn depthwise_chunk<const FMA: bool, const W: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The depthwise convolution with AVX2 + FMA intrinsics: the compiler did not vectorise
-    //! the generic loop (it kept the accumulators in scalar registers).
+    //! The depthwise convolution with SIMD intrinsics (the compiler did not vectorise the
+    //! generic loop: it kept the accumulators in scalar registers), written once over
+    //! [`Lanes`]: 8 channels a vector with AVX2 + FMA, 16 with AVX-512, whose last 8 (when
+    //! the channels are not a multiple of 16) take the AVX2 vectors.
 
     use std::arch::x86_64::*;
 
     use super::{Act, DepthwiseShape};
 
-    /// Lanes per vector.
-    const L: usize = 8;
+    /// A vector of f32 lanes and what the kernel does with it.
+    ///
+    /// # Safety
+    /// Every method needs the CPU features of its type (AVX2 + FMA, or AVX-512F).
+    trait Lanes: Copy {
+        /// f32 values a vector holds.
+        const L: usize;
+        unsafe fn load(at: *const f32) -> Self;
+        unsafe fn store(self, at: *mut f32);
+        unsafe fn splat(x: f32) -> Self;
+        unsafe fn max(self, other: Self) -> Self;
+        unsafe fn min(self, other: Self) -> Self;
+        unsafe fn add(self, other: Self) -> Self;
+        unsafe fn mul(self, other: Self) -> Self;
+        /// `self · b + c`.
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    }
+
+    impl Lanes for __m256 {
+        const L: usize = 8;
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(at: *const f32) -> Self {
+            // SAFETY: the caller vouches for 8 readable values.
+            unsafe { _mm256_loadu_ps(at) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(self, at: *mut f32) {
+            // SAFETY: the caller vouches for 8 writable values.
+            unsafe { _mm256_storeu_ps(at, self) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(x: f32) -> Self {
+            _mm256_set1_ps(x)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn max(self, other: Self) -> Self {
+            _mm256_max_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn min(self, other: Self) -> Self {
+            _mm256_min_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(self, other: Self) -> Self {
+            _mm256_add_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mul(self, other: Self) -> Self {
+            _mm256_mul_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+            _mm256_fmadd_ps(self, b, c)
+        }
+    }
+
+    impl Lanes for __m512 {
+        const L: usize = 16;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(at: *const f32) -> Self {
+            // SAFETY: the caller vouches for 16 readable values.
+            unsafe { _mm512_loadu_ps(at) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store(self, at: *mut f32) {
+            // SAFETY: the caller vouches for 16 writable values.
+            unsafe { _mm512_storeu_ps(at, self) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn splat(x: f32) -> Self {
+            _mm512_set1_ps(x)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn max(self, other: Self) -> Self {
+            _mm512_max_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn min(self, other: Self) -> Self {
+            _mm512_min_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add(self, other: Self) -> Self {
+            _mm512_add_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mul(self, other: Self) -> Self {
+            _mm512_mul_ps(self, other)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+            _mm512_fmadd_ps(self, b, c)
+        }
+    }
 
     #[inline(always)]
-    unsafe fn activate(v: __m256, act: Act) -> __m256 {
-        // SAFETY: only called from functions compiled with AVX2.
+    unsafe fn activate<V: Lanes>(v: V, act: Act) -> V {
+        // SAFETY: only called from functions compiled with `V`'s features.
         unsafe {
             match act {
                 Act::Identity => v,
-                Act::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+                Act::Relu => v.max(V::splat(0.0)),
                 Act::HardSwish => {
-                    let three = _mm256_set1_ps(3.0);
-                    let gate = _mm256_min_ps(
-                        _mm256_max_ps(_mm256_add_ps(v, three), _mm256_setzero_ps()),
-                        _mm256_set1_ps(6.0),
-                    );
-                    _mm256_mul_ps(_mm256_mul_ps(v, gate), _mm256_set1_ps(1.0 / 6.0))
+                    let gate = v.add(V::splat(3.0)).max(V::splat(0.0)).min(V::splat(6.0));
+                    v.mul(gate).mul(V::splat(1.0 / 6.0))
                 }
             }
         }
     }
 
-    /// `V` vectors of channels from `c0` for one output pixel whose kernel window is
+    /// `N` vectors of channels from `c0` for one output pixel whose kernel window is
     /// `rows × columns` (already clipped to the image), at input `origin`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pixel<const V: usize>(
+    unsafe fn pixel<V: Lanes, const N: usize>(
         shape: &DepthwiseShape<'_>,
         input: *const f32,
         origin: (isize, isize),
@@ -393,10 +502,10 @@ mod x86 {
         unsafe {
             let (_, w, c) = shape.input;
             let k = shape.kernel;
-            let zero = _mm256_setzero_ps();
-            let mut acc = [zero; V];
+            let zero = V::splat(0.0);
+            let mut acc = [zero; N];
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(shape.bias.as_ptr().add(c0 + j * L));
+                *a = V::load(shape.bias.as_ptr().add(c0 + j * V::L));
             }
             for ky in rows {
                 let row = (origin.0 + ky as isize) as usize * w;
@@ -405,16 +514,16 @@ mod x86 {
                     let x = input.add((row + column) * c + c0);
                     let weight = shape.weights.as_ptr().add((ky * k + kx) * c + c0);
                     for (j, a) in acc.iter_mut().enumerate() {
-                        let mut xv = _mm256_loadu_ps(x.add(j * L));
+                        let mut xv = V::load(x.add(j * V::L));
                         if shape.input_relu {
-                            xv = _mm256_max_ps(xv, zero);
+                            xv = xv.max(zero);
                         }
-                        *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(weight.add(j * L)), *a);
+                        *a = xv.mul_add(V::load(weight.add(j * V::L)), *a);
                     }
                 }
             }
             for (j, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(dst.add(c0 + j * L), activate(*a, shape.act));
+                activate(*a, shape.act).store(dst.add(c0 + j * V::L));
             }
         }
     }
@@ -427,7 +536,7 @@ mod x86 {
     /// kernel row is loaded once and serves up to `K` outputs, each weight vector `P`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn row_of_pixels<const K: usize>(
+    unsafe fn row_of_pixels<V: Lanes, const K: usize>(
         shape: &DepthwiseShape<'_>,
         input: *const f32,
         iy0: isize,
@@ -438,41 +547,60 @@ mod x86 {
     ) {
         unsafe {
             let (_, w, c) = shape.input;
-            let zero = _mm256_setzero_ps();
-            let bias = _mm256_loadu_ps(shape.bias.as_ptr().add(c0));
+            let zero = V::splat(0.0);
+            let bias = V::load(shape.bias.as_ptr().add(c0));
             let mut acc = [bias; P];
             // P + K - 1 ≤ 8 input columns (K ≤ 5).
             let mut xs = [zero; 8];
             for ky in rows {
                 let row = input.add(((iy0 + ky as isize) as usize * w + ix0 as usize) * c + c0);
                 for (j, x) in xs.iter_mut().enumerate().take(P + K - 1) {
-                    *x = _mm256_loadu_ps(row.add(j * c));
+                    *x = V::load(row.add(j * c));
                     if shape.input_relu {
-                        *x = _mm256_max_ps(*x, zero);
+                        *x = x.max(zero);
                     }
                 }
                 let weights = shape.weights.as_ptr().add(ky * K * c + c0);
                 for kx in 0..K {
-                    let wv = _mm256_loadu_ps(weights.add(kx * c));
+                    let wv = V::load(weights.add(kx * c));
                     for (p, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(xs[p + kx], wv, *a);
+                        *a = xs[p + kx].mul_add(wv, *a);
                     }
                 }
             }
             for (p, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(dst.add(p * c + c0), activate(*a, shape.act));
+                activate(*a, shape.act).store(dst.add(p * c + c0));
             }
         }
     }
 
-    /// See [`super::depthwise`]; the caller checked the slices' lengths.
+    /// See [`super::depthwise`], 8 channels a vector; the caller checked the slices' lengths.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+        // SAFETY: as the caller promises; the CPU has AVX2 and FMA.
+        unsafe { depthwise_in::<__m256>(shape, input, out) }
+    }
+
+    /// See [`super::depthwise`], 16 channels a vector; the caller checked the slices' lengths.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn depthwise_avx512(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+        // SAFETY: as the caller promises; the CPU has AVX-512F, AVX2 and FMA.
+        unsafe { depthwise_in::<__m512>(shape, input, out) }
+    }
+
+    /// The depthwise convolution in vectors `V`, then (channels left over) vectors of 8, then
+    /// one channel at a time.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features and AVX2 + FMA; the slices' lengths were checked.
+    #[inline(always)]
+    unsafe fn depthwise_in<V: Lanes>(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
         let (h, w, c) = shape.input;
         let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
         let (ho, wo) = shape.output_size();
         let input_ptr = input.as_ptr();
-        let vectors = c / L * L;
+        let wide = c / V::L * V::L;
+        let vectors = c / 8 * 8;
         for oy in 0..ho {
             let iy0 = (oy * stride) as isize - pad as isize;
             let rows = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
@@ -486,12 +614,19 @@ mod x86 {
                     // SAFETY: the P windows lie inside the image; writes stay inside these
                     // P pixels' outputs.
                     unsafe {
-                        for c0 in (0..vectors).step_by(L) {
-                            let at = (iy0, rows.clone(), ix0, c0, dst);
-                            if k == 3 {
-                                row_of_pixels::<3>(shape, input_ptr, at.0, at.1, at.2, at.3, at.4);
-                            } else {
-                                row_of_pixels::<5>(shape, input_ptr, at.0, at.1, at.2, at.3, at.4);
+                        let at = |c0| (iy0, rows.clone(), ix0, c0, dst);
+                        for c0 in (0..wide).step_by(V::L) {
+                            let (a, b, c, d, e) = at(c0);
+                            match k {
+                                3 => row_of_pixels::<V, 3>(shape, input_ptr, a, b, c, d, e),
+                                _ => row_of_pixels::<V, 5>(shape, input_ptr, a, b, c, d, e),
+                            }
+                        }
+                        for c0 in (wide..vectors).step_by(8) {
+                            let (a, b, c, d, e) = at(c0);
+                            match k {
+                                3 => row_of_pixels::<__m256, 3>(shape, input_ptr, a, b, c, d, e),
+                                _ => row_of_pixels::<__m256, 5>(shape, input_ptr, a, b, c, d, e),
                             }
                         }
                     }
@@ -503,7 +638,7 @@ mod x86 {
                             (oy, ox + p),
                             (iy0, ix0 + p as isize),
                             (&rows, &columns),
-                            vectors,
+                            vectors..c,
                             out,
                         );
                     }
@@ -517,38 +652,31 @@ mod x86 {
                 // SAFETY: every read is inside `input` (the window is clipped to the image)
                 // and every write inside this pixel's `c` outputs.
                 unsafe {
-                    while c0 + 4 * L <= c {
-                        pixel::<4>(
-                            shape,
-                            input_ptr,
-                            origin,
-                            rows.clone(),
-                            columns.clone(),
-                            c0,
-                            dst,
-                        );
-                        c0 += 4 * L;
+                    let window = (rows.clone(), columns.clone());
+                    while c0 + 4 * V::L <= c {
+                        let (r, k) = window.clone();
+                        pixel::<V, 4>(shape, input_ptr, origin, r, k, c0, dst);
+                        c0 += 4 * V::L;
                     }
-                    while c0 + L <= c {
-                        pixel::<1>(
-                            shape,
-                            input_ptr,
-                            origin,
-                            rows.clone(),
-                            columns.clone(),
-                            c0,
-                            dst,
-                        );
-                        c0 += L;
+                    while c0 + V::L <= c {
+                        let (r, k) = window.clone();
+                        pixel::<V, 1>(shape, input_ptr, origin, r, k, c0, dst);
+                        c0 += V::L;
+                    }
+                    while c0 + 8 <= c {
+                        let (r, k) = window.clone();
+                        pixel::<__m256, 1>(shape, input_ptr, origin, r, k, c0, dst);
+                        c0 += 8;
                     }
                 }
-                channel_tail(shape, input, (oy, ox), origin, (&rows, &columns), c0, out);
+                let window = (&rows, &columns);
+                channel_tail(shape, input, (oy, ox), origin, window, c0..c, out);
                 ox += 1;
             }
         }
     }
 
-    /// Channels from `c0` on of output pixel `(oy, ox)`, one at a time (fewer than a vector).
+    /// `channels` of output pixel `(oy, ox)`, one at a time (fewer than a vector).
     #[inline(always)]
     fn channel_tail(
         shape: &DepthwiseShape<'_>,
@@ -556,14 +684,14 @@ mod x86 {
         (oy, ox): (usize, usize),
         (iy0, ix0): (isize, isize),
         (rows, columns): (&std::ops::Range<usize>, &std::ops::Range<usize>),
-        c0: usize,
+        channels: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
         let (_, w, c) = shape.input;
         let k = shape.kernel;
         let (ho, wo) = shape.output_size();
         debug_assert!(oy < ho && ox < wo);
-        for ch in c0..c {
+        for ch in channels {
             let mut acc = shape.bias[ch];
             for ky in rows.clone() {
                 for kx in columns.clone() {
@@ -809,9 +937,34 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// The depthwise kernels this CPU can run: the one [`depthwise`] picks, and each vector
+    /// width on its own.
+    fn depthwise_kernels() -> Vec<(&'static str, Depthwise)> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut kernels: Vec<(&'static str, Depthwise)> = vec![("dispatched", depthwise)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA; the test's slices have the lengths it checks.
+            kernels.push(("avx2", |s, i, o| unsafe { x86::depthwise(s, i, o) }));
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: as above, and the CPU has AVX-512F.
+                kernels.push(("avx-512", |s, i, o| unsafe {
+                    x86::depthwise_avx512(s, i, o)
+                }));
+            }
+        }
+        kernels
+    }
+
+    type Depthwise = fn(&DepthwiseShape<'_>, &[f32], &mut [f32]);
+
     #[test]
     fn depthwise_matches_a_direct_convolution() {
         for (h, w, c, k, s) in [
+            // 89 channels: four vectors of 16, one of 16, one of 8, one alone.
+            (6, 12, 89, 3, 1),
+            (5, 7, 89, 5, 2),
             (7, 9, 40, 3, 1),
             (8, 8, 72, 5, 2),
             (5, 6, 3, 3, 2),
@@ -840,10 +993,15 @@ pub(crate) mod tests {
                     input_relu,
                 };
                 let want = reference_depthwise(&shape, &input);
-                let mut got = vec![f32::NAN; want.len()];
-                depthwise(&shape, &input, &mut got);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                for (name, kernel) in depthwise_kernels() {
+                    let mut got = vec![f32::NAN; want.len()];
+                    kernel(&shape, &input, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{name}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
