@@ -119,6 +119,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         assert!((0.0..=1.0).contains(&value(" accuracy: ")));
     }
     assert!(stdout.contains("Epoch 8/8"));
+    assert!(!stdout.contains("--precision bf16 would"), "no hint where bf16 is refused");
 
     let history = json_lines(&output.join("metrics.jsonl"));
     assert_eq!(history.len(), 8);
@@ -243,6 +244,13 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
     let card: serde_json::Value =
         serde_json::from_slice(&fs::read(tuned.join("lanner.json")).unwrap()).unwrap();
     assert_eq!(card["batch_norm_epsilon"], 1e-3);
+    // On a CPU with AMX, a run that did not choose its precision hears of bf16.
+    let amx_note = "note: this CPU has Intel AMX; --precision bf16 would run the convolutions'";
+    assert_eq!(
+        stdout.contains(amx_note),
+        lanner_models::frozen::cpu_bf16().is_some(),
+        "{stdout}"
+    );
     assert!(stdout.contains("Phase 1/2 (head): Adam at learning rate 0.003, up to 1 epochs"));
     assert!(stdout.contains("Phase 2/2 (fine_tune): RMSprop at learning rate 0.00001"));
     assert!(
@@ -272,6 +280,7 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         return;
     }
     assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(!text(&result.stdout).contains(amx_note));
     let card: serde_json::Value =
         serde_json::from_slice(&fs::read(tuned_bf16.join("lanner.json")).unwrap()).unwrap();
     assert_eq!(card["hyperparameters"]["precision"], "bf16");
