@@ -119,7 +119,10 @@ fn trains_from_scratch_logs_like_keras_and_the_model_reloads() {
         assert!((0.0..=1.0).contains(&value(" accuracy: ")));
     }
     assert!(stdout.contains("Epoch 8/8"));
-    assert!(!stdout.contains("--precision bf16 would"), "no hint where bf16 is refused");
+    assert!(
+        !stdout.contains("--precision bf16 would"),
+        "no hint where bf16 is refused"
+    );
 
     let history = json_lines(&output.join("metrics.jsonl"));
     assert_eq!(history.len(), 8);

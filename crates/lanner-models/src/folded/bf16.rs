@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::kernels::{self, Act};
+use super::kernels::{self, Act, Patches};
 
 mod packed;
 mod transposed;
@@ -83,6 +83,8 @@ impl TileUnit {
 thread_local! {
     /// The rows of `a` a thread's current block row rounded to bf16: kept between products.
     static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    /// One patch of a dense convolution's input, before it is rounded.
+    static PATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `a`'s rows (at most 32, of `k` columns), column `c` scaled by `gate[c]` when given,
@@ -227,13 +229,67 @@ pub fn matmul(
         epilogue.residual.is_none_or(|r| r.len() == m * n),
         "the residual is m × n"
     );
+    let round = |index: usize, rows: usize, panel: &mut Vec<Line>| {
+        round_panel(panel, &a[index * BLOCK * k..][..rows * k], k, gate);
+    };
+    products(dst, w, epilogue, unit, threads, round);
+}
+
+/// [`matmul`] with `patches`' rows as `a` (a dense convolution), each row made as it is
+/// rounded instead of all of them written out first.
+pub fn matmul_patches(
+    dst: &mut [f32],
+    patches: &Patches<'_>,
+    w: &PackedWeights,
+    epilogue: &Epilogue<'_>,
+    unit: TileUnit,
+    threads: bool,
+) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(patches.row_len(), k, "a patch per row of weights");
+    let (ho, wo) = patches.output_size();
+    assert_eq!(dst.len(), ho * wo * n, "dst has a row per patch");
+    assert_eq!(epilogue.bias.len(), n, "a bias per column");
+    assert!(
+        epilogue.residual.is_none_or(|r| r.len() == dst.len()),
+        "the residual is as dst"
+    );
+    if n == 0 {
+        return;
+    }
+    let lines_per_row = k.div_ceil(DEPTH);
+    let round = |index: usize, rows: usize, panel: &mut Vec<Line>| {
+        if panel.len() < BLOCK * lines_per_row {
+            panel.resize(BLOCK * lines_per_row, Line([0; DEPTH]));
+        }
+        PATCH.with_borrow_mut(|patch| {
+            patch.resize(k, 0.0);
+            for (r, lines) in panel.chunks_exact_mut(lines_per_row).take(rows).enumerate() {
+                patches.row(index * BLOCK + r, patch);
+                round_row(lines, patch, None);
+            }
+        });
+    };
+    products(dst, w, epilogue, unit, threads, round);
+}
+
+/// The products of [`matmul`] and [`matmul_patches`]: `round(index, rows, panel)` puts the
+/// `rows` rows of `a` of block row `index` into `panel`, rounded.
+fn products(
+    dst: &mut [f32],
+    w: &PackedWeights,
+    epilogue: &Epilogue<'_>,
+    unit: TileUnit,
+    threads: bool,
+    round: impl Fn(usize, usize, &mut Vec<Line>) + Sync,
+) {
+    let n = w.n;
     let row_block = |(index, block): (usize, &mut [f32])| {
-        let rows = &a[index * BLOCK * k..][..block.len() / n * k];
         let residual = epilogue
             .residual
             .map(|r| &r[index * BLOCK * n..][..block.len()]);
         PANEL.with_borrow_mut(|panel| {
-            round_panel(panel, rows, k, gate);
+            round(index, block.len() / n, panel);
             block_row(block, panel, w, (epilogue, residual, Store::Set), unit);
         });
     };
@@ -707,6 +763,48 @@ mod tests {
         for shape in SHAPES.into_iter().chain([(1000, 728, 728)]) {
             check(unit, shape, false, false);
             check(unit, shape, true, true);
+        }
+    }
+
+    /// A dense convolution's patches, made and rounded row by row, give the very values of
+    /// the product of all of them written out (`im2col`) first.
+    #[test]
+    fn patches_made_row_by_row_give_the_product_of_all_of_them() {
+        let units = [Some(TileUnit::Emulated), TileUnit::detect()];
+        // Xception's first convolution (3 channels, stride 2, no padding), and one with a
+        // patch of 9 × 32 values (whole lines per tap) and padding.
+        for ((h, w, c), kernel, stride, pad, n) in
+            [((17, 15, 3), 3, 2, 0, 32), ((9, 7, 32), 3, 1, 1, 40)]
+        {
+            let input = values(h * w * c, 6);
+            let patches = Patches {
+                input: &input,
+                shape: (h, w, c),
+                kernel,
+                stride,
+                pad,
+            };
+            let (ho, wo) = patches.output_size();
+            let (m, k) = (ho * wo, patches.row_len());
+            let mut rows = vec![0.0; m * k];
+            crate::folded::kernels::im2col(&input, (h, w, c), kernel, stride, pad, &mut rows);
+            let weights = values(k * n, 7);
+            let packed = PackedWeights::new(&weights, k, n);
+            let bias = values(n, 8);
+            let residual = values(m * n, 9);
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: Some(&residual),
+                act: Act::Relu,
+            };
+            for (unit, threads) in units.into_iter().flatten().zip([false, true]) {
+                let mut want = vec![f32::NAN; m * n];
+                matmul(&mut want, &rows, None, &packed, &epilogue, unit, threads);
+                let mut got = vec![f32::NAN; m * n];
+                matmul_patches(&mut got, &patches, &packed, &epilogue, unit, threads);
+                assert_eq!(got, want, "{unit:?}, {h}×{w}×{c}, threads {threads}");
+                assert!(m > BLOCK && got.iter().any(|v| *v > 0.0));
+            }
         }
     }
 }

@@ -717,34 +717,83 @@ mod x86 {
 /// convolution is one matrix product. Returns `(ho, wo)`.
 pub fn im2col(
     input: &[f32],
-    (h, w, c): (usize, usize, usize),
+    shape: (usize, usize, usize),
     kernel: usize,
     stride: usize,
     pad: usize,
     out: &mut [f32],
 ) -> (usize, usize) {
-    let ho = output_size(h, kernel, stride, pad);
-    let wo = output_size(w, kernel, stride, pad);
-    let row_len = kernel * kernel * c;
-    for oy in 0..ho {
-        for ox in 0..wo {
-            let row = &mut out[(oy * wo + ox) * row_len..][..row_len];
-            for ky in 0..kernel {
-                let iy = (oy * stride + ky) as isize - pad as isize;
-                for kx in 0..kernel {
-                    let ix = (ox * stride + kx) as isize - pad as isize;
-                    let dst = &mut row[(ky * kernel + kx) * c..][..c];
-                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                        dst.fill(0.0);
-                    } else {
-                        let at = (iy as usize * w + ix as usize) * c;
-                        dst.copy_from_slice(&input[at..at + c]);
-                    }
+    let patches = Patches {
+        input,
+        shape,
+        kernel,
+        stride,
+        pad,
+    };
+    patches.write_all(out);
+    patches.output_size()
+}
+
+/// The `kernel × kernel` patches of a channels-last image as the rows of a matrix, one per
+/// output pixel: a dense convolution's input. [`im2col`] writes them all out; a product can
+/// also make each row as it needs it.
+#[derive(Clone, Copy)]
+pub struct Patches<'a> {
+    /// `[h][w][c]`.
+    pub input: &'a [f32],
+    /// `(h, w, c)`.
+    pub shape: (usize, usize, usize),
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub pad: usize,
+}
+
+impl Patches<'_> {
+    /// The output's height and width: `ho · wo` rows.
+    pub fn output_size(&self) -> (usize, usize) {
+        let (h, w, _) = self.shape;
+        let size = |len| output_size(len, self.kernel, self.stride, self.pad);
+        (size(h), size(w))
+    }
+
+    /// Values per row: `kernel · kernel · c`.
+    pub fn row_len(&self) -> usize {
+        self.kernel * self.kernel * self.shape.2
+    }
+
+    /// Every row, one after the other, into `out` (`ho · wo · row_len` values).
+    pub fn write_all(&self, out: &mut [f32]) {
+        let (ho, wo) = self.output_size();
+        let rows = out[..ho * wo * self.row_len()].chunks_exact_mut(self.row_len());
+        for (index, row) in rows.enumerate() {
+            self.row(index, row);
+        }
+    }
+
+    /// Row `index` (output pixel `index`, row-major) into `row` (`row_len` values): tap by
+    /// tap, each tap's `c` channels, zeros where the patch overhangs the image.
+    pub fn row(&self, index: usize, row: &mut [f32]) {
+        let (h, w, c) = self.shape;
+        let (_, wo) = self.output_size();
+        let (oy, ox) = (index / wo, index % wo);
+        let kernel = self.kernel;
+        for ky in 0..kernel {
+            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+            for kx in 0..kernel {
+                let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                let dst = &mut row[(ky * kernel + kx) * c..][..c];
+                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                    dst.fill(0.0);
+                } else {
+                    let at = (iy as usize * w + ix as usize) * c;
+                    dst.copy_from_slice(&self.input[at..at + c]);
                 }
             }
         }
     }
-    (ho, wo)
 }
 
 /// Every `stride`-th pixel of `input` in both directions (a strided 1x1 convolution's input).

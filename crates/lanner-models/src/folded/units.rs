@@ -90,16 +90,13 @@ impl DenseConv {
 
     fn forward(&self, x: &Image, threads: bool) -> Image {
         let (ho, wo, cout) = self.output_shape((x.height, x.width));
-        let patch = self.kernel * self.kernel * self.in_channels;
-        let mut patches = Buffer::new(ho * wo * patch);
-        kernels::im2col(
-            &x.data,
-            x.shape(),
-            self.kernel,
-            self.stride,
-            self.pad,
-            &mut patches,
-        );
+        let patches = kernels::Patches {
+            input: &x.data,
+            shape: x.shape(),
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+        };
         let mut out = Buffer::new(ho * wo * cout);
         match &self.bf16 {
             Some(w) => {
@@ -108,16 +105,18 @@ impl DenseConv {
                     residual: None,
                     act: self.act,
                 };
-                bf16::matmul(
-                    &mut out, &patches, None, &w.packed, &epilogue, w.unit, threads,
-                );
+                // Each patch rounded as it is made: no f32 copy of them all.
+                bf16::matmul_patches(&mut out, &patches, &w.packed, &epilogue, w.unit, threads);
             }
             None => {
+                let patch = patches.row_len();
+                let mut rows = Buffer::new(ho * wo * patch);
+                patches.write_all(&mut rows);
                 kernels::fill_rows(&mut out, &self.bias, None);
                 kernels::matmul(
                     &mut out,
                     true,
-                    &patches,
+                    &rows,
                     &self.weights,
                     ho * wo,
                     patch,
