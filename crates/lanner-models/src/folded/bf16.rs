@@ -83,8 +83,8 @@ impl TileUnit {
 thread_local! {
     /// The rows of `a` a thread's current block row rounded to bf16: kept between products.
     static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
-    /// One patch of a dense convolution's input, before it is rounded.
-    static PATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The rows of `a` [`matmul_made`] makes for a block row, before they are rounded.
+    static MADE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `a`'s rows (at most 32, of `k` columns), column `c` scaled by `gate[c]` when given,
@@ -245,10 +245,31 @@ pub fn matmul_patches(
     unit: TileUnit,
     threads: bool,
 ) {
-    let (k, n) = (w.k, w.n);
-    assert_eq!(patches.row_len(), k, "a patch per row of weights");
+    let k = patches.row_len();
     let (ho, wo) = patches.output_size();
-    assert_eq!(dst.len(), ho * wo * n, "dst has a row per patch");
+    let make = |pixels: Range<usize>, rows: &mut [f32]| {
+        for (pixel, row) in pixels.zip(rows.chunks_exact_mut(k)) {
+            patches.row(pixel, row);
+        }
+    };
+    matmul_made(dst, ho * wo, make, w, epilogue, unit, threads);
+}
+
+/// [`matmul`] with the `m` rows of `a` made 32 at a time as they are rounded:
+/// `make(rows, values)` writes rows `rows` of `a` (`w.k` values each) into `values`. A
+/// product whose `a` is made for it alone (a dense convolution's patches, a depthwise
+/// convolution's output) never writes all of it out in f32.
+pub fn matmul_made(
+    dst: &mut [f32],
+    m: usize,
+    make: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    w: &PackedWeights,
+    epilogue: &Epilogue<'_>,
+    unit: TileUnit,
+    threads: bool,
+) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(dst.len(), m * n, "dst has a row per row of a");
     assert_eq!(epilogue.bias.len(), n, "a bias per column");
     assert!(
         epilogue.residual.is_none_or(|r| r.len() == dst.len()),
@@ -257,23 +278,26 @@ pub fn matmul_patches(
     if n == 0 {
         return;
     }
+    assert!(k > 0, "a product over at least one input");
     let lines_per_row = k.div_ceil(DEPTH);
     let round = |index: usize, rows: usize, panel: &mut Vec<Line>| {
         if panel.len() < BLOCK * lines_per_row {
             panel.resize(BLOCK * lines_per_row, Line([0; DEPTH]));
         }
-        PATCH.with_borrow_mut(|patch| {
-            patch.resize(k, 0.0);
-            for (r, lines) in panel.chunks_exact_mut(lines_per_row).take(rows).enumerate() {
-                patches.row(index * BLOCK + r, patch);
-                round_row(lines, patch, None);
+        MADE.with_borrow_mut(|values| {
+            values.resize(BLOCK * k, 0.0);
+            let first = index * BLOCK;
+            make(first..first + rows, &mut values[..rows * k]);
+            let lines = panel.chunks_exact_mut(lines_per_row);
+            for (row, lines) in values.chunks_exact(k).take(rows).zip(lines) {
+                round_row(lines, row, None);
             }
         });
     };
     products(dst, w, epilogue, unit, threads, round);
 }
 
-/// The products of [`matmul`] and [`matmul_patches`]: `round(index, rows, panel)` puts the
+/// The products of [`matmul`] and [`matmul_made`]: `round(index, rows, panel)` puts the
 /// `rows` rows of `a` of block row `index` into `panel`, rounded.
 fn products(
     dst: &mut [f32],

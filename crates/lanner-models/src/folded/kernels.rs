@@ -252,58 +252,84 @@ impl DepthwiseShape<'_> {
 
 /// The depthwise convolution of `input` into `out`, both channels-last.
 pub fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        check_depthwise(shape, input, out);
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA; the slices' lengths were checked.
-            return unsafe { x86::depthwise_avx512(shape, input, out) };
-        }
-        // SAFETY: the CPU has AVX2 and FMA; the slices' lengths were checked.
-        return unsafe { x86::depthwise(shape, input, out) };
-    }
-    depthwise_generic::<false>(shape, input, out)
+    let (ho, wo) = shape.output_size();
+    depthwise_pixels(shape, input, 0..ho * wo, out);
 }
 
-fn check_depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+/// Output pixels `pixels` (row-major) of the depthwise convolution of `input`, into `out`
+/// (`pixels.len()` pixels, channels-last): a piece of the output, e.g. for the product that
+/// takes it to be made as it goes.
+pub fn depthwise_pixels(
+    shape: &DepthwiseShape<'_>,
+    input: &[f32],
+    pixels: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    check_depthwise(shape, input, &pixels, out);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA; the slices' lengths were checked.
+            return unsafe { x86::depthwise_avx512(shape, input, pixels, out) };
+        }
+        // SAFETY: the CPU has AVX2 and FMA; the slices' lengths were checked.
+        return unsafe { x86::depthwise(shape, input, pixels, out) };
+    }
+    depthwise_generic::<false>(shape, input, pixels, out)
+}
+
+fn check_depthwise(
+    shape: &DepthwiseShape<'_>,
+    input: &[f32],
+    pixels: &std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let (h, w, c) = shape.input;
     let (ho, wo) = shape.output_size();
     let k = shape.kernel;
-    assert!(input.len() >= h * w * c && out.len() >= ho * wo * c);
+    assert!(
+        pixels.start <= pixels.end && pixels.end <= ho * wo,
+        "pixels of the output"
+    );
+    assert!(input.len() >= h * w * c && out.len() >= pixels.len() * c);
     assert!(shape.weights.len() == k * k * c && shape.bias.len() == c);
 }
 
 #[inline(always)]
-fn depthwise_generic<const FMA: bool>(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+fn depthwise_generic<const FMA: bool>(
+    shape: &DepthwiseShape<'_>,
+    input: &[f32],
+    pixels: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let (h, w, c) = shape.input;
     let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-    let (ho, wo) = shape.output_size();
-    check_depthwise(shape, input, out);
-    for oy in 0..ho {
+    let (_, wo) = shape.output_size();
+    let first = pixels.start;
+    for pixel in pixels {
+        let (oy, ox) = (pixel / wo, pixel % wo);
         let iy0 = (oy * stride) as isize - pad as isize;
         let ky = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
-        for ox in 0..wo {
-            let ix0 = (ox * stride) as isize - pad as isize;
-            let kx = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
-            let window = Window {
-                origin: (iy0, ix0),
-                ky: ky.clone(),
-                kx,
-            };
-            let dst = &mut out[(oy * wo + ox) * c..][..c];
-            let mut c0 = 0;
-            while c0 + 32 <= c {
-                depthwise_chunk::<FMA, 32>(shape, input, &window, c0, &mut dst[c0..c0 + 32]);
-                c0 += 32;
-            }
-            while c0 + 8 <= c {
-                depthwise_chunk::<FMA, 8>(shape, input, &window, c0, &mut dst[c0..c0 + 8]);
-                c0 += 8;
-            }
-            while c0 < c {
-                depthwise_chunk::<FMA, 1>(shape, input, &window, c0, &mut dst[c0..c0 + 1]);
-                c0 += 1;
-            }
+        let ix0 = (ox * stride) as isize - pad as isize;
+        let kx = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
+        let window = Window {
+            origin: (iy0, ix0),
+            ky,
+            kx,
+        };
+        let dst = &mut out[(pixel - first) * c..][..c];
+        let mut c0 = 0;
+        while c0 + 32 <= c {
+            depthwise_chunk::<FMA, 32>(shape, input, &window, c0, &mut dst[c0..c0 + 32]);
+            c0 += 32;
+        }
+        while c0 + 8 <= c {
+            depthwise_chunk::<FMA, 8>(shape, input, &window, c0, &mut dst[c0..c0 + 8]);
+            c0 += 8;
+        }
+        while c0 < c {
+            depthwise_chunk::<FMA, 1>(shape, input, &window, c0, &mut dst[c0..c0 + 1]);
+            c0 += 1;
         }
     }
 }
@@ -358,6 +384,7 @@ mod x86 {
     //! the channels are not a multiple of 16) take the AVX2 vectors.
 
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::{Act, DepthwiseShape};
 
@@ -574,43 +601,67 @@ mod x86 {
         }
     }
 
-    /// See [`super::depthwise`], 8 channels a vector; the caller checked the slices' lengths.
+    /// See [`super::depthwise_pixels`], 8 channels a vector; the caller checked the slices'
+    /// lengths.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn depthwise(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    pub unsafe fn depthwise(
+        shape: &DepthwiseShape<'_>,
+        input: &[f32],
+        pixels: Range<usize>,
+        out: &mut [f32],
+    ) {
         // SAFETY: as the caller promises; the CPU has AVX2 and FMA.
-        unsafe { depthwise_in::<__m256>(shape, input, out) }
+        unsafe { depthwise_in::<__m256>(shape, input, pixels, out) }
     }
 
-    /// See [`super::depthwise`], 16 channels a vector; the caller checked the slices' lengths.
+    /// See [`super::depthwise_pixels`], 16 channels a vector; the caller checked the slices'
+    /// lengths.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn depthwise_avx512(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    pub unsafe fn depthwise_avx512(
+        shape: &DepthwiseShape<'_>,
+        input: &[f32],
+        pixels: Range<usize>,
+        out: &mut [f32],
+    ) {
         // SAFETY: as the caller promises; the CPU has AVX-512F, AVX2 and FMA.
-        unsafe { depthwise_in::<__m512>(shape, input, out) }
+        unsafe { depthwise_in::<__m512>(shape, input, pixels, out) }
     }
 
-    /// The depthwise convolution in vectors `V`, then (channels left over) vectors of 8, then
-    /// one channel at a time.
+    /// Output `pixels` of the depthwise convolution in vectors `V`, then (channels left over)
+    /// vectors of 8, then one channel at a time.
     ///
     /// # Safety
     /// The CPU has `V`'s features and AVX2 + FMA; the slices' lengths were checked.
     #[inline(always)]
-    unsafe fn depthwise_in<V: Lanes>(shape: &DepthwiseShape<'_>, input: &[f32], out: &mut [f32]) {
+    unsafe fn depthwise_in<V: Lanes>(
+        shape: &DepthwiseShape<'_>,
+        input: &[f32],
+        pixels: Range<usize>,
+        out: &mut [f32],
+    ) {
         let (h, w, c) = shape.input;
         let (k, stride, pad) = (shape.kernel, shape.stride, shape.pad);
-        let (ho, wo) = shape.output_size();
+        let (_, wo) = shape.output_size();
         let input_ptr = input.as_ptr();
         let wide = c / V::L * V::L;
         let vectors = c / 8 * 8;
-        for oy in 0..ho {
+        let first = pixels.start;
+        let mut next = pixels.start;
+        // One output row's run of pixels at a time.
+        while next < pixels.end {
+            let (oy, start) = (next / wo, next % wo);
+            let end = wo.min(start + pixels.end - next);
+            next += end - start;
             let iy0 = (oy * stride) as isize - pad as isize;
             let rows = (-iy0).max(0) as usize..(h as isize - iy0).min(k as isize) as usize;
-            let mut ox = 0;
-            while ox < wo {
+            let at = |ox: usize| (oy * wo + ox - first) * c;
+            let mut ox = start;
+            while ox < end {
                 let ix0 = (ox * stride) as isize - pad as isize;
                 // P outputs at once where their windows lie inside the columns.
-                let inside = ix0 >= 0 && ix0 as usize + P - 1 + k <= w && ox + P <= wo;
+                let inside = ix0 >= 0 && ix0 as usize + P - 1 + k <= w && ox + P <= end;
                 if stride == 1 && (k == 3 || k == 5) && inside {
-                    let dst = out[(oy * wo + ox) * c..][..P * c].as_mut_ptr();
+                    let dst = out[at(ox)..][..P * c].as_mut_ptr();
                     // SAFETY: the P windows lie inside the image; writes stay inside these
                     // P pixels' outputs.
                     unsafe {
@@ -635,11 +686,10 @@ mod x86 {
                         channel_tail(
                             shape,
                             input,
-                            (oy, ox + p),
                             (iy0, ix0 + p as isize),
                             (&rows, &columns),
-                            vectors..c,
-                            out,
+                            vectors,
+                            &mut out[at(ox + p)..][..c],
                         );
                     }
                     ox += P;
@@ -647,12 +697,13 @@ mod x86 {
                 }
                 let columns = (-ix0).max(0) as usize..(w as isize - ix0).min(k as isize) as usize;
                 let origin = (iy0, ix0);
-                let dst = out[(oy * wo + ox) * c..][..c].as_mut_ptr();
+                let dst = &mut out[at(ox)..][..c];
                 let mut c0 = 0;
                 // SAFETY: every read is inside `input` (the window is clipped to the image)
                 // and every write inside this pixel's `c` outputs.
                 unsafe {
                     let window = (rows.clone(), columns.clone());
+                    let dst = dst.as_mut_ptr();
                     while c0 + 4 * V::L <= c {
                         let (r, k) = window.clone();
                         pixel::<V, 4>(shape, input_ptr, origin, r, k, c0, dst);
@@ -669,29 +720,26 @@ mod x86 {
                         c0 += 8;
                     }
                 }
-                let window = (&rows, &columns);
-                channel_tail(shape, input, (oy, ox), origin, window, c0..c, out);
+                channel_tail(shape, input, origin, (&rows, &columns), c0, dst);
                 ox += 1;
             }
         }
     }
 
-    /// `channels` of output pixel `(oy, ox)`, one at a time (fewer than a vector).
+    /// Channels from `c0` on of the output pixel whose window is at `(iy0, ix0)`, into `dst`
+    /// (its `c` outputs), one at a time (fewer than a vector).
     #[inline(always)]
     fn channel_tail(
         shape: &DepthwiseShape<'_>,
         input: &[f32],
-        (oy, ox): (usize, usize),
         (iy0, ix0): (isize, isize),
-        (rows, columns): (&std::ops::Range<usize>, &std::ops::Range<usize>),
-        channels: std::ops::Range<usize>,
-        out: &mut [f32],
+        (rows, columns): (&Range<usize>, &Range<usize>),
+        c0: usize,
+        dst: &mut [f32],
     ) {
         let (_, w, c) = shape.input;
         let k = shape.kernel;
-        let (ho, wo) = shape.output_size();
-        debug_assert!(oy < ho && ox < wo);
-        for ch in channels {
+        for (ch, out) in dst.iter_mut().enumerate().skip(c0) {
             let mut acc = shape.bias[ch];
             for ky in rows.clone() {
                 for kx in columns.clone() {
@@ -707,7 +755,7 @@ mod x86 {
             }
             let mut v = [acc];
             super::activate_impl(&mut v, shape.act);
-            out[(oy * wo + ox) * c + ch] = v[0];
+            *out = v[0];
         }
     }
 }
@@ -986,27 +1034,30 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// The depthwise kernels this CPU can run: the one [`depthwise`] picks, and each vector
-    /// width on its own.
+    /// The depthwise kernels this CPU can run: the one [`depthwise_pixels`] picks, the
+    /// portable one, and each vector width on its own.
     fn depthwise_kernels() -> Vec<(&'static str, Depthwise)> {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut kernels: Vec<(&'static str, Depthwise)> = vec![("dispatched", depthwise)];
+        let mut kernels: Vec<(&'static str, Depthwise)> = vec![
+            ("dispatched", depthwise_pixels),
+            ("portable", depthwise_generic::<false>),
+        ];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has AVX2 and FMA; the test's slices have the lengths it checks.
-            kernels.push(("avx2", |s, i, o| unsafe { x86::depthwise(s, i, o) }));
+            kernels.push(("avx2", |s, i, p, o| unsafe { x86::depthwise(s, i, p, o) }));
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: as above, and the CPU has AVX-512F.
-                kernels.push(("avx-512", |s, i, o| unsafe {
-                    x86::depthwise_avx512(s, i, o)
+                kernels.push(("avx-512", |s, i, p, o| unsafe {
+                    x86::depthwise_avx512(s, i, p, o)
                 }));
             }
         }
         kernels
     }
 
-    type Depthwise = fn(&DepthwiseShape<'_>, &[f32], &mut [f32]);
+    type Depthwise = fn(&DepthwiseShape<'_>, &[f32], std::ops::Range<usize>, &mut [f32]);
 
     #[test]
     fn depthwise_matches_a_direct_convolution() {
@@ -1042,14 +1093,20 @@ pub(crate) mod tests {
                     input_relu,
                 };
                 let want = reference_depthwise(&shape, &input);
+                let (ho, wo) = shape.output_size();
                 for (name, kernel) in depthwise_kernels() {
-                    let mut got = vec![f32::NAN; want.len()];
-                    kernel(&shape, &input, &mut got);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "{name}: {g} vs {w}"
-                        );
+                    // All pixels at once, and in pieces that start and end mid-row.
+                    for piece in [ho * wo, 5, 13] {
+                        let mut got = vec![f32::NAN; want.len()];
+                        for start in (0..ho * wo).step_by(piece) {
+                            let pixels = start..(start + piece).min(ho * wo);
+                            let out = &mut got[start * c..pixels.end * c];
+                            kernel(&shape, &input, pixels, out);
+                        }
+                        for (g, w) in got.iter().zip(&want) {
+                            let close = (g - w).abs() <= 1e-5 * (1.0 + w.abs());
+                            assert!(close, "{name}, pieces of {piece}: {g} vs {w}");
+                        }
                     }
                 }
             }

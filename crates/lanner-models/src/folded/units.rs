@@ -240,10 +240,8 @@ impl Depthwise {
         (size(h), size(w), self.channels)
     }
 
-    fn forward(&self, x: &Image) -> Image {
-        let (ho, wo, c) = self.output_shape((x.height, x.width));
-        let mut out = Buffer::new(ho * wo * c);
-        let shape = DepthwiseShape {
+    fn shape(&self, x: &Image) -> DepthwiseShape<'_> {
+        DepthwiseShape {
             input: x.shape(),
             kernel: self.kernel,
             stride: self.stride,
@@ -252,13 +250,59 @@ impl Depthwise {
             bias: &self.bias,
             act: self.act,
             input_relu: self.input_relu,
-        };
-        kernels::depthwise(&shape, &x.data, &mut out);
+        }
+    }
+
+    fn forward(&self, x: &Image) -> Image {
+        let (ho, wo, c) = self.output_shape((x.height, x.width));
+        let mut out = Buffer::new(ho * wo * c);
+        kernels::depthwise(&self.shape(x), &x.data, &mut out);
         Image {
             data: out,
             height: ho,
             width: wo,
             channels: c,
+        }
+    }
+
+    /// `pointwise` applied to this convolution of `x`, plus `residual` when given. With the
+    /// product in bf16, the depthwise outputs are made 32 pixels at a time as the product
+    /// rounds them, never all written out in f32.
+    fn then_pointwise(
+        &self,
+        pointwise: &Pointwise,
+        x: &Image,
+        residual: Option<&[f32]>,
+        threads: bool,
+    ) -> Image {
+        let Some(w) = pointwise.bf16.as_ref().filter(|_| pointwise.stride == 1) else {
+            return pointwise.forward(&self.forward(x), residual, None, threads);
+        };
+        let (ho, wo, _) = self.output_shape((x.height, x.width));
+        let cout = pointwise.out_channels;
+        let mut out = Buffer::new(ho * wo * cout);
+        let epilogue = bf16::Epilogue {
+            bias: &pointwise.bias,
+            residual,
+            act: pointwise.act,
+        };
+        let shape = self.shape(x);
+        let make =
+            |pixels, rows: &mut [f32]| kernels::depthwise_pixels(&shape, &x.data, pixels, rows);
+        bf16::matmul_made(
+            &mut out,
+            ho * wo,
+            make,
+            &w.packed,
+            &epilogue,
+            w.unit,
+            threads,
+        );
+        Image {
+            data: out,
+            height: ho,
+            width: wo,
+            channels: cout,
         }
     }
 }
@@ -394,10 +438,14 @@ impl Unit {
                 let expanded = expand
                     .as_ref()
                     .map(|pw| pw.forward(&x, None, None, threads));
-                let mut mid = depthwise.forward(expanded.as_ref().unwrap_or(&x));
+                let residual = skip.then_some(&x.data[..]);
+                let input = expanded.as_ref().unwrap_or(&x);
+                if squeeze_excite.is_none() {
+                    return depthwise.then_pointwise(project, input, residual, threads);
+                }
+                let mut mid = depthwise.forward(input);
                 drop(expanded);
                 let gate = squeeze_excite.as_ref().map(|se| se.gate(&mid));
-                let residual = skip.then_some(&x.data[..]);
                 match gate {
                     // Scale whichever is smaller: the activations (pixels × channels) or the
                     // projection weights (channels × outputs).
@@ -421,11 +469,14 @@ impl Unit {
                 let mut y: Option<Image> = None;
                 for (i, rep) in reps.iter().enumerate() {
                     let input = y.as_ref().unwrap_or(&x);
-                    let mid = rep.depthwise.forward(input);
                     // Without a pool, the identity shortcut is added by the last product.
                     let residual = (i == last && *pool_stride == 1 && shortcut.is_none())
                         .then_some(&x.data[..]);
-                    y = Some(rep.pointwise.forward(&mid, residual, None, threads));
+                    let pointwise = &rep.pointwise;
+                    y = Some(
+                        rep.depthwise
+                            .then_pointwise(pointwise, input, residual, threads),
+                    );
                 }
                 let mut y = y.expect("an Xception block has separable convolutions");
                 if *pool_stride > 1 {
@@ -446,10 +497,9 @@ impl Unit {
                 }
                 y
             }
-            Unit::Separable(sep) => {
-                let mid = sep.depthwise.forward(&x);
-                sep.pointwise.forward(&mid, None, None, threads)
-            }
+            Unit::Separable(sep) => sep
+                .depthwise
+                .then_pointwise(&sep.pointwise, &x, None, threads),
         }
     }
 }
