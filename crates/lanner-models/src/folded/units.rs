@@ -503,3 +503,57 @@ impl Unit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::folded::kernels::tests::values;
+
+    /// The depthwise outputs made as the bf16 product rounds them give the very values of the
+    /// depthwise convolution written out first, then multiplied: residual, activations and
+    /// pieces that cross image rows included, on one thread and on the pool.
+    #[test]
+    fn a_separable_convolution_made_as_it_is_rounded_equals_the_two_steps() {
+        let units = [Some(TileUnit::Emulated), TileUnit::detect()];
+        let (h, w, c, n) = (9, 11, 40, 48);
+        let x = Image {
+            data: Buffer::from_slice(&values(h * w * c, 1)),
+            height: h,
+            width: w,
+            channels: c,
+        };
+        let residual = values(h * w * n, 2);
+        for (kernel, input_relu, act) in [(3, true, Act::Relu), (5, false, Act::HardSwish)] {
+            let depthwise = Depthwise {
+                channels: c,
+                kernel,
+                stride: 1,
+                pad: kernel / 2,
+                weights: values(kernel * kernel * c, 3),
+                bias: values(c, 4),
+                act,
+                input_relu,
+            };
+            for unit in units.into_iter().flatten() {
+                let mut pointwise = Pointwise {
+                    in_channels: c,
+                    out_channels: n,
+                    stride: 1,
+                    weights: values(c * n, 5),
+                    bias: values(n, 6),
+                    act: Act::Relu,
+                    bf16: None,
+                };
+                pointwise.use_bf16(unit);
+                assert!(pointwise.bf16.is_some());
+                for threads in [false, true] {
+                    let mid = depthwise.forward(&x);
+                    let want = pointwise.forward(&mid, Some(&residual), None, threads);
+                    let got = depthwise.then_pointwise(&pointwise, &x, Some(&residual), threads);
+                    assert_eq!(got.data[..], want.data[..], "{unit:?}, kernel {kernel}");
+                    assert!(got.data.iter().any(|v| *v > 0.0));
+                }
+            }
+        }
+    }
+}
