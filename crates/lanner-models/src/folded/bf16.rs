@@ -12,7 +12,9 @@
 //!   layout AMX's `tdpbf16ps` reads: tiles of 32 rows (k) by 16 columns, each row pair of a
 //!   column side by side (Intel's "VNNI" order);
 //! - the activations are rounded 32 rows at a time into a panel the thread keeps, padded to
-//!   whole tiles, a squeeze-excitation gate scaling each column on the way;
+//!   whole tiles, a squeeze-excitation gate scaling each column on the way; where they exist
+//!   only for the product (a dense convolution's patches, a depthwise convolution's outputs
+//!   in the frozen layers), [`matmul_made`] makes those 32 rows just before it rounds them;
 //! - each block of 32 × 32 outputs is four tiles that accumulate over k in steps of 32, on
 //!   AMX (`tdpbf16ps`), or on [`TileUnit::Emulated`], the same tiling computed in scalar code,
 //!   which the tests run on CPUs without AMX; k goes by in passes of 256 so that the panel
@@ -821,13 +823,15 @@ mod tests {
                 residual: Some(&residual),
                 act: Act::Relu,
             };
-            for (unit, threads) in units.into_iter().flatten().zip([false, true]) {
-                let mut want = vec![f32::NAN; m * n];
-                matmul(&mut want, &rows, None, &packed, &epilogue, unit, threads);
-                let mut got = vec![f32::NAN; m * n];
-                matmul_patches(&mut got, &patches, &packed, &epilogue, unit, threads);
-                assert_eq!(got, want, "{unit:?}, {h}×{w}×{c}, threads {threads}");
-                assert!(m > BLOCK && got.iter().any(|v| *v > 0.0));
+            for unit in units.into_iter().flatten() {
+                for threads in [false, true] {
+                    let mut want = vec![f32::NAN; m * n];
+                    matmul(&mut want, &rows, None, &packed, &epilogue, unit, threads);
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_patches(&mut got, &patches, &packed, &epilogue, unit, threads);
+                    assert_eq!(got, want, "{unit:?}, {h}×{w}×{c}, threads {threads}");
+                    assert!(m > BLOCK && got.iter().any(|v| *v > 0.0));
+                }
             }
         }
     }
