@@ -248,6 +248,7 @@ pub fn matmul_patches(
     threads: bool,
 ) {
     let k = patches.row_len();
+    assert_eq!(k, w.k, "a patch per row of weights");
     let (ho, wo) = patches.output_size();
     let make = |pixels: Range<usize>, rows: &mut [f32]| {
         for (pixel, row) in pixels.zip(rows.chunks_exact_mut(k)) {
